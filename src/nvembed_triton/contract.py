@@ -1,0 +1,33 @@
+"""The wire contract: model names, tensor names and instructions shared by the Triton models,
+the client and the tests. Defined once here; nothing else spells these strings."""
+
+PUBLIC_MODEL = "nv-embed-v2"
+# Every public model `X` forwards its work to the model `X-encoder`, which holds the weights.
+ENCODER_SUFFIX = "-encoder"
+
+# Public model (max_batch_size 0): exactly one of these per request.
+QUERY_INPUT = "query"  # BYTES [1]
+DOCUMENTS_INPUT = "documents"  # BYTES [1, N]
+EMBEDDINGS_OUTPUT = "embeddings"  # FP32 [1, D] for a query, [N, D] for N documents
+
+# Encoder model (max_batch_size > 0, dynamic batching): also callable directly by clients that
+# send a batch dimension.
+TEXT_INPUT = "text"  # BYTES [B, N]
+PROMPT_NAME_INPUT = "prompt_name"  # optional BYTES [B, 1]: "query" or "document"
+INSTRUCTION_INPUT = "instruction"  # optional BYTES [B, 1]: an explicit prefix, wins over prompt_name
+# Encoder output: EMBEDDINGS_OUTPUT, FP32 [B, N, D].
+
+QUERY_PROMPT = "query"
+DOCUMENT_PROMPT = "document"
+PROMPT_NAMES = (QUERY_PROMPT, DOCUMENT_PROMPT)
+
+RETRIEVAL_TASK = "Given a question, retrieve passages that answer the question"
+
+
+def nvembed_query_instruction(task: str) -> str:
+    """NV-Embed-v2's query prefix for a task description."""
+    return f"Instruct: {task}\nQuery: "
+
+
+def encoder_model_name(public_model: str) -> str:
+    return public_model + ENCODER_SUFFIX
