@@ -1,0 +1,48 @@
+"""Choosing and loading the text encoder a model directory holds."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from .checkpoint import NVEMBED, check_model_dir
+from .settings import EncoderSettings, SettingsError
+
+
+class TextEncoder(Protocol):
+    architecture: str
+    dimension: int
+    max_length: int
+
+    def default_instruction(self, prompt_name: str) -> str: ...
+
+    def encode(self, texts: list[str], instructions: list[str]) -> np.ndarray: ...
+
+
+def check_device_available(device: str) -> None:
+    """A GPU asked for but absent is a load error, never a silent fall back to the CPU."""
+    if device == "cpu":
+        return
+    index = int(device.split(":")[1])
+    available = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if index >= available:
+        raise SettingsError(
+            f"device {device} was asked for but torch sees {available} CUDA device(s) "
+            f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'}); "
+            "set device to \"cpu\" (NVEMBED_DEVICE=cpu) or run where the GPU is visible"
+        )
+
+
+def load_encoder(settings: EncoderSettings) -> TextEncoder:
+    check_device_available(settings.device)
+    architecture = check_model_dir(settings.model_dir)
+    args = (settings.model_dir, torch.device(settings.device), getattr(torch, settings.dtype), settings.max_length, settings.max_batch_tokens)
+    if architecture == NVEMBED:
+        from .nvembed_encoder import NVEmbedEncoder
+
+        return NVEmbedEncoder(*args)
+    from .st_encoder import SentenceTransformerEncoder  # sentence-transformers is imported only when needed
+
+    return SentenceTransformerEncoder(*args)

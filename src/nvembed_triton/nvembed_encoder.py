@@ -1,0 +1,49 @@
+"""NV-Embed-v2 as a text encoder: tokenise, pack by token budget, run, restore the input order."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .batching import plan_batches
+from .checkpoint import TOKENIZER_FILE, check_model_dir
+from .contract import DOCUMENT_PROMPT, QUERY_PROMPT, RETRIEVAL_TASK, nvembed_query_instruction
+from .nvembed_model import load_nvembed
+from .tokenization import PAD_ID, NVEmbedTokenizer, TokenizedText
+
+
+class NVEmbedEncoder:
+    architecture = "NV-Embed-v2"
+
+    def __init__(self, model_dir: str | Path, device: torch.device, dtype: torch.dtype, max_length: int, max_batch_tokens: int):
+        check_model_dir(model_dir)
+        self.device = device
+        self.max_length = max_length
+        self.max_batch_tokens = max_batch_tokens
+        self.tokenizer = NVEmbedTokenizer(Path(model_dir) / TOKENIZER_FILE, max_length)
+        self.model = load_nvembed(model_dir, device, dtype)
+        self.dimension = self.model.dimension
+
+    def default_instruction(self, prompt_name: str) -> str:
+        return {QUERY_PROMPT: nvembed_query_instruction(RETRIEVAL_TASK), DOCUMENT_PROMPT: ""}[prompt_name]
+
+    def encode(self, texts: list[str], instructions: list[str]) -> np.ndarray:
+        """(N, D) unit FP32 vectors, row i for texts[i] with instructions[i]."""
+        tokenized = self.tokenizer.encode(texts, instructions)
+        embeddings = np.empty((len(texts), self.dimension), dtype=np.float32)
+        for batch in plan_batches([len(t.ids) for t in tokenized], self.max_batch_tokens):
+            embeddings[batch] = self._embed_batch([tokenized[i] for i in batch])
+        return embeddings
+
+    def _embed_batch(self, batch: list[TokenizedText]) -> np.ndarray:
+        longest = max(len(t.ids) for t in batch)
+        input_ids = torch.full((len(batch), longest), PAD_ID, dtype=torch.long)
+        valid = torch.zeros((len(batch), longest), dtype=torch.bool)
+        for row, text in enumerate(batch):
+            input_ids[row, : len(text.ids)] = torch.tensor(text.ids)
+            valid[row, : len(text.ids)] = True
+        pool_from = torch.tensor([t.pool_from for t in batch])
+        to = dict(device=self.device, non_blocking=True)
+        return self.model.embed(input_ids.to(**to), valid.to(**to), pool_from.to(**to)).cpu().numpy()

@@ -1,0 +1,48 @@
+"""A sentence-transformers model as a text encoder. The library itself does tokenisation, pooling
+and normalisation, so every model it supports is served as its authors meant."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from sentence_transformers import SentenceTransformer
+
+from .contract import DOCUMENT_PROMPT, QUERY_PROMPT
+
+# Names under which sentence-transformers configs store their prompts (config_sentence_transformers.json).
+_PROMPT_ALIASES = {QUERY_PROMPT: ("query",), DOCUMENT_PROMPT: ("document", "passage", "corpus")}
+
+
+class SentenceTransformerEncoder:
+    def __init__(self, model_dir: str | Path, device: torch.device, dtype: torch.dtype, max_length: int, max_batch_tokens: int):
+        self.model = SentenceTransformer(
+            str(model_dir), device=str(device), local_files_only=True, model_kwargs={"dtype": dtype}
+        )
+        self.model.eval()
+        # The model's own limit wins: beyond its position embeddings it cannot go.
+        self.max_length = min(max_length, self.model.max_seq_length or max_length)
+        self.model.max_seq_length = self.max_length
+        self.dimension = self.model.get_embedding_dimension()
+        self.architecture = type(self.model[0].auto_model).__name__
+        self.batch_size = max(1, max_batch_tokens // self.max_length)
+
+    def default_instruction(self, prompt_name: str) -> str:
+        for alias in _PROMPT_ALIASES[prompt_name]:
+            if alias in self.model.prompts:
+                return self.model.prompts[alias]
+        return ""
+
+    def encode(self, texts: list[str], instructions: list[str]) -> np.ndarray:
+        embeddings = np.empty((len(texts), self.dimension), dtype=np.float32)
+        for instruction in set(instructions):
+            rows = [i for i, each in enumerate(instructions) if each == instruction]
+            embeddings[rows] = self.model.encode(
+                [texts[i] for i in rows],
+                prompt=instruction,
+                batch_size=self.batch_size,
+                normalize_embeddings=True,
+                convert_to_numpy=True,
+            ).astype(np.float32)
+        return embeddings
