@@ -29,6 +29,9 @@ class NVEmbedEncoder:
     def default_instruction(self, prompt_name: str) -> str:
         return {QUERY_PROMPT: nvembed_query_instruction(RETRIEVAL_TASK), DOCUMENT_PROMPT: ""}[prompt_name]
 
+    def check_instruction(self, instruction: str) -> None:
+        self.tokenizer.check_instruction(instruction)
+
     def encode(self, texts: list[str], instructions: list[str]) -> np.ndarray:
         """(N, D) unit FP32 vectors, row i for texts[i] with instructions[i]."""
         tokenized = self.tokenizer.encode(texts, instructions)

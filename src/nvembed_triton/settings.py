@@ -93,3 +93,14 @@ def resolve_dtype(requested: str, device: str) -> str:
     if requested not in DTYPE_NAMES:
         raise SettingsError(f"parameter dtype must be one of auto, bf16, fp16, fp32, got {requested!r}")
     return DTYPE_NAMES[requested]
+
+
+def check_served_name(model_name: str, architecture: str, nvembed_architecture: str = "NV-Embed-v2") -> None:
+    """Clients trust the name: another model must never answer as nv-embed-v2."""
+    from .contract import PUBLIC_MODEL
+
+    if model_name.startswith(PUBLIC_MODEL) and architecture != nvembed_architecture:
+        raise SettingsError(
+            f"the model directory holds a {architecture} model, not NV-Embed-v2, so it cannot be served as "
+            f"{model_name!r}; serve it under its own name, e.g. ./serve.sh --name my-model --model-dir DIR"
+        )

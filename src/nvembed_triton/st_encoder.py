@@ -34,6 +34,9 @@ class SentenceTransformerEncoder:
                 return self.model.prompts[alias]
         return ""
 
+    def check_instruction(self, instruction: str) -> None:
+        """sentence-transformers truncates prompt and text together; any instruction is accepted."""
+
     def encode(self, texts: list[str], instructions: list[str]) -> np.ndarray:
         embeddings = np.empty((len(texts), self.dimension), dtype=np.float32)
         for instruction in set(instructions):

@@ -38,6 +38,16 @@ class NVEmbedTokenizer:
             return 0
         return len(self._tokenizer.encode(instruction, add_special_tokens=False).ids)
 
+    def check_instruction(self, instruction: str) -> None:
+        """Every non-empty text keeps at least one pooled token unless the instruction alone fills
+        max_length; then the reference would average nothing (NaN), so refuse the request."""
+        length = self.instruction_length(instruction)
+        if length >= self.max_length:
+            raise InvalidInputError(
+                f"the instruction is {length} tokens, which leaves no text token within max_length "
+                f"{self.max_length}; shorten the instruction or raise max_length"
+            )
+
     def encode(self, texts: list[str], instructions: list[str]) -> list[TokenizedText]:
         encodings = self._tokenizer.encode_batch(
             [instruction + text + EOS_TEXT for text, instruction in zip(texts, instructions)]

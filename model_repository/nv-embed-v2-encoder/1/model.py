@@ -1,0 +1,99 @@
+"""The encoder model: holds the weights and computes. max_batch_size > 0 with dynamic batching, so
+concurrent requests (from the public model, or from clients that send a batch dimension) arrive
+together and share forward passes packed by token budget.
+Inputs: `text` BYTES [B, N]; optional `prompt_name` ("query" | "document") and `instruction`
+BYTES [B, 1]. Output: `embeddings` FP32 [B, N, D], L2-normalised."""
+
+import json
+import time
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from nvembed_triton import contract
+from nvembed_triton.encoders import load_encoder
+from nvembed_triton.settings import EncoderSettings, check_served_name, overridden, triton_parameters
+from nvembed_triton.validation import InvalidInputError, decode_single, decode_texts
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        started = time.monotonic()
+        parameters = overridden(triton_parameters(json.loads(args["model_config"])))
+        settings = EncoderSettings.from_parameters(parameters, args["model_instance_kind"], args["model_instance_device_id"])
+        self.encoder = load_encoder(settings)
+        check_served_name(args["model_name"], self.encoder.architecture)
+        pb_utils.Logger.log_info(
+            f"{args['model_name']}: {self.encoder.architecture} from {settings.model_dir} on {settings.device} "
+            f"({settings.dtype}), dimension {self.encoder.dimension}, max_length {self.encoder.max_length}, "
+            f"loaded in {time.monotonic() - started:.1f} s"
+        )
+
+    def execute(self, requests):
+        responses = [None] * len(requests)
+        jobs = []  # (request index, texts [B, N], one instruction per row)
+        for index, request in enumerate(requests):
+            try:
+                jobs.append((index, *self._read_request(request)))
+            except InvalidInputError as error:
+                responses[index] = _error(str(error), pb_utils.TritonError.INVALID_ARG)
+        if jobs:
+            self._encode_together(jobs, responses)
+        return responses
+
+    def _read_request(self, request):
+        array = pb_utils.get_input_tensor_by_name(request, contract.TEXT_INPUT).as_numpy()
+        rows = array.reshape(array.shape[0], -1)
+        texts = [decode_texts(row, f"{contract.TEXT_INPUT}[{i}]") for i, row in enumerate(rows)]
+        if not texts[0]:
+            raise InvalidInputError(f"`{contract.TEXT_INPUT}` is empty; send at least one text")
+        prompt_names = self._per_row(request, contract.PROMPT_NAME_INPUT, len(texts))
+        explicit = self._per_row(request, contract.INSTRUCTION_INPUT, len(texts))
+        instructions = []
+        for prompt_name, instruction in zip(prompt_names, explicit):
+            if instruction is None:
+                prompt_name = prompt_name or contract.DOCUMENT_PROMPT
+                if prompt_name not in contract.PROMPT_NAMES:
+                    raise InvalidInputError(f"`prompt_name` must be one of {list(contract.PROMPT_NAMES)}, got {prompt_name!r}")
+                instruction = self.encoder.default_instruction(prompt_name)
+            self.encoder.check_instruction(instruction)
+            instructions.append(instruction)
+        return texts, instructions
+
+    @staticmethod
+    def _per_row(request, name, rows):
+        tensor = pb_utils.get_input_tensor_by_name(request, name)
+        if tensor is None:
+            return [None] * rows
+        array = tensor.as_numpy().reshape(rows, -1)
+        return [decode_single(row, f"{name}[{i}]") for i, row in enumerate(array)]
+
+    def _encode_together(self, jobs, responses):
+        """One encode call over every text of every request, so the token-budget planner packs
+        across requests; the result rows are then split back, in order, to their requests."""
+        texts, instructions = [], []
+        for _, rows, row_instructions in jobs:
+            for row, instruction in zip(rows, row_instructions):
+                texts += row
+                instructions += [instruction] * len(row)
+        try:
+            embeddings = self.encoder.encode(texts, instructions)
+        except InvalidInputError as error:
+            for index, *_ in jobs:
+                responses[index] = _error(str(error), pb_utils.TritonError.INVALID_ARG)
+            return
+        except Exception as error:  # e.g. out of memory: these requests fail, the model stays up
+            pb_utils.Logger.log_error(f"encode failed for {len(jobs)} request(s): {error!r}")
+            for index, *_ in jobs:
+                responses[index] = _error(f"encoding failed: {error}", pb_utils.TritonError.INTERNAL)
+            return
+        start = 0
+        for index, rows, _ in jobs:
+            count = len(rows) * len(rows[0])
+            batch = embeddings[start : start + count].reshape(len(rows), len(rows[0]), -1)
+            responses[index] = pb_utils.InferenceResponse([pb_utils.Tensor(contract.EMBEDDINGS_OUTPUT, np.ascontiguousarray(batch))])
+            start += count
+
+
+def _error(message, code):
+    return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code))

@@ -1,0 +1,69 @@
+"""The public model: the client contract (`query` BYTES [1] or `documents` BYTES [1, N] ->
+`embeddings` FP32 [1 or N, D]). It validates and routes; the encoder model `<name>-encoder` batches
+concurrent requests and computes. CPU instances: many of them can wait on the encoder at once."""
+
+import json
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from nvembed_triton import contract
+from nvembed_triton.settings import positive_int, triton_parameters
+from nvembed_triton.validation import InvalidInputError, check_document_count, decode_texts
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        parameters = triton_parameters(json.loads(args["model_config"]))
+        self.max_documents = positive_int(parameters, "max_documents", 1024)
+        # Empty: the model's own instruction for that prompt (NV-Embed-v2: the retrieval instruction).
+        self.instructions = {
+            contract.QUERY_PROMPT: parameters.get("query_instruction", ""),
+            contract.DOCUMENT_PROMPT: parameters.get("document_instruction", ""),
+        }
+        self.encoder_model = parameters.get("encoder_model") or contract.encoder_model_name(args["model_name"])
+
+    def execute(self, requests):
+        return [self._respond(request) for request in requests]
+
+    def _respond(self, request):
+        try:
+            texts, prompt_name = self._read_inputs(request)
+        except InvalidInputError as error:
+            return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(error), pb_utils.TritonError.INVALID_ARG))
+        inputs = [
+            pb_utils.Tensor(contract.TEXT_INPUT, texts.reshape(1, -1)),
+            pb_utils.Tensor(contract.PROMPT_NAME_INPUT, np.array([[prompt_name.encode()]], dtype=object)),
+        ]
+        if self.instructions[prompt_name]:
+            instruction = np.array([[self.instructions[prompt_name].encode()]], dtype=object)
+            inputs.append(pb_utils.Tensor(contract.INSTRUCTION_INPUT, instruction))
+        response = pb_utils.InferenceRequest(
+            model_name=self.encoder_model, inputs=inputs, requested_output_names=[contract.EMBEDDINGS_OUTPUT]
+        ).exec()
+        if response.has_error():
+            return pb_utils.InferenceResponse(error=response.error())  # keeps the encoder's message and code
+        embeddings = pb_utils.get_output_tensor_by_name(response, contract.EMBEDDINGS_OUTPUT).as_numpy()[0]
+        return pb_utils.InferenceResponse([pb_utils.Tensor(contract.EMBEDDINGS_OUTPUT, embeddings)])
+
+    def _read_inputs(self, request):
+        """The texts (checked, still as bytes) and the prompt they get."""
+        query = pb_utils.get_input_tensor_by_name(request, contract.QUERY_INPUT)
+        documents = pb_utils.get_input_tensor_by_name(request, contract.DOCUMENTS_INPUT)
+        if query is not None and documents is not None:
+            raise InvalidInputError("send either `query` or `documents`, not both in the same request")
+        if query is None and documents is None:
+            raise InvalidInputError(
+                "send one input: `query` (BYTES, shape [1]: one query text) or "
+                "`documents` (BYTES, shape [1, N]: N document texts)"
+            )
+        if query is not None:
+            texts = query.as_numpy()
+            if texts.size != 1:
+                raise InvalidInputError(f"`query` must hold exactly one text (shape [1]), got shape {list(texts.shape)}")
+            decode_texts(texts, contract.QUERY_INPUT)
+            return texts, contract.QUERY_PROMPT
+        texts = documents.as_numpy()
+        check_document_count(texts.size, self.max_documents, contract.DOCUMENTS_INPUT)
+        decode_texts(texts, contract.DOCUMENTS_INPUT)
+        return texts, contract.DOCUMENT_PROMPT

@@ -1,0 +1,186 @@
+"""Running a real tritonserver as a child process: the Triton container's own, or on a plain
+machine the one bundled in the nvidia-pytriton wheel, whose Python backend folder is assembled here."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+CONTAINER_TRITON = Path("/opt/tritonserver")
+PYTHON_BACKEND_FILES = ("libtriton_python.so", "triton_python_backend_utils.py")
+
+
+class ServerError(RuntimeError):
+    """tritonserver could not be found, started or made ready; the message includes its log tail."""
+
+
+@dataclass(frozen=True)
+class TritonInstallation:
+    binary: Path
+    backend_directory: Path
+    environment: dict[str, str] = field(default_factory=dict)  # extra variables the server needs
+
+
+def container_installation() -> TritonInstallation | None:
+    binary = shutil.which("tritonserver") or (CONTAINER_TRITON / "bin" / "tritonserver")
+    binary = Path(binary)
+    backends = binary.parent.parent / "backends"
+    if binary.is_file() and (backends / "python").is_dir():
+        return TritonInstallation(binary, backends)
+    return None
+
+
+def pytriton_installation(run_dir: Path) -> TritonInstallation:
+    """The wheel ships the server, the Python backend and one stub per Python version; the backend
+    folder Triton expects is assembled under run_dir with the stub of the running interpreter."""
+    try:
+        import pytriton
+    except ImportError:
+        raise ServerError(
+            "no tritonserver found: not in the Triton container (/opt/tritonserver) and the "
+            "nvidia-pytriton wheel is not installed (pip install 'nvembed-triton[server]')"
+        ) from None
+    wheel = Path(pytriton.__file__).parent / "tritonserver"
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = wheel / "python_backend_stubs" / version / "triton_python_backend_stub"
+    if not stub.is_file():
+        raise ServerError(f"nvidia-pytriton has no Python-backend stub for Python {version} ({stub})")
+    backend = run_dir / "backends" / "python"
+    backend.mkdir(parents=True, exist_ok=True)
+    for source in [wheel / "backends" / "python" / name for name in PYTHON_BACKEND_FILES] + [stub]:
+        target = backend / source.name
+        if not target.exists():
+            shutil.copy2(source, target)
+    libraries = [Path(pytriton.__file__).parent.parent / "nvidia_pytriton.libs", Path(sysconfig.get_config_var("LIBDIR"))]
+    return TritonInstallation(
+        wheel / "bin" / "tritonserver",
+        run_dir / "backends",
+        {
+            # The stub embeds Python and finds its prefix (so this environment's packages) by
+            # looking up python3 on PATH; it needs libpython and the wheel's bundled libraries.
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+            "LD_LIBRARY_PATH": os.pathsep.join([str(p) for p in libraries] + [os.environ.get("LD_LIBRARY_PATH", "")]),
+        },
+    )
+
+
+def find_installation(run_dir: Path) -> TritonInstallation:
+    return container_installation() or pytriton_installation(run_dir)
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    model_repository: Path
+    models: tuple[str, ...]
+    run_dir: Path
+    grpc_port: int = 8001
+    http_port: int = 8000
+    metrics_port: int = 8002
+    environment: dict[str, str] = field(default_factory=dict)  # e.g. NVEMBED_* overrides for the models
+    log_verbose: int = 0
+
+    @property
+    def grpc_url(self) -> str:
+        return f"localhost:{self.grpc_port}"
+
+
+def _die_with_parent() -> None:
+    """Runs in the child: the server gets SIGTERM if the launching process dies (Linux)."""
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+class TritonServer:
+    """A tritonserver child process. Use as a context manager, or start()/wait_ready()/stop()."""
+
+    def __init__(self, settings: ServerSettings):
+        self.settings = settings
+        self.log_path = settings.run_dir / "tritonserver.log"
+        self._process: subprocess.Popen | None = None
+
+    def command(self, installation: TritonInstallation) -> list[str]:
+        s = self.settings
+        return [
+            str(installation.binary),
+            f"--model-repository={s.model_repository}",
+            f"--backend-directory={installation.backend_directory}",
+            "--model-control-mode=explicit",
+            *[f"--load-model={name}" for name in s.models],
+            f"--grpc-port={s.grpc_port}",
+            f"--http-port={s.http_port}",
+            f"--metrics-port={s.metrics_port}",
+            f"--log-verbose={s.log_verbose}",
+            "--exit-on-error=true",
+        ]
+
+    def start(self) -> TritonServer:
+        self.settings.run_dir.mkdir(parents=True, exist_ok=True)
+        installation = find_installation(self.settings.run_dir)
+        environment = {**os.environ, **installation.environment, **self.settings.environment}
+        with open(self.log_path, "wb") as log:
+            self._process = subprocess.Popen(
+                self.command(installation), stdout=log, stderr=subprocess.STDOUT, env=environment,
+                preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+            )  # fmt: skip
+        return self
+
+    def wait_ready(self, timeout_s: float = 300.0) -> None:
+        """Until every model answers ready; a server that exits or times out raises with its log."""
+        import tritonclient.grpc as grpcclient
+
+        deadline = time.monotonic() + timeout_s
+        with grpcclient.InferenceServerClient(self.settings.grpc_url) as client:
+            while time.monotonic() < deadline:
+                if self._process.poll() is not None:
+                    raise ServerError(f"tritonserver exited with code {self._process.returncode}\n{self.log_tail()}")
+                try:
+                    if client.is_server_ready() and all(client.is_model_ready(m) for m in self.settings.models):
+                        return
+                except Exception:  # not listening yet
+                    pass
+                time.sleep(0.5)
+        raise ServerError(f"tritonserver not ready after {timeout_s:.0f} s\n{self.log_tail()}")
+
+    def is_running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def stop(self, grace_s: float = 20.0) -> int | None:
+        """SIGINT lets Triton unload models cleanly; a kill follows after the grace period."""
+        if self._process is None:
+            return None
+        if self._process.poll() is None:
+            self._process.send_signal(signal.SIGINT)
+            try:
+                self._process.wait(grace_s)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait()
+        return self._process.returncode
+
+    def wait(self) -> int:
+        return self._process.wait()
+
+    def log_tail(self, lines: int = 60) -> str:
+        if not self.log_path.exists():
+            return "(no log)"
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def __enter__(self) -> TritonServer:
+        self.start()
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
