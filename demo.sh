@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Newcomer's first command: set up ./.venv, serve the small all-MiniLM-L6-v2 model through the same
+# Triton stack on the CPU (no GPU, no 16 GB download), run the user's three tests against it.
+set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+"$here/setup.sh"
+exec "$here/.venv/bin/python" -m nvembed_triton.demo

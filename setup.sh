@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Create ./.venv with everything needed to serve, test and run the demo. Safe to re-run.
+# A torch already in the venv is kept (install a CUDA build there first on a GPU machine);
+# otherwise the pinned torch release is installed.
+set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+cd "$here"
+python="${PYTHON:-python3}"
+[[ -x .venv/bin/python ]] || "$python" -m venv .venv
+.venv/bin/python -m pip install --quiet --upgrade pip
+if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+  .venv/bin/python -m pip install --quiet "torch==2.13.0"
+fi
+.venv/bin/python -m pip install --quiet -e ".[test]"
+echo "setup.sh: ready ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))"
