@@ -1,0 +1,129 @@
+"""Session fixtures: a tiny random NV-Embed-v2 checkpoint, and real tritonservers started through
+serve.sh on free ports (CPU). A server's log is printed when a test using it fails."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import tritonclient.grpc as grpcclient
+
+from nvembed_triton.contract import PUBLIC_MODEL, encoder_model_name
+from nvembed_triton.serve import DEMO_MODEL, demo_model_dir
+from nvembed_triton.tiny_checkpoint import write_tiny_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+SERVE_SH = ROOT / "serve.sh"
+# The test server truncates at this many tokens, so truncation is tested without 32k-token inputs.
+TEST_MAX_LENGTH = 256
+STARTUP_TIMEOUT_S = 300
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class RunningServer:
+    model: str
+    url: str
+    log_path: Path
+    process: subprocess.Popen
+
+    def client(self) -> grpcclient.InferenceServerClient:
+        return grpcclient.InferenceServerClient(self.url)
+
+    def log_tail(self, lines: int = 80) -> str:
+        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def is_healthy(self) -> bool:
+        with self.client() as client:
+            return self.process.poll() is None and client.is_server_live() and client.is_model_ready(self.model)
+
+
+def start_server(tmp: Path, model: str, args: list[str], extra_env: dict[str, str]) -> RunningServer:
+    grpc_port = free_port()
+    env = {
+        **os.environ,
+        "TRITON_GRPC_PORT": str(grpc_port),
+        "TRITON_HTTP_PORT": str(free_port()),
+        "TRITON_METRICS_PORT": str(free_port()),
+        "PYTHON": sys.executable,
+        **extra_env,
+    }
+    run_dir = tmp / "run"
+    console = open(tmp / "serve.out", "wb")
+    process = subprocess.Popen(
+        [str(SERVE_SH), "--run-dir", str(run_dir), *args], env=env, stdout=console, stderr=subprocess.STDOUT
+    )
+    server = RunningServer(model, f"localhost:{grpc_port}", run_dir / "tritonserver.log", process)
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"serve.sh exited ({process.returncode}):\n{(tmp / 'serve.out').read_text()}\n{server.log_tail()}")
+        try:
+            with server.client() as client:
+                if client.is_model_ready(model) and client.is_model_ready(encoder_model_name(model)):
+                    return server
+        except Exception:  # not listening yet
+            pass
+        time.sleep(0.5)
+    stop_server(server)
+    raise RuntimeError(f"server not ready after {STARTUP_TIMEOUT_S} s:\n{server.log_tail()}")
+
+
+def stop_server(server: RunningServer) -> None:
+    if server.process.poll() is None:
+        server.process.send_signal(signal.SIGINT)
+        try:
+            server.process.wait(60)
+        except subprocess.TimeoutExpired:
+            server.process.kill()
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny-nvembed"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def nvembed_server(tmp_path_factory, tiny_checkpoint) -> RunningServer:
+    server = start_server(
+        tmp_path_factory.mktemp("nvembed-server"),
+        PUBLIC_MODEL,
+        ["--device", "cpu"],
+        {"NVEMBED_MODEL_DIR": str(tiny_checkpoint), "NVEMBED_MAX_LENGTH": str(TEST_MAX_LENGTH)},
+    )
+    yield server
+    stop_server(server)
+
+
+@pytest.fixture(scope="session")
+def minilm_server(tmp_path_factory) -> RunningServer:
+    server = start_server(
+        tmp_path_factory.mktemp("minilm-server"), DEMO_MODEL, ["--name", DEMO_MODEL, "--model-dir", str(demo_model_dir()), "--device", "cpu"], {}
+    )
+    yield server
+    stop_server(server)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Print the server log under a failing test that used a server."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.when == "call" and report.failed:
+        for name in ("nvembed_server", "minilm_server"):
+            server = item.funcargs.get(name)
+            if isinstance(server, RunningServer):
+                report.sections.append((f"{name} log (tail)", server.log_tail()))
