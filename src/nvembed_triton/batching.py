@@ -5,6 +5,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+# A sequence joins a pass only if that pads it by at most this fraction of the pass's longest
+# member, or by at most PADDING_SLACK_TOKENS (short texts of similar length always share passes).
+# A pass costs about as much per padded token as per real one, and extra passes are cheap next to
+# large batches' compute, so bounding the padding beats filling every pass to the budget.
+MAX_PADDING_FRACTION = 0.25
+PADDING_SLACK_TOKENS = 32
+
 
 def plan_batches(lengths: Sequence[int], max_batch_tokens: int) -> list[list[int]]:
     """Indices into `lengths`, grouped into passes of at most `max_batch_tokens` padded tokens
@@ -14,12 +21,18 @@ def plan_batches(lengths: Sequence[int], max_batch_tokens: int) -> list[list[int
     order = sorted(range(len(lengths)), key=lambda i: lengths[i], reverse=True)
     batches: list[list[int]] = []
     for index in order:
-        # Sorted descending: the first member of the current batch is its longest.
-        if batches and (len(batches[-1]) + 1) * lengths[batches[-1][0]] <= max_batch_tokens:
+        if batches and _fits(batches[-1], lengths, lengths[index], max_batch_tokens):
             batches[-1].append(index)
         else:
             batches.append([index])
     return batches
+
+
+def _fits(batch: list[int], lengths: Sequence[int], length: int, max_batch_tokens: int) -> bool:
+    longest = lengths[batch[0]]  # sorted descending: the first member is the longest
+    padding = longest - length
+    within_budget = (len(batch) + 1) * longest <= max_batch_tokens
+    return within_budget and (padding <= PADDING_SLACK_TOKENS or padding <= MAX_PADDING_FRACTION * longest)
 
 
 def padded_tokens(lengths: Sequence[int], batches: list[list[int]]) -> int:

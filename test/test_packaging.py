@@ -1,0 +1,68 @@
+"""Files a user runs directly: the Dockerfile (linted; no Docker engine here to build it) and
+serve.sh's early, explicit failures."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_dockerfile_passes_hadolint():
+    hadolint = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
+    result = subprocess.run([hadolint, "Dockerfile"], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_dockerfile_serves_the_repository_from_a_triton_image():
+    text = (ROOT / "Dockerfile").read_text()
+    assert "FROM nvcr.io/nvidia/tritonserver:" in text
+    assert 'ENTRYPOINT ["./serve.sh"]' in text
+
+
+def serve(*args, **env):
+    return subprocess.run(
+        [str(ROOT / "serve.sh"), *args],
+        env={**os.environ, "PYTHON": sys.executable, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_help_lists_the_knobs():
+    result = serve("--help")
+    assert result.returncode == 0
+    for knob in ("--model-dir", "--device", "NVEMBED_MODEL_DIR", "NVEMBED_DEVICE", "TRITON_GRPC_PORT", "TRITON_HTTP_PORT", "TRITON_METRICS_PORT"):
+        assert knob in result.stdout
+
+
+def test_absent_model_directory_fails_early_with_how_to_get_it(tmp_path):
+    result = serve(NVEMBED_MODEL_DIR=str(tmp_path / "missing"))
+    assert result.returncode == 1
+    assert "does not exist" in result.stderr and "huggingface-cli download nvidia/NV-Embed-v2" in result.stderr
+    assert "./demo.sh" in result.stderr
+
+
+def test_incomplete_snapshot_names_the_missing_files(tiny_checkpoint, tmp_path):
+    partial = shutil.copytree(tiny_checkpoint, tmp_path / "partial")
+    (partial / "tokenizer.json").unlink()
+    result = serve("--model-dir", str(partial))
+    assert result.returncode == 1 and "missing tokenizer.json" in result.stderr
+
+
+def test_another_model_is_never_served_as_nv_embed_v2():
+    from nvembed_triton.serve import demo_model_dir
+
+    result = serve("--model-dir", str(demo_model_dir()))
+    assert result.returncode == 1 and "cannot be served as 'nv-embed-v2'" in result.stderr
+
+
+@pytest.mark.parametrize("device", ["gpu0", "cuda:first"])
+def test_malformed_device_fails_before_the_server_starts(tiny_checkpoint, device):
+    result = serve("--model-dir", str(tiny_checkpoint), "--device", device, "--check")
+    assert result.returncode == 1 and "cuda:N" in result.stderr
