@@ -111,7 +111,10 @@ def nvembed_server(tmp_path_factory, tiny_checkpoint) -> RunningServer:
 @pytest.fixture(scope="session")
 def minilm_server(tmp_path_factory) -> RunningServer:
     server = start_server(
-        tmp_path_factory.mktemp("minilm-server"), DEMO_MODEL, ["--name", DEMO_MODEL, "--model-dir", str(demo_model_dir()), "--device", "cpu"], {}
+        tmp_path_factory.mktemp("minilm-server"),
+        DEMO_MODEL,
+        ["--name", DEMO_MODEL, "--model-dir", str(demo_model_dir()), "--device", "cpu"],
+        {},
     )
     yield server
     stop_server(server)

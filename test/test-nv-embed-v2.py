@@ -77,7 +77,9 @@ def main():
     parser.add_argument("--url", default="localhost:8001", help="Triton gRPC address")
     parser.add_argument("--model", default="nv-embed-v2", help="model name in Triton")
     parser.add_argument(
-        "--no-check-ranking", dest="check_ranking", action="store_false",
+        "--no-check-ranking",
+        dest="check_ranking",
+        action="store_false",
         help="do not require the neural-network documents to rank first (for random test weights)",
     )
     args = parser.parse_args()

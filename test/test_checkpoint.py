@@ -18,7 +18,9 @@ from nvembed_triton.serve import demo_model_dir
 
 def test_published_config_falls_back_to_the_official_latent_attention_defaults():
     settings = LatentAttentionSettings.from_config({"model_type": "latent_attention"})
-    assert settings == LatentAttentionSettings(num_latents_value=512, num_cross_heads=8, cross_dim_head=4096, hidden_dim=4096, latent_dim=4096)
+    assert settings == LatentAttentionSettings(
+        num_latents_value=512, num_cross_heads=8, cross_dim_head=4096, hidden_dim=4096, latent_dim=4096
+    )
 
 
 def test_tiny_checkpoint_has_the_published_layout(tiny_checkpoint):

@@ -37,7 +37,15 @@ def serve(*args, **env):
 def test_help_lists_the_knobs():
     result = serve("--help")
     assert result.returncode == 0
-    for knob in ("--model-dir", "--device", "NVEMBED_MODEL_DIR", "NVEMBED_DEVICE", "TRITON_GRPC_PORT", "TRITON_HTTP_PORT", "TRITON_METRICS_PORT"):
+    for knob in (
+        "--model-dir",
+        "--device",
+        "NVEMBED_MODEL_DIR",
+        "NVEMBED_DEVICE",
+        "TRITON_GRPC_PORT",
+        "TRITON_HTTP_PORT",
+        "TRITON_METRICS_PORT",
+    ):
         assert knob in result.stdout
 
 
@@ -66,3 +74,18 @@ def test_another_model_is_never_served_as_nv_embed_v2():
 def test_malformed_device_fails_before_the_server_starts(tiny_checkpoint, device):
     result = serve("--model-dir", str(tiny_checkpoint), "--device", device, "--check")
     assert result.returncode == 1 and "cuda:N" in result.stderr
+
+
+def test_gpu_asked_for_but_absent_is_a_load_error_not_a_cpu_fallback(tiny_checkpoint, tmp_path):
+    from conftest import free_port
+
+    ports = {f"TRITON_{kind}_PORT": str(free_port()) for kind in ("GRPC", "HTTP", "METRICS")}
+    result = subprocess.run(
+        [str(ROOT / "serve.sh"), "--model-dir", str(tiny_checkpoint), "--device", "cuda:0", "--run-dir", str(tmp_path)],
+        env={**os.environ, "PYTHON": sys.executable, "CUDA_VISIBLE_DEVICES": "", **ports},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 1
+    assert "device cuda:0 was asked for but torch sees 0 CUDA device(s)" in result.stderr

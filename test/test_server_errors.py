@@ -43,7 +43,10 @@ CASES = {
         ["prompt_name", "'query'", "'document'", "'passage'"],
     ),
     "instruction longer than max_length (encoder)": (
-        lambda: [bytes_input(contract.TEXT_INPUT, ["t"], [1, 1]), bytes_input(contract.INSTRUCTION_INPUT, ["word " * 400], [1, 1])],
+        lambda: [
+            bytes_input(contract.TEXT_INPUT, ["t"], [1, 1]),
+            bytes_input(contract.INSTRUCTION_INPUT, ["word " * 400], [1, 1]),
+        ],
         ENCODER,
         ["instruction", "max_length 256"],
     ),
@@ -82,7 +85,7 @@ def test_a_bad_request_does_not_fail_good_ones_batched_with_it(nvembed_server):
 
     with ThreadPoolExecutor(8) as pool:
         outcomes = list(pool.map(call, [good, bad] * 8))
-    for make_inputs, outcome in zip([good, bad] * 8, outcomes):
+    for make_inputs, outcome in zip([good, bad] * 8, outcomes, strict=True):
         if make_inputs is good:
             assert isinstance(outcome, np.ndarray) and outcome.shape == (1, 2, 64)
         else:

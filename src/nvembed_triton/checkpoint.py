@@ -92,8 +92,7 @@ def check_model_dir(model_dir: str | Path) -> str:
         missing = missing_nvembed_files(model_dir)
         if missing:
             raise CheckpointError(
-                f"NV-Embed-v2 snapshot {str(model_dir)!r} is incomplete: missing {', '.join(missing)}. "
-                f"{HOW_TO_GET_WEIGHTS}"
+                f"NV-Embed-v2 snapshot {str(model_dir)!r} is incomplete: missing {', '.join(missing)}. {HOW_TO_GET_WEIGHTS}"
             )
     return architecture
 

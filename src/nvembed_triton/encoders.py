@@ -33,14 +33,20 @@ def check_device_available(device: str) -> None:
         raise SettingsError(
             f"device {device} was asked for but torch sees {available} CUDA device(s) "
             f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'}); "
-            "set device to \"cpu\" (NVEMBED_DEVICE=cpu) or run where the GPU is visible"
+            'set device to "cpu" (NVEMBED_DEVICE=cpu) or run where the GPU is visible'
         )
 
 
 def load_encoder(settings: EncoderSettings) -> TextEncoder:
     check_device_available(settings.device)
     architecture = check_model_dir(settings.model_dir)
-    args = (settings.model_dir, torch.device(settings.device), getattr(torch, settings.dtype), settings.max_length, settings.max_batch_tokens)
+    args = (
+        settings.model_dir,
+        torch.device(settings.device),
+        getattr(torch, settings.dtype),
+        settings.max_length,
+        settings.max_batch_tokens,
+    )
     if architecture == NVEMBED:
         from .nvembed_encoder import NVEmbedEncoder
 

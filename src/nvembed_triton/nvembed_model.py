@@ -38,9 +38,7 @@ class _CrossAttentionBlock(nn.Module):
         super().__init__()
         self.norm = nn.LayerNorm(settings.latent_dim)
         self.norm_context = nn.LayerNorm(settings.hidden_dim)
-        self.fn = _CrossAttention(
-            settings.latent_dim, settings.hidden_dim, settings.num_cross_heads, settings.cross_dim_head
-        )
+        self.fn = _CrossAttention(settings.latent_dim, settings.hidden_dim, settings.num_cross_heads, settings.cross_dim_head)
 
 
 class _GEGLU(nn.Module):
@@ -159,7 +157,9 @@ def load_nvembed(model_dir: str | Path, device: torch.device, dtype: torch.dtype
     return NVEmbedModel(backbone.eval(), head)
 
 
-def _load_head(model_dir: Path, settings: LatentAttentionSettings, device: torch.device, dtype: torch.dtype) -> LatentAttentionPooling:
+def _load_head(
+    model_dir: Path, settings: LatentAttentionSettings, device: torch.device, dtype: torch.dtype
+) -> LatentAttentionPooling:
     with torch.device("meta"):
         head = LatentAttentionPooling(settings)
     state = {}
@@ -167,7 +167,7 @@ def _load_head(model_dir: Path, settings: LatentAttentionSettings, device: torch
         with safe_open(path, framework="pt", device=str(device)) as shard:
             for name in shard.keys():
                 if name.startswith(HEAD_PREFIX):
-                    state[name[len(HEAD_PREFIX):]] = shard.get_tensor(name).to(dtype)
+                    state[name[len(HEAD_PREFIX) :]] = shard.get_tensor(name).to(dtype)
     head.load_state_dict(state, strict=True, assign=True)
     head.eval().precompute_latent_keys_values()
     return head

@@ -81,8 +81,10 @@ def layout_repository(plan_: ServePlan, run_dir: Path) -> Path:
     if all((plan_.repository / n / "config.pbtxt").is_file() for n in names):
         return plan_.repository
     repository = run_dir / "model_repository"
-    for source, target in zip((PUBLIC_MODEL, encoder_model_name(PUBLIC_MODEL)), names):
-        shutil.copytree(plan_.repository / source, repository / target, ignore=shutil.ignore_patterns("__pycache__"), dirs_exist_ok=True)
+    for source, target in zip((PUBLIC_MODEL, encoder_model_name(PUBLIC_MODEL)), names, strict=True):
+        shutil.copytree(
+            plan_.repository / source, repository / target, ignore=shutil.ignore_patterns("__pycache__"), dirs_exist_ok=True
+        )
     return repository
 
 

@@ -53,7 +53,9 @@ class EncoderSettings:
     max_batch_tokens: int
 
     @classmethod
-    def from_parameters(cls, parameters: Mapping[str, str], instance_kind: str = "", instance_device_id: str = "0") -> EncoderSettings:
+    def from_parameters(
+        cls, parameters: Mapping[str, str], instance_kind: str = "", instance_device_id: str = "0"
+    ) -> EncoderSettings:
         model_dir = parameters.get("model_dir", "")
         if not model_dir:
             raise SettingsError("no model directory: set parameter model_dir in config.pbtxt or NVEMBED_MODEL_DIR")
@@ -73,7 +75,7 @@ def resolve_device(requested: str, instance_kind: str, instance_device_id: str) 
     requested = requested.strip().lower()
     if instance_kind.upper() in ("GPU", "KIND_GPU"):
         if requested == "cpu":
-            raise SettingsError("instance_group is KIND_GPU but parameter device is \"cpu\"; use KIND_CPU to run on the CPU")
+            raise SettingsError('instance_group is KIND_GPU but parameter device is "cpu"; use KIND_CPU to run on the CPU')
         return f"cuda:{instance_device_id}"
     if requested == "cpu":
         return "cpu"
@@ -81,7 +83,7 @@ def resolve_device(requested: str, instance_kind: str, instance_device_id: str) 
         return "cuda:0"
     if requested.startswith("cuda:") and requested[5:].isdigit():
         return requested
-    raise SettingsError(f"parameter device must be \"cpu\", \"cuda\" or \"cuda:N\", got {requested!r}")
+    raise SettingsError(f'parameter device must be "cpu", "cuda" or "cuda:N", got {requested!r}')
 
 
 def resolve_dtype(requested: str, device: str) -> str:

@@ -17,9 +17,7 @@ _PROMPT_ALIASES = {QUERY_PROMPT: ("query",), DOCUMENT_PROMPT: ("document", "pass
 
 class SentenceTransformerEncoder:
     def __init__(self, model_dir: str | Path, device: torch.device, dtype: torch.dtype, max_length: int, max_batch_tokens: int):
-        self.model = SentenceTransformer(
-            str(model_dir), device=str(device), local_files_only=True, model_kwargs={"dtype": dtype}
-        )
+        self.model = SentenceTransformer(str(model_dir), device=str(device), local_files_only=True, model_kwargs={"dtype": dtype})
         self.model.eval()
         # The model's own limit wins: beyond its position embeddings it cannot go.
         self.max_length = min(max_length, self.model.max_seq_length or max_length)

@@ -31,7 +31,13 @@ TEXT_CONFIG = {
     "initializer_range": 0.02, "torch_dtype": "float16",
 }  # fmt: skip
 # num_cross_heads is left out on purpose: loaders must fall back to the published default (8).
-LATENT_CONFIG = {"model_type": "latent_attention", "num_latents_value": 16, "cross_dim_head": 16, "hidden_dim": HIDDEN, "latent_dim": HIDDEN}
+LATENT_CONFIG = {
+    "model_type": "latent_attention",
+    "num_latents_value": 16,
+    "cross_dim_head": 16,
+    "hidden_dim": HIDDEN,
+    "latent_dim": HIDDEN,
+}
 CONFIG = {
     "architectures": ["NVEmbedModel"], "model_type": "nvembed", "_name_or_path": "nvidia/NV-Embed-v2",
     "auto_map": {"AutoConfig": "configuration_nvembed.NVEmbedConfig", "AutoModel": "modeling_nvembed.NVEmbedModel"},

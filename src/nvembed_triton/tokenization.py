@@ -50,10 +50,10 @@ class NVEmbedTokenizer:
 
     def encode(self, texts: list[str], instructions: list[str]) -> list[TokenizedText]:
         encodings = self._tokenizer.encode_batch(
-            [instruction + text + EOS_TEXT for text, instruction in zip(texts, instructions)]
+            [instruction + text + EOS_TEXT for text, instruction in zip(texts, instructions, strict=True)]
         )
         tokenized = []
-        for position, (encoding, instruction) in enumerate(zip(encodings, instructions)):
+        for position, (encoding, instruction) in enumerate(zip(encodings, instructions, strict=True)):
             ids = encoding.ids[: self.max_length]
             pool_from = self.instruction_length(instruction)
             if len(ids) <= pool_from:

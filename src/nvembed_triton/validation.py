@@ -24,9 +24,7 @@ def decode_texts(array: np.ndarray, input_name: str) -> list[str]:
                 "texts must be UTF-8 encoded strings"
             ) from None
         if not text:
-            raise InvalidInputError(
-                f"{input_name}[{position}] is an empty string; every text needs at least one character"
-            )
+            raise InvalidInputError(f"{input_name}[{position}] is an empty string; every text needs at least one character")
         texts.append(text)
     return texts
 

@@ -50,7 +50,7 @@ class TritonPythonModel:
         prompt_names = self._per_row(request, contract.PROMPT_NAME_INPUT, len(texts))
         explicit = self._per_row(request, contract.INSTRUCTION_INPUT, len(texts))
         instructions = []
-        for prompt_name, instruction in zip(prompt_names, explicit):
+        for prompt_name, instruction in zip(prompt_names, explicit, strict=True):
             if instruction is None:
                 prompt_name = prompt_name or contract.DOCUMENT_PROMPT
                 if prompt_name not in contract.PROMPT_NAMES:
@@ -73,7 +73,7 @@ class TritonPythonModel:
         across requests; the result rows are then split back, in order, to their requests."""
         texts, instructions = [], []
         for _, rows, row_instructions in jobs:
-            for row, instruction in zip(rows, row_instructions):
+            for row, instruction in zip(rows, row_instructions, strict=True):
                 texts += row
                 instructions += [instruction] * len(row)
         try:
@@ -91,7 +91,9 @@ class TritonPythonModel:
         for index, rows, _ in jobs:
             count = len(rows) * len(rows[0])
             batch = embeddings[start : start + count].reshape(len(rows), len(rows[0]), -1)
-            responses[index] = pb_utils.InferenceResponse([pb_utils.Tensor(contract.EMBEDDINGS_OUTPUT, np.ascontiguousarray(batch))])
+            responses[index] = pb_utils.InferenceResponse(
+                [pb_utils.Tensor(contract.EMBEDDINGS_OUTPUT, np.ascontiguousarray(batch))]
+            )
             start += count
 
 
