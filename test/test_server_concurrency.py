@@ -1,0 +1,81 @@
+"""Isolation under concurrency through the real server: many clients at once, each with different
+texts; every embedding equals the same text embedded alone, in order, to the right client, and the
+encoder really did batch requests together."""
+
+import random
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+from grpc_helpers import bytes_input, cosine, embed_documents, embed_query, infer
+
+from nvembed_triton import contract
+from nvembed_triton.contract import PUBLIC_MODEL, encoder_model_name
+
+ENCODER = encoder_model_name(PUBLIC_MODEL)
+CLIENTS = 24
+REQUESTS_PER_CLIENT = 6
+MATCH = 0.9999
+WORDS = "alpha beta gamma delta neural market cookie flour network learn price supply weight".split()
+
+
+def make_texts(count: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    return [f"text {seed}-{i}: " + " ".join(rng.choices(WORDS, k=rng.randint(1, 120))) for i in range(count)]
+
+
+def encoder_counts(client):
+    stats = client.get_inference_statistics(ENCODER, as_json=True)["model_stats"][0]
+    return int(stats.get("inference_count", 0)), int(stats.get("execution_count", 0))
+
+
+def test_concurrent_clients_get_their_own_embeddings_in_order(nvembed_server):
+    texts = make_texts(60, seed=1)
+    with nvembed_server.client() as client:
+        alone_document = {t: embed_documents(client, PUBLIC_MODEL, [t])[0] for t in texts}
+        alone_query = {t: embed_query(client, PUBLIC_MODEL, t)[0] for t in texts[:20]}
+        inferences_before, executions_before = encoder_counts(client)
+
+    def one_client(client_id: int):
+        rng = random.Random(client_id)
+        outcomes = []
+        with nvembed_server.client() as client:
+            for _ in range(REQUESTS_PER_CLIENT):
+                if rng.random() < 0.4:
+                    text = rng.choice(list(alone_query))
+                    outcomes.append(("query", [text], embed_query(client, PUBLIC_MODEL, text)))
+                else:
+                    chosen = rng.sample(texts, rng.randint(1, 12))
+                    outcomes.append(("documents", chosen, embed_documents(client, PUBLIC_MODEL, chosen)))
+        return outcomes
+
+    with ThreadPoolExecutor(CLIENTS) as pool:
+        results = list(pool.map(one_client, range(CLIENTS)))
+
+    for outcomes in results:
+        for kind, sent, embeddings in outcomes:
+            assert embeddings.shape == (len(sent), 64)
+            expected = np.stack([(alone_query if kind == "query" else alone_document)[t] for t in sent])
+            assert np.all(cosine(embeddings, expected) >= MATCH), (kind, sent)
+
+    with nvembed_server.client() as client:
+        inferences, executions = encoder_counts(client)
+    requests = CLIENTS * REQUESTS_PER_CLIENT
+    assert inferences - inferences_before == requests
+    assert executions - executions_before < requests, "concurrent requests were never batched together"
+
+
+def test_batch_dimension_interface_of_the_encoder(nvembed_server):
+    """Clients that can send a batch dimension call the encoder directly: text [B, N]."""
+    texts = make_texts(6, seed=2)
+    rows = [texts[:3], texts[3:]]
+    inputs = [
+        bytes_input(contract.TEXT_INPUT, rows, [2, 3]),
+        bytes_input(contract.PROMPT_NAME_INPUT, [["query"], ["document"]], [2, 1]),
+    ]
+    with nvembed_server.client() as client:
+        batched = infer(client, ENCODER, inputs)
+        assert batched.shape == (2, 3, 64)
+        queries = np.stack([embed_query(client, PUBLIC_MODEL, t)[0] for t in rows[0]])
+        documents = embed_documents(client, PUBLIC_MODEL, rows[1])
+    assert np.all(cosine(batched[0], queries) >= MATCH)
+    assert np.all(cosine(batched[1], documents) >= MATCH)
