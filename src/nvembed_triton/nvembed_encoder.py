@@ -37,10 +37,11 @@ class NVEmbedEncoder:
         tokenized = self.tokenizer.encode(texts, instructions)
         embeddings = np.empty((len(texts), self.dimension), dtype=np.float32)
         for batch in plan_batches([len(t.ids) for t in tokenized], self.max_batch_tokens):
-            embeddings[batch] = self._embed_batch([tokenized[i] for i in batch])
+            embeddings[batch] = self.embed_tokenized([tokenized[i] for i in batch])
         return embeddings
 
-    def _embed_batch(self, batch: list[TokenizedText]) -> np.ndarray:
+    def embed_tokenized(self, batch: list[TokenizedText]) -> np.ndarray:
+        """One forward pass over `batch`, right-padded to its longest member."""
         longest = max(len(t.ids) for t in batch)
         input_ids = torch.full((len(batch), longest), PAD_ID, dtype=torch.long)
         valid = torch.zeros((len(batch), longest), dtype=torch.bool)
