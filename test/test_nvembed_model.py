@@ -1,0 +1,85 @@
+"""The package's NV-Embed-v2 forward, in process, against the independent reference; plus guards
+on transformers internals that the bidirectional backbone relies on."""
+
+import numpy as np
+import pytest
+import torch
+from grpc_helpers import cosine
+from nvembed_reference import ReferenceNVEmbed
+
+from nvembed_triton.contract import RETRIEVAL_TASK, nvembed_query_instruction
+from nvembed_triton.encoders import load_encoder
+from nvembed_triton.settings import EncoderSettings
+
+INSTRUCTION = nvembed_query_instruction(RETRIEVAL_TASK)
+TEXTS = ["How do neural networks learn?", "x", "Market prices are set by supply and demand. " * 12, "café 🙂 中文"]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_checkpoint):
+    return ReferenceNVEmbed(tiny_checkpoint)
+
+
+def encoder_for(tiny_checkpoint, **parameters):
+    return load_encoder(EncoderSettings.from_parameters({"model_dir": str(tiny_checkpoint), "device": "cpu", **parameters}))
+
+
+@pytest.fixture(scope="module")
+def encoder(tiny_checkpoint):
+    return encoder_for(tiny_checkpoint)
+
+
+@pytest.mark.parametrize("instruction", ["", INSTRUCTION])
+def test_fp32_matches_the_reference(encoder, reference, instruction):
+    ours = encoder.encode(TEXTS, [instruction] * len(TEXTS))
+    expected = np.stack([reference.embed(t, instruction) for t in TEXTS])
+    assert np.abs(ours - expected).max() < 1e-5
+    assert np.all(cosine(ours, expected) >= 0.99999)
+
+
+def test_bf16_stays_close_to_fp32(tiny_checkpoint, reference):
+    ours = encoder_for(tiny_checkpoint, dtype="bf16").encode(TEXTS, [""] * len(TEXTS))
+    expected = np.stack([reference.embed(t) for t in TEXTS])
+    assert np.all(cosine(ours, expected) >= 0.99)
+
+
+def test_attention_is_bidirectional(encoder):
+    """The first token's state must depend on the last token: transformers keeps Mistral causal
+    unless our 4-D mask and per-module flags take effect, and those internals move between releases."""
+    backbone = encoder.model.backbone
+    ids = torch.tensor([[1, 1318, 2245, 5374, 2]])
+    changed = ids.clone()
+    changed[0, 3] = 1602
+    mask = torch.ones(1, 1, 1, 5, dtype=torch.bool)
+    with torch.inference_mode():
+        first = backbone(input_ids=ids, attention_mask=mask).last_hidden_state[0, 0]
+        second = backbone(input_ids=changed, attention_mask=mask).last_hidden_state[0, 0]
+    assert (first - second).abs().max() > 1e-3
+
+
+def test_padding_does_not_leak_into_the_embedding(encoder):
+    short = encoder.tokenizer.encode(["short text"], [""])
+    long = encoder.tokenizer.encode(["a much longer text " * 10], [""])
+    alone = encoder.embed_tokenized(short)
+    padded = encoder.embed_tokenized(long + short)[1:]
+    assert np.abs(alone - padded).max() < 1e-5
+
+
+def test_precomputed_latent_keys_values_equal_per_call_ones(encoder):
+    head = encoder.model.head
+    block = head.cross_attend_blocks[0]
+    with torch.inference_mode():
+        keys, values = block.fn.to_kv(block.norm_context(head.latents)).chunk(2, dim=-1)
+    heads, dim_head = block.fn.heads, block.fn.dim_head
+    assert head.latent_keys.shape == (heads, head.latents.shape[0], dim_head)
+    assert torch.equal(head.latent_keys, keys.view(-1, heads, dim_head).transpose(0, 1))
+    assert torch.equal(head.latent_values, values.view(-1, heads, dim_head).transpose(0, 1))
+
+
+def test_default_num_cross_heads_is_used_when_the_config_omits_it(encoder):
+    assert encoder.model.head.cross_attend_blocks[0].fn.heads == 8
+
+
+def test_weights_load_in_the_requested_dtype(tiny_checkpoint):
+    encoder = encoder_for(tiny_checkpoint, dtype="fp16")
+    assert {p.dtype for p in encoder.model.parameters()} == {torch.float16}
