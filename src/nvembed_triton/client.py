@@ -1,0 +1,361 @@
+"""Python clients for the embedding server: sentence-transformers' `encode` and LangChain's
+`embed_query`/`embed_documents`, over gRPC, sync and asyncio. Inputs are split into requests within
+the server's `max_documents`, sent concurrently, and put back in input order.
+
+Importing this module is cheap: torch is imported only when tensors are asked for."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import numpy as np
+import tritonclient.grpc as grpcclient
+import tritonclient.grpc.aio as aio_grpcclient
+from tqdm.auto import tqdm
+from tritonclient.utils import InferenceServerException
+
+from nvembed_triton import contract
+
+# A request of batch_size long documents on a busy server can take minutes; a deadline only
+# guards against a hung server. None waits forever.
+DEFAULT_TIMEOUT_S = 300.0
+RETRY_BASE_DELAY_S = 0.1  # doubled after each failed attempt: 0.1, 0.2, 0.4 s for 3 retries
+# gRPC reports refused, dropped and not-yet-ready connections as UNAVAILABLE. Embedding has no side
+# effects, so resending is safe; any other failure would fail again and is not retried.
+RETRYABLE_STATUSES = frozenset({"UNAVAILABLE"})
+
+T = TypeVar("T")
+Texts = str | Sequence[str] | np.ndarray
+
+
+class EmbeddingError(Exception):
+    """The server did not embed the texts. `status` is the gRPC status name (e.g. "INTERNAL") or None."""
+
+    def __init__(self, message: str, status: str | None = None):
+        super().__init__(message)
+        self.status = status
+
+
+class InvalidInputError(EmbeddingError, ValueError):
+    """The input was rejected (gRPC INVALID_ARGUMENT); sending it again would fail again."""
+
+
+class ServerUnavailableError(EmbeddingError, ConnectionError):
+    """The server could not be reached, even after retries."""
+
+
+@dataclass(frozen=True)
+class _Request:
+    """One inference request: `texts` (UTF-8) start at position `start` of the caller's input."""
+
+    input_name: str
+    start: int
+    texts: list[bytes]
+
+    def inputs(self) -> list[grpcclient.InferInput]:
+        shape = [1] if self.input_name == contract.QUERY_INPUT else [1, len(self.texts)]
+        tensor = grpcclient.InferInput(self.input_name, shape, "BYTES")
+        tensor.set_data_from_numpy(np.array(self.texts, dtype=object).reshape(shape))
+        return [tensor]
+
+    def describe(self) -> str:
+        if self.input_name == contract.QUERY_INPUT:
+            return f"the request for text {self.start} of the input"
+        return f"the request for texts {self.start}..{self.start + len(self.texts) - 1} of the input"
+
+
+def _check_arguments(sentences: Texts, batch_size: int, prompt_name: str | None) -> tuple[list[str], bool]:
+    """The texts as a list, and whether the caller passed a single string (sentence-transformers'
+    rule: a str is one input, any sequence or array of str is a batch)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
+    if prompt_name is not None and prompt_name not in contract.PROMPT_NAMES:
+        allowed = ", ".join(repr(name) for name in (None, *contract.PROMPT_NAMES))
+        raise ValueError(f"prompt_name must be one of {allowed}; got {prompt_name!r}")
+    single = isinstance(sentences, str)
+    texts = [sentences] if single else list(sentences)
+    for position, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise TypeError(f"texts[{position}] is a {type(text).__name__}; every text must be a str")
+    return texts, single
+
+
+def _plan_requests(texts: list[str], prompt_name: str | None, chunk_size: int) -> list[_Request]:
+    """Queries one per request (the contract's `query` holds one text); documents in chunks."""
+    encoded = [_utf8(text, position) for position, text in enumerate(texts)]
+    if prompt_name == contract.QUERY_PROMPT:
+        return [_Request(contract.QUERY_INPUT, position, [text]) for position, text in enumerate(encoded)]
+    return [
+        _Request(contract.DOCUMENTS_INPUT, start, encoded[start : start + chunk_size])
+        for start in range(0, len(encoded), chunk_size)
+    ]
+
+
+def _utf8(text: str, position: int) -> bytes:
+    # Encoded here, before anything is sent, so that a bad text (a lone surrogate) fails the whole
+    # call up front and is named by its position in the input.
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise InvalidInputError(f"texts[{position}] cannot be encoded as UTF-8 ({error.reason} at {error.start})") from None
+
+
+def _max_documents(config: dict[str, Any]) -> int | None:
+    """The model's per-request document limit (its `max_documents` parameter), or None if unset."""
+    parameters = config.get("config", config).get("parameters", {})
+    value = parameters.get("max_documents", {}).get("string_value", "")
+    return int(value) if value.isdigit() and int(value) > 0 else None
+
+
+def _rows(result: grpcclient.InferResult, request: _Request) -> np.ndarray:
+    embeddings = result.as_numpy(contract.EMBEDDINGS_OUTPUT)
+    # Order is kept by position, so a response of the wrong size must not be stitched in.
+    if embeddings is None or embeddings.ndim != 2 or embeddings.shape[0] != len(request.texts):
+        shape = None if embeddings is None else list(embeddings.shape)
+        raise EmbeddingError(f"the server answered {request.describe()} with {contract.EMBEDDINGS_OUTPUT} of shape {shape}")
+    return embeddings
+
+
+def _assemble(chunks: list[np.ndarray], single: bool, convert_to_numpy: bool, convert_to_tensor: bool, normalize: bool) -> Any:
+    """sentence-transformers' output: an array or tensor of shape [n, D] (D for a single str,
+    (0,) for no texts), or a list of 1-D tensors when neither conversion is asked for."""
+    embeddings = np.concatenate(chunks) if chunks else np.empty(0, dtype=np.float32)
+    if normalize and embeddings.size:
+        embeddings = embeddings / np.maximum(np.linalg.norm(embeddings, axis=1, keepdims=True), 1e-12)
+    if convert_to_tensor or not convert_to_numpy:
+        import torch  # only here: the numpy path must not pay for importing torch
+
+        tensor = torch.from_numpy(embeddings)
+        output = tensor if convert_to_tensor else list(tensor)
+    else:
+        output = embeddings
+    return output[0] if single else output
+
+
+def _document_list(texts: Sequence[str]) -> list[str]:
+    if isinstance(texts, str):
+        raise TypeError("embed_documents takes a list of texts; use embed_query for one text")
+    return list(texts)
+
+
+def _status(error: InferenceServerException) -> str | None:
+    """The gRPC status name ("UNAVAILABLE"); tritonclient spells it "StatusCode.UNAVAILABLE"."""
+    return (error.status() or "").removeprefix("StatusCode.") or None
+
+
+def _is_retryable(error: InferenceServerException) -> bool:
+    return _status(error) in RETRYABLE_STATUSES
+
+
+def _backoff_s(failures: int) -> float:
+    return RETRY_BASE_DELAY_S * 2 ** (failures - 1)
+
+
+class _ClientBase:
+    """Settings and error mapping shared by the sync and the asyncio client."""
+
+    def __init__(
+        self,
+        url: str = "localhost:8001",
+        model: str = contract.PUBLIC_MODEL,
+        *,
+        timeout_s: float | None = DEFAULT_TIMEOUT_S,
+        max_retries: int = 3,
+        max_concurrency: int = 8,
+    ):
+        if max_retries < 0 or max_concurrency < 1:
+            raise ValueError(f"need max_retries >= 0 and max_concurrency >= 1, got {max_retries} and {max_concurrency}")
+        self.url, self.model = url, model
+        self.timeout_s, self.max_retries, self.max_concurrency = timeout_s, max_retries, max_concurrency
+        self._limit_read = False
+        self._max_documents: int | None = None
+
+    def _chunk_size(self, batch_size: int) -> int:
+        return min(batch_size, self._max_documents or batch_size)
+
+    def _retry_or_raise(self, error: InferenceServerException, what: str, failures: int) -> None:
+        """Returns if `error` may be retried once more, else raises the matching EmbeddingError."""
+        if _is_retryable(error) and failures <= self.max_retries:
+            return
+        status = _status(error)
+        message, where = error.message() or str(error), f"model {self.model!r} at {self.url}, {what}"
+        if status == "INVALID_ARGUMENT":
+            raise InvalidInputError(f"{message} ({where})", status) from error
+        if _is_retryable(error):
+            raise ServerUnavailableError(f"server unavailable after {failures} attempts: {message} ({where})", status) from error
+        raise EmbeddingError(f"{status or 'error'}: {message} ({where})", status) from error
+
+
+class EmbeddingClient(_ClientBase):
+    """Blocking client; thread-safe. At most `max_concurrency` requests are in flight, across all calls."""
+
+    def __init__(self, url: str = "localhost:8001", model: str = contract.PUBLIC_MODEL, **options: Any):
+        super().__init__(url, model, **options)
+        self._client = grpcclient.InferenceServerClient(url)
+        self._pool = ThreadPoolExecutor(self.max_concurrency, thread_name_prefix="nvembed-client")
+
+    def encode(
+        self,
+        sentences: Texts,
+        batch_size: int = 32,
+        show_progress_bar: bool = False,
+        convert_to_numpy: bool = True,
+        convert_to_tensor: bool = False,
+        normalize_embeddings: bool = True,
+        prompt_name: str | None = None,
+    ) -> Any:
+        """Embed a str (-> one vector) or a list of str (-> [n, D]), in input order, as
+        sentence-transformers does. prompt_name "query" adds the server's query instruction; None and
+        "document" embed the texts as documents. The server's embeddings are already unit length, so
+        normalize_embeddings=False returns them as they are and True only renormalises rounding."""
+        texts, single = _check_arguments(sentences, batch_size, prompt_name)
+        if texts and prompt_name != contract.QUERY_PROMPT and not self._limit_read:
+            self._max_documents = _max_documents(self._call("reading the model config", self._read_config))
+            self._limit_read = True
+        requests = _plan_requests(texts, prompt_name, self._chunk_size(batch_size))
+        with tqdm(total=len(texts), unit="text", disable=not show_progress_bar) as progress:
+            chunks = self._run(requests, progress)
+        return _assemble(chunks, single, convert_to_numpy, convert_to_tensor, normalize_embeddings)
+
+    def embed_query(self, text: str) -> list[float]:
+        """LangChain's query embedding: one vector, with the query instruction."""
+        return self.encode(text, prompt_name=contract.QUERY_PROMPT).tolist()
+
+    def embed_documents(self, texts: Sequence[str], *, batch_size: int = 32) -> list[list[float]]:
+        """LangChain's document embeddings: one vector per text, in order."""
+        return self.encode(_document_list(texts), batch_size, prompt_name=contract.DOCUMENT_PROMPT).tolist()
+
+    def close(self) -> None:
+        self._pool.shutdown(cancel_futures=True)
+        self._client.close()
+
+    def __enter__(self) -> EmbeddingClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _read_config(self) -> dict[str, Any]:
+        return self._client.get_model_config(self.model, as_json=True, client_timeout=self.timeout_s)
+
+    def _run(self, requests: list[_Request], progress: tqdm) -> list[np.ndarray]:
+        futures = {self._pool.submit(self._infer, request): request for request in requests}
+        try:
+            for future in as_completed(futures):
+                future.result()  # the first failure ends the call
+                progress.update(len(futures[future].texts))
+        except BaseException:
+            for future in futures:
+                future.cancel()  # requests not yet sent are dropped
+            raise
+        return [future.result() for future in futures]
+
+    def _infer(self, request: _Request) -> np.ndarray:
+        output = [grpcclient.InferRequestedOutput(contract.EMBEDDINGS_OUTPUT)]
+        result = self._call(
+            request.describe(),
+            lambda: self._client.infer(self.model, request.inputs(), outputs=output, client_timeout=self.timeout_s),
+        )
+        return _rows(result, request)
+
+    def _call(self, what: str, call: Callable[[], T]) -> T:
+        failures = 0
+        while True:
+            try:
+                return call()
+            except InferenceServerException as error:
+                failures += 1
+                self._retry_or_raise(error, what, failures)
+            time.sleep(_backoff_s(failures))
+
+
+class AsyncEmbeddingClient(_ClientBase):
+    """asyncio client with EmbeddingClient's methods as coroutines. Use it from one event loop; at
+    most `max_concurrency` requests are in flight, across all calls."""
+
+    def __init__(self, url: str = "localhost:8001", model: str = contract.PUBLIC_MODEL, **options: Any):
+        super().__init__(url, model, **options)
+        self._client = aio_grpcclient.InferenceServerClient(url)
+        self._slots = asyncio.Semaphore(self.max_concurrency)
+
+    async def encode(
+        self,
+        sentences: Texts,
+        batch_size: int = 32,
+        show_progress_bar: bool = False,
+        convert_to_numpy: bool = True,
+        convert_to_tensor: bool = False,
+        normalize_embeddings: bool = True,
+        prompt_name: str | None = None,
+    ) -> Any:
+        """EmbeddingClient.encode, awaitable."""
+        texts, single = _check_arguments(sentences, batch_size, prompt_name)
+        if texts and prompt_name != contract.QUERY_PROMPT and not self._limit_read:
+            self._max_documents = _max_documents(await self._call("reading the model config", self._read_config))
+            self._limit_read = True
+        requests = _plan_requests(texts, prompt_name, self._chunk_size(batch_size))
+        with tqdm(total=len(texts), unit="text", disable=not show_progress_bar) as progress:
+            chunks = await self._run(requests, progress)
+        return _assemble(chunks, single, convert_to_numpy, convert_to_tensor, normalize_embeddings)
+
+    async def embed_query(self, text: str) -> list[float]:
+        """LangChain's query embedding: one vector, with the query instruction."""
+        return (await self.encode(text, prompt_name=contract.QUERY_PROMPT)).tolist()
+
+    async def embed_documents(self, texts: Sequence[str], *, batch_size: int = 32) -> list[list[float]]:
+        """LangChain's document embeddings: one vector per text, in order."""
+        return (await self.encode(_document_list(texts), batch_size, prompt_name=contract.DOCUMENT_PROMPT)).tolist()
+
+    # LangChain's names for the same coroutines.
+    aembed_query = embed_query
+    aembed_documents = embed_documents
+
+    async def close(self) -> None:
+        await self._client.close()
+
+    async def __aenter__(self) -> AsyncEmbeddingClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def _read_config(self) -> dict[str, Any]:
+        return await self._client.get_model_config(self.model, as_json=True, client_timeout=self.timeout_s)
+
+    async def _run(self, requests: list[_Request], progress: tqdm) -> list[np.ndarray]:
+        async def send(request: _Request) -> np.ndarray:
+            async with self._slots:
+                rows = await self._infer(request)
+            progress.update(len(request.texts))
+            return rows
+
+        tasks = [asyncio.ensure_future(send(request)) for request in requests]
+        try:
+            return list(await asyncio.gather(*tasks))
+        except BaseException:
+            for task in tasks:
+                task.cancel()  # the first failure ends the call; requests not yet sent are dropped
+            raise
+
+    async def _infer(self, request: _Request) -> np.ndarray:
+        output = [grpcclient.InferRequestedOutput(contract.EMBEDDINGS_OUTPUT)]
+        result = await self._call(
+            request.describe(),
+            lambda: self._client.infer(self.model, request.inputs(), outputs=output, client_timeout=self.timeout_s),
+        )
+        return _rows(result, request)
+
+    async def _call(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
+        failures = 0
+        while True:
+            try:
+                return await call()
+            except InferenceServerException as error:
+                failures += 1
+                self._retry_or_raise(error, what, failures)
+            await asyncio.sleep(_backoff_s(failures))
