@@ -52,7 +52,10 @@ class ReferenceNVEmbed:
         model_dir = Path(model_dir)
         config = json.loads((model_dir / "config.json").read_text())
         self.text = config["text_config"]
-        self.latent = {**LATENT_DEFAULTS, **{k: v for k, v in config.get("latent_attention_config", {}).items() if k in LATENT_DEFAULTS}}
+        self.latent = {
+            **LATENT_DEFAULTS,
+            **{k: v for k, v in config.get("latent_attention_config", {}).items() if k in LATENT_DEFAULTS},
+        }
         self.w = load_weights(model_dir)
         self.tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
 

@@ -11,7 +11,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
 
 import numpy as np
 import tritonclient.grpc as grpcclient
@@ -20,6 +20,9 @@ from tqdm.auto import tqdm
 from tritonclient.utils import InferenceServerException
 
 from nvembed_triton import contract
+
+if TYPE_CHECKING:
+    import torch
 
 # A request of batch_size long documents on a busy server can take minutes; a deadline only
 # guards against a hung server. None waits forever.
@@ -30,7 +33,9 @@ RETRY_BASE_DELAY_S = 0.1  # doubled after each failed attempt: 0.1, 0.2, 0.4 s f
 RETRYABLE_STATUSES = frozenset({"UNAVAILABLE"})
 
 T = TypeVar("T")
-Texts = str | Sequence[str] | np.ndarray
+Texts: TypeAlias = str | Sequence[str] | np.ndarray
+# As sentence-transformers: an array by default, a tensor (convert_to_tensor), or a list of tensors.
+EncodeOutput: TypeAlias = "np.ndarray | torch.Tensor | list[torch.Tensor]"
 
 
 class EmbeddingError(Exception):
@@ -81,7 +86,7 @@ def _check_arguments(sentences: Texts, batch_size: int, prompt_name: str | None)
     texts = [sentences] if single else list(sentences)
     for position, text in enumerate(texts):
         if not isinstance(text, str):
-            raise TypeError(f"texts[{position}] is a {type(text).__name__}; every text must be a str")
+            raise TypeError(f"texts[{position}] is of type {type(text).__name__}; every text must be a str")
     return texts, single
 
 
@@ -121,7 +126,9 @@ def _rows(result: grpcclient.InferResult, request: _Request) -> np.ndarray:
     return embeddings
 
 
-def _assemble(chunks: list[np.ndarray], single: bool, convert_to_numpy: bool, convert_to_tensor: bool, normalize: bool) -> Any:
+def _assemble(
+    chunks: list[np.ndarray], single: bool, convert_to_numpy: bool, convert_to_tensor: bool, normalize: bool
+) -> EncodeOutput:
     """sentence-transformers' output: an array or tensor of shape [n, D] (D for a single str,
     (0,) for no texts), or a list of 1-D tensors when neither conversion is asked for."""
     embeddings = np.concatenate(chunks) if chunks else np.empty(0, dtype=np.float32)
@@ -174,6 +181,10 @@ class _ClientBase:
         self.timeout_s, self.max_retries, self.max_concurrency = timeout_s, max_retries, max_concurrency
         self._limit_read = False
         self._max_documents: int | None = None
+        self._connect()
+
+    def _connect(self) -> None:
+        raise NotImplementedError
 
     def _chunk_size(self, batch_size: int) -> int:
         return min(batch_size, self._max_documents or batch_size)
@@ -187,16 +198,16 @@ class _ClientBase:
         if status == "INVALID_ARGUMENT":
             raise InvalidInputError(f"{message} ({where})", status) from error
         if _is_retryable(error):
-            raise ServerUnavailableError(f"server unavailable after {failures} attempts: {message} ({where})", status) from error
+            tries = f"{failures} attempt" + "s" * (failures > 1)
+            raise ServerUnavailableError(f"server unavailable after {tries}: {message} ({where})", status) from error
         raise EmbeddingError(f"{status or 'error'}: {message} ({where})", status) from error
 
 
 class EmbeddingClient(_ClientBase):
     """Blocking client; thread-safe. At most `max_concurrency` requests are in flight, across all calls."""
 
-    def __init__(self, url: str = "localhost:8001", model: str = contract.PUBLIC_MODEL, **options: Any):
-        super().__init__(url, model, **options)
-        self._client = grpcclient.InferenceServerClient(url)
+    def _connect(self) -> None:
+        self._client = grpcclient.InferenceServerClient(self.url)
         self._pool = ThreadPoolExecutor(self.max_concurrency, thread_name_prefix="nvembed-client")
 
     def encode(
@@ -208,11 +219,12 @@ class EmbeddingClient(_ClientBase):
         convert_to_tensor: bool = False,
         normalize_embeddings: bool = True,
         prompt_name: str | None = None,
-    ) -> Any:
-        """Embed a str (-> one vector) or a list of str (-> [n, D]), in input order, as
-        sentence-transformers does. prompt_name "query" adds the server's query instruction; None and
-        "document" embed the texts as documents. The server's embeddings are already unit length, so
-        normalize_embeddings=False returns them as they are and True only renormalises rounding."""
+    ) -> EncodeOutput:
+        """Embed a str (-> one vector) or a list of str (-> [n, D]; [] -> shape (0,)), in input order,
+        as sentence-transformers does: a numpy array, one torch tensor with convert_to_tensor, a list
+        of tensors with convert_to_numpy=False. prompt_name "query" adds the server's query
+        instruction; None and "document" embed the texts as documents. The server's embeddings are
+        already unit length: normalize_embeddings=False returns them as they are, True renormalises."""
         texts, single = _check_arguments(sentences, batch_size, prompt_name)
         if texts and prompt_name != contract.QUERY_PROMPT and not self._limit_read:
             self._max_documents = _max_documents(self._call("reading the model config", self._read_config))
@@ -275,13 +287,21 @@ class EmbeddingClient(_ClientBase):
 
 
 class AsyncEmbeddingClient(_ClientBase):
-    """asyncio client with EmbeddingClient's methods as coroutines. Use it from one event loop; at
-    most `max_concurrency` requests are in flight, across all calls."""
+    """asyncio client with EmbeddingClient's methods as coroutines. At most `max_concurrency`
+    requests are in flight, across all calls from one event loop."""
 
-    def __init__(self, url: str = "localhost:8001", model: str = contract.PUBLIC_MODEL, **options: Any):
-        super().__init__(url, model, **options)
-        self._client = aio_grpcclient.InferenceServerClient(url)
-        self._slots = asyncio.Semaphore(self.max_concurrency)
+    def _connect(self) -> None:
+        # A grpc.aio channel only works in the event loop that opened it, so it is opened on first
+        # use, and again under a new loop (each asyncio.run has its own); the client can be made anywhere.
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._client: aio_grpcclient.InferenceServerClient | None = None
+
+    def _grpc(self) -> aio_grpcclient.InferenceServerClient:
+        loop = asyncio.get_running_loop()
+        if self._client is None or self._loop is not loop:
+            self._loop, self._client = loop, aio_grpcclient.InferenceServerClient(self.url)
+            self._slots = asyncio.Semaphore(self.max_concurrency)
+        return self._client
 
     async def encode(
         self,
@@ -292,7 +312,7 @@ class AsyncEmbeddingClient(_ClientBase):
         convert_to_tensor: bool = False,
         normalize_embeddings: bool = True,
         prompt_name: str | None = None,
-    ) -> Any:
+    ) -> EncodeOutput:
         """EmbeddingClient.encode, awaitable."""
         texts, single = _check_arguments(sentences, batch_size, prompt_name)
         if texts and prompt_name != contract.QUERY_PROMPT and not self._limit_read:
@@ -316,7 +336,9 @@ class AsyncEmbeddingClient(_ClientBase):
     aembed_documents = embed_documents
 
     async def close(self) -> None:
-        await self._client.close()
+        if self._client is not None:
+            await self._client.close()
+            self._client = None
 
     async def __aenter__(self) -> AsyncEmbeddingClient:
         return self
@@ -325,7 +347,7 @@ class AsyncEmbeddingClient(_ClientBase):
         await self.close()
 
     async def _read_config(self) -> dict[str, Any]:
-        return await self._client.get_model_config(self.model, as_json=True, client_timeout=self.timeout_s)
+        return await self._grpc().get_model_config(self.model, as_json=True, client_timeout=self.timeout_s)
 
     async def _run(self, requests: list[_Request], progress: tqdm) -> list[np.ndarray]:
         async def send(request: _Request) -> np.ndarray:
@@ -334,6 +356,7 @@ class AsyncEmbeddingClient(_ClientBase):
             progress.update(len(request.texts))
             return rows
 
+        self._grpc()  # opens the channel and its slots in this loop before the requests wait on them
         tasks = [asyncio.ensure_future(send(request)) for request in requests]
         try:
             return list(await asyncio.gather(*tasks))
@@ -346,7 +369,7 @@ class AsyncEmbeddingClient(_ClientBase):
         output = [grpcclient.InferRequestedOutput(contract.EMBEDDINGS_OUTPUT)]
         result = await self._call(
             request.describe(),
-            lambda: self._client.infer(self.model, request.inputs(), outputs=output, client_timeout=self.timeout_s),
+            lambda: self._grpc().infer(self.model, request.inputs(), outputs=output, client_timeout=self.timeout_s),
         )
         return _rows(result, request)
 

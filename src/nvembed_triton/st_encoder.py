@@ -27,8 +27,10 @@ class SentenceTransformerEncoder:
         self.batch_size = max(1, max_batch_tokens // self.max_length)
 
     def default_instruction(self, prompt_name: str) -> str:
+        # sentence-transformers fills in empty "query"/"document" prompts, so the first non-empty
+        # one wins: e5-style configs store their document prompt as "passage".
         for alias in _PROMPT_ALIASES[prompt_name]:
-            if alias in self.model.prompts:
+            if self.model.prompts.get(alias):
                 return self.model.prompts[alias]
         return ""
 

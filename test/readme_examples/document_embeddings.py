@@ -20,11 +20,7 @@ input_documents.set_data_from_numpy(documents_data)
 output_embeddings = grpcclient.InferRequestedOutput("embeddings")
 
 # Run inference
-results = triton_client.infer(
-    model_name="nv-embed-v2",
-    inputs=[input_documents],
-    outputs=[output_embeddings]
-)
+results = triton_client.infer(model_name="nv-embed-v2", inputs=[input_documents], outputs=[output_embeddings])
 
 # Get embeddings
 embeddings = results.as_numpy("embeddings")
@@ -34,4 +30,4 @@ print(f"Number of embeddings: {embeddings.shape[0]}")
 # Verify normalized embeddings
 for i in range(embeddings.shape[0]):
     norm = np.linalg.norm(embeddings[i])
-    print(f"Document {i+1} norm: {norm:.6f}")  # Should be ~1.0
+    print(f"Document {i + 1} norm: {norm:.6f}")  # Should be ~1.0

@@ -16,11 +16,7 @@ input_query.set_data_from_numpy(query_data)
 output_embeddings = grpcclient.InferRequestedOutput("embeddings")
 
 # Run inference
-results = triton_client.infer(
-    model_name="nv-embed-v2",
-    inputs=[input_query],
-    outputs=[output_embeddings]
-)
+results = triton_client.infer(model_name="nv-embed-v2", inputs=[input_query], outputs=[output_embeddings])
 
 # Get embeddings
 embeddings = results.as_numpy("embeddings")

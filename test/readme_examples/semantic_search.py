@@ -18,11 +18,7 @@ query_data = np.array([query], dtype=object)
 input_query.set_data_from_numpy(query_data)
 
 output = grpcclient.InferRequestedOutput("embeddings")
-query_result = triton_client.infer(
-    model_name="nv-embed-v2",
-    inputs=[input_query],
-    outputs=[output]
-)
+query_result = triton_client.infer(model_name="nv-embed-v2", inputs=[input_query], outputs=[output])
 query_embedding = query_result.as_numpy("embeddings")
 
 # Get document embeddings
@@ -30,11 +26,7 @@ input_docs = grpcclient.InferInput("documents", [1, len(documents)], "BYTES")
 docs_data = np.array([documents], dtype=object)
 input_docs.set_data_from_numpy(docs_data)
 
-doc_result = triton_client.infer(
-    model_name="nv-embed-v2",
-    inputs=[input_docs],
-    outputs=[output]
-)
+doc_result = triton_client.infer(model_name="nv-embed-v2", inputs=[input_docs], outputs=[output])
 doc_embeddings = doc_result.as_numpy("embeddings")
 
 # Calculate similarity scores (cosine similarity via dot product)
