@@ -178,6 +178,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-dir", help="NV-Embed-v2 snapshot (default: a generated tiny random one)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--hidden", type=int, default=64, help="hidden size of the generated checkpoint")
+    parser.add_argument("--layers", type=int, default=2, help="decoder layers of the generated checkpoint")
     parser.add_argument("--requests", type=int, default=192, help="requests per workload and setting")
     parser.add_argument("--latency-repeats", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=3, help="sweeps per setting; the table shows medians")
@@ -190,7 +192,7 @@ def main() -> int:
     else:
         from nvembed_triton.tiny_checkpoint import write_tiny_checkpoint
 
-        model_dir = write_tiny_checkpoint(scratch / "tiny")
+        model_dir = write_tiny_checkpoint(scratch / "tiny", hidden=args.hidden, layers=args.layers)
     settings = ServerSettings(
         model_repository=Path(__file__).resolve().parents[1] / "model_repository",
         models=(PUBLIC_MODEL, ENCODER),
@@ -221,7 +223,12 @@ def main() -> int:
             for mode in ("on", "off"):
                 results["sweep"][kind][mode] = [median_row(runs[kind][mode][c]) for c in CONCURRENCY]
         results["server_log_tail"] = server.log_tail(5)
-    results["setup"] = {"model_dir": str(model_dir), "device": args.device, "requests": args.requests, "repeats": args.repeats}
+    results["setup"] = {
+        "model_dir": args.model_dir or f"generated: hidden {args.hidden}, {args.layers} layers",
+        "device": args.device,
+        "requests": args.requests,
+        "repeats": args.repeats,
+    }
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(results, indent=2))
     print(table(results))

@@ -14,6 +14,7 @@ from tritonclient.utils import InferenceServerException
 from nvembed_triton.client import (
     AsyncEmbeddingClient,
     EmbeddingClient,
+    EmbeddingError,
     InvalidInputError,
     ServerUnavailableError,
     _is_retryable,
@@ -39,6 +40,21 @@ def test_list_gives_rows_in_input_order_across_chunks(client, raw):
     embeddings = client.encode(TEXTS, batch_size=5)  # 3 requests, sent concurrently
     assert isinstance(embeddings, np.ndarray) and embeddings.shape == (len(TEXTS), 64)
     assert np.all(cosine(embeddings, embed_documents(raw, PUBLIC_MODEL, TEXTS)) >= 0.99999)
+
+
+def test_requests_stay_within_the_servers_max_documents(client, raw):
+    """batch_size above the server's limit (1024): the client splits by the limit."""
+    texts = [f"text {i}: " + "word " * (i % 7) for i in range(1100)]
+    embeddings = client.encode(texts, batch_size=5000)
+    assert embeddings.shape == (1100, 64)
+    alone = np.stack([embed_documents(raw, PUBLIC_MODEL, [t])[0] for t in texts[::13]])
+    assert np.all(cosine(embeddings[::13], alone) >= 0.99999)
+
+
+def test_unknown_model_is_an_embedding_error_with_its_status(nvembed_server):
+    with EmbeddingClient(nvembed_server.url, model="no-such-model") as client, pytest.raises(EmbeddingError) as raised:
+        client.encode(["x"], prompt_name="query")
+    assert raised.value.status == "NOT_FOUND" and "no-such-model" in str(raised.value)
 
 
 def test_str_gives_one_vector(client, raw):
@@ -116,6 +132,7 @@ def test_async_client_matches_the_blocking_one(nvembed_server, client):
 
     documents, query = asyncio.run(run())
     assert np.all(cosine(documents, client.encode(TEXTS)) >= 0.99999)
+    assert np.all(cosine(asyncio.run(run())[0], documents) >= 0.99999)  # a second event loop works too
     assert cosine(np.array(query), np.array(client.embed_query("what is flour?"))) >= 0.99999
 
 

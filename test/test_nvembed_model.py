@@ -43,18 +43,32 @@ def test_bf16_stays_close_to_fp32(tiny_checkpoint, reference):
     assert np.all(cosine(ours, expected) >= 0.99)
 
 
-def test_attention_is_bidirectional(encoder):
-    """The first token's state must depend on the last token: transformers keeps Mistral causal
-    unless our 4-D mask and per-module flags take effect, and those internals move between releases."""
+@pytest.mark.parametrize("mask", [None, torch.ones(1, 1, 1, 5, dtype=torch.bool)], ids=["no mask", "4-D mask"])
+def test_attention_is_bidirectional(encoder, mask):
+    """The first token's state must depend on the last token, on both paths embed() uses:
+    transformers keeps Mistral causal unless our flags and masks take effect, and those internals
+    move between releases."""
     backbone = encoder.model.backbone
     ids = torch.tensor([[1, 1318, 2245, 5374, 2]])
     changed = ids.clone()
     changed[0, 3] = 1602
-    mask = torch.ones(1, 1, 1, 5, dtype=torch.bool)
     with torch.inference_mode():
-        first = backbone(input_ids=ids, attention_mask=mask).last_hidden_state[0, 0]
-        second = backbone(input_ids=changed, attention_mask=mask).last_hidden_state[0, 0]
+        first = backbone(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state[0, 0]
+        second = backbone(input_ids=changed, attention_mask=mask, use_cache=False).last_hidden_state[0, 0]
     assert (first - second).abs().max() > 1e-3
+
+
+def test_unpadded_and_padded_passes_agree(encoder):
+    """A pass without padding takes the mask-free path; it must equal the masked one."""
+    texts = encoder.tokenizer.encode(["same length one", "same length two"], ["", ""])
+    assert len(texts[0].ids) == len(texts[1].ids)
+    unpadded = encoder.embed_tokenized(texts)
+    padded = encoder.embed_tokenized(texts + encoder.tokenizer.encode(["a longer text " * 5], [""]))[:2]
+    assert np.abs(unpadded - padded).max() < 1e-5
+
+
+def test_no_kv_cache_is_built(encoder):
+    assert encoder.model.backbone.config.use_cache is False
 
 
 def test_padding_does_not_leak_into_the_embedding(encoder):

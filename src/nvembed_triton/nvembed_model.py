@@ -106,9 +106,13 @@ class NVEmbedModel(nn.Module):
     @torch.inference_mode()
     def embed(self, input_ids: torch.Tensor, valid: torch.Tensor, pool_from: torch.Tensor) -> torch.Tensor:
         """input_ids, valid (bool): (B, L), right padded; pool_from: (B,). -> (B, D) unit FP32 vectors."""
-        # A (B, 1, 1, L) boolean mask: every token sees every real token of its own row, none of the
-        # padding; it broadcasts over query positions, so it costs B x L, not B x L x L.
-        hidden = self.backbone(input_ids=input_ids, attention_mask=valid[:, None, None, :]).last_hidden_state
+        # With padding: a (B, 1, 1, L) boolean mask, so every token sees every real token of its own
+        # row and none of the padding (it broadcasts over query positions: B x L, not B x L x L).
+        # Without padding (the planner makes most passes so, and every single long document): no
+        # mask, which lets SDPA use its flash / memory-efficient kernels and native grouped-query
+        # attention. make_bidirectional keeps both paths non-causal. No KV cache: nothing decodes.
+        mask = None if bool(valid.all()) else valid[:, None, None, :]
+        hidden = self.backbone(input_ids=input_ids, attention_mask=mask, use_cache=False).last_hidden_state
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)
         pooled = valid & (positions[None, :] >= pool_from[:, None])
         # The head works token by token, so only the tokens that enter the mean go through it.
@@ -125,6 +129,7 @@ def make_bidirectional(backbone: MistralModel) -> None:
     attention module and from the mask it is given; test_nvembed_model guards this against a
     from-scratch implementation, because these internals move between releases."""
     backbone.config.sliding_window = None
+    backbone.config.use_cache = False
     for layer in backbone.layers:
         layer.self_attn.is_causal = False
 

@@ -22,9 +22,10 @@ from .checkpoint import WEIGHTS_INDEX
 from .nvembed_model import BACKBONE_PREFIX, HEAD_PREFIX
 
 HIDDEN = 64
+LAYERS = 2
 TEXT_CONFIG = {
     "model_type": "bidir_mistral", "architectures": ["MistralModel"], "_name_or_path": "nvidia/NV-Embed-v2",
-    "vocab_size": 32000, "hidden_size": HIDDEN, "intermediate_size": 128, "num_hidden_layers": 2,
+    "vocab_size": 32000, "hidden_size": HIDDEN, "intermediate_size": 2 * HIDDEN, "num_hidden_layers": LAYERS,
     "num_attention_heads": 4, "num_key_value_heads": 2, "hidden_act": "silu", "rms_norm_eps": 1e-05,
     "rope_theta": 10000.0, "max_position_embeddings": 32768, "sliding_window": 4096,
     "bos_token_id": 1, "eos_token_id": 2, "tie_word_embeddings": False, "attention_dropout": 0.0,
@@ -54,32 +55,40 @@ SPECIAL_TOKENS_MAP = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<un
 NUM_CROSS_HEADS_DEFAULT = 8
 
 
-def random_state_dict(seed: int) -> dict[str, torch.Tensor]:
+def sized_config(hidden: int, layers: int) -> dict:
+    """The config with another width and depth (for benchmarks where compute should dominate)."""
+    text = {**TEXT_CONFIG, "hidden_size": hidden, "intermediate_size": 2 * hidden, "num_hidden_layers": layers}
+    latent = {**LATENT_CONFIG, "hidden_dim": hidden, "latent_dim": hidden}
+    return {**CONFIG, "hidden_size": hidden, "text_config": text, "latent_attention_config": latent}
+
+
+def random_state_dict(config: dict, seed: int) -> dict[str, torch.Tensor]:
     from transformers import MistralModel
 
     from .nvembed_model import mistral_config
 
     torch.manual_seed(seed)
-    backbone = MistralModel(mistral_config(TEXT_CONFIG))
+    backbone = MistralModel(mistral_config(config["text_config"]))
     state = {BACKBONE_PREFIX + name: tensor for name, tensor in backbone.state_dict().items()}
-    inner = NUM_CROSS_HEADS_DEFAULT * LATENT_CONFIG["cross_dim_head"]
+    latent, hidden = config["latent_attention_config"], config["hidden_size"]
+    inner = NUM_CROSS_HEADS_DEFAULT * latent["cross_dim_head"]
     head_shapes = {
-        "latents": (LATENT_CONFIG["num_latents_value"], HIDDEN),
-        "cross_attend_blocks.0.fn.to_q.weight": (inner, HIDDEN),
-        "cross_attend_blocks.0.fn.to_kv.weight": (2 * inner, HIDDEN),
-        "cross_attend_blocks.0.fn.to_out.weight": (HIDDEN, inner),
-        "cross_attend_blocks.1.fn.net.0.weight": (HIDDEN * 8, HIDDEN),
-        "cross_attend_blocks.1.fn.net.0.bias": (HIDDEN * 8,),
-        "cross_attend_blocks.1.fn.net.2.weight": (HIDDEN, HIDDEN * 4),
-        "cross_attend_blocks.1.fn.net.2.bias": (HIDDEN,),
+        "latents": (latent["num_latents_value"], hidden),
+        "cross_attend_blocks.0.fn.to_q.weight": (inner, hidden),
+        "cross_attend_blocks.0.fn.to_kv.weight": (2 * inner, hidden),
+        "cross_attend_blocks.0.fn.to_out.weight": (hidden, inner),
+        "cross_attend_blocks.1.fn.net.0.weight": (hidden * 8, hidden),
+        "cross_attend_blocks.1.fn.net.0.bias": (hidden * 8,),
+        "cross_attend_blocks.1.fn.net.2.weight": (hidden, hidden * 4),
+        "cross_attend_blocks.1.fn.net.2.bias": (hidden,),
     }
     for name, shape in head_shapes.items():
         scale = 1.0 if name == "latents" else shape[-1] ** -0.5
         state[HEAD_PREFIX + name] = torch.randn(shape) * scale
     for norm in ("cross_attend_blocks.0.norm", "cross_attend_blocks.0.norm_context", "cross_attend_blocks.1.norm"):
         # Non-trivial affine parameters, so a loader that skips them is caught.
-        state[f"{HEAD_PREFIX}{norm}.weight"] = 1 + 0.1 * torch.randn(HIDDEN)
-        state[f"{HEAD_PREFIX}{norm}.bias"] = 0.1 * torch.randn(HIDDEN)
+        state[f"{HEAD_PREFIX}{norm}.weight"] = 1 + 0.1 * torch.randn(hidden)
+        state[f"{HEAD_PREFIX}{norm}.bias"] = 0.1 * torch.randn(hidden)
     return {name: tensor.to(torch.float16).contiguous() for name, tensor in state.items()}
 
 
@@ -116,11 +125,12 @@ def write_tokenizer(out: Path) -> None:
     tokenizer.save(str(out / "tokenizer.json"))
 
 
-def write_tiny_checkpoint(out: str | Path, seed: int = 0) -> Path:
+def write_tiny_checkpoint(out: str | Path, seed: int = 0, hidden: int = HIDDEN, layers: int = LAYERS) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(CONFIG, indent=2))
-    write_weights(random_state_dict(seed), out)
+    config = sized_config(hidden, layers)
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    write_weights(random_state_dict(config, seed), out)
     write_tokenizer(out)
     return out
 
@@ -129,8 +139,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("directory", help="where to write the checkpoint (created if missing)")
     parser.add_argument("--seed", type=int, default=0, help="random seed of the weights")
+    parser.add_argument("--hidden", type=int, default=HIDDEN, help="hidden size (a multiple of 4)")
+    parser.add_argument("--layers", type=int, default=LAYERS, help="decoder layers")
     args = parser.parse_args()
-    print(write_tiny_checkpoint(args.directory, args.seed))
+    print(write_tiny_checkpoint(args.directory, args.seed, args.hidden, args.layers))
 
 
 if __name__ == "__main__":
