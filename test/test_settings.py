@@ -6,7 +6,7 @@ from nvembed_triton.settings import EncoderSettings, SettingsError, check_served
 def test_defaults():
     settings = EncoderSettings.from_parameters({"model_dir": "/m"})
     assert settings.device == "cuda:0"  # as in the user's README
-    assert settings.dtype == "bfloat16"
+    assert settings.dtype == "float16"
     assert settings.max_length == 32768
 
 
@@ -14,7 +14,7 @@ def test_cpu_defaults_to_float32():
     assert EncoderSettings.from_parameters({"model_dir": "/m", "device": "cpu"}).dtype == "float32"
 
 
-@pytest.mark.parametrize("name,expected", [("bf16", "bfloat16"), ("fp16", "float16"), ("FP32", "float32"), ("auto", "bfloat16")])
+@pytest.mark.parametrize("name,expected", [("bf16", "bfloat16"), ("fp16", "float16"), ("FP32", "float32"), ("auto", "float16")])
 def test_dtype_names(name, expected):
     assert resolve_dtype(name, "cuda:0") == expected
 

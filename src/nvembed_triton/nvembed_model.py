@@ -106,19 +106,28 @@ class NVEmbedModel(nn.Module):
     @torch.inference_mode()
     def embed(self, input_ids: torch.Tensor, valid: torch.Tensor, pool_from: torch.Tensor) -> torch.Tensor:
         """input_ids, valid (bool): (B, L), right padded; pool_from: (B,). -> (B, D) unit FP32 vectors."""
+        return self.pool(self.token_states(input_ids, valid), valid, pool_from)
+
+    @torch.inference_mode()
+    def token_states(self, input_ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """The bidirectional backbone's last hidden states, (B, L, hidden)."""
         # With padding: a (B, 1, 1, L) boolean mask, so every token sees every real token of its own
         # row and none of the padding (it broadcasts over query positions: B x L, not B x L x L).
         # Without padding (the planner makes most passes so, and every single long document): no
         # mask, which lets SDPA use its flash / memory-efficient kernels and native grouped-query
         # attention. make_bidirectional keeps both paths non-causal. No KV cache: nothing decodes.
         mask = None if bool(valid.all()) else valid[:, None, None, :]
-        hidden = self.backbone(input_ids=input_ids, attention_mask=mask, use_cache=False).last_hidden_state
-        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        return self.backbone(input_ids=input_ids, attention_mask=mask, use_cache=False).last_hidden_state
+
+    @torch.inference_mode()
+    def pool(self, hidden: torch.Tensor, valid: torch.Tensor, pool_from: torch.Tensor) -> torch.Tensor:
+        """The latent-attention head on the pooled tokens, their mean and the L2 norm: (B, D) FP32."""
+        positions = torch.arange(hidden.shape[1], device=hidden.device)
         pooled = valid & (positions[None, :] >= pool_from[:, None])
         # The head works token by token, so only the tokens that enter the mean go through it.
         rows = pooled.nonzero()[:, 0]
         head_out = torch.cat([self.head(chunk) for chunk in hidden[pooled].split(HEAD_CHUNK_TOKENS)])
-        sums = torch.zeros(input_ids.shape[0], head_out.shape[-1], dtype=torch.float32, device=hidden.device)
+        sums = torch.zeros(hidden.shape[0], head_out.shape[-1], dtype=torch.float32, device=hidden.device)
         sums.index_add_(0, rows, head_out.float())
         means = sums / pooled.sum(dim=1, keepdim=True)
         return F.normalize(means, dim=-1)
