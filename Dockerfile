@@ -16,11 +16,15 @@ RUN pip install --no-cache-dir "torch==2.13.0" \
 COPY model_repository ./model_repository
 COPY serve.sh ./
 
+# A container must listen on all its interfaces for published ports to reach it; on a plain machine
+# serve.sh binds to 127.0.0.1 unless told otherwise.
 ENV NVEMBED_MODEL_REPOSITORY=/opt/nvembed-triton/model_repository \
     NVEMBED_MODEL_DIR=/models/NV-Embed-v2 \
+    TRITON_HOST=0.0.0.0 \
     HF_HUB_OFFLINE=1
 
 EXPOSE 8000 8001 8002
+# While serve.sh restarts a broken tritonserver its ports are closed, so this turns unhealthy.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=600s \
     CMD ["curl", "-fsS", "http://localhost:8000/v2/models/nv-embed-v2/ready"]
 ENTRYPOINT ["./serve.sh"]

@@ -201,6 +201,7 @@ def main() -> int:
         http_port=free_port(),
         metrics_port=free_port(),
         environment={"NVEMBED_MODEL_DIR": str(model_dir), "NVEMBED_DEVICE": args.device},
+        allow_model_control=True,  # the benchmark reloads the encoder with batching off; loopback only
     )
     workloads = {kind: workload(kind, args.requests) for kind in ("queries", "mixed")}
     counts = token_counts_of(model_dir, {t for w in workloads.values() for _, ts in w for t in ts})

@@ -38,6 +38,9 @@ class RunningServer:
     url: str
     log_path: Path
     process: subprocess.Popen
+    http_port: int
+    metrics_port: int
+    console_path: Path  # serve.sh's own output
 
     def client(self) -> grpcclient.InferenceServerClient:
         return grpcclient.InferenceServerClient(self.url)
@@ -52,12 +55,12 @@ class RunningServer:
 
 
 def start_server(tmp: Path, model: str, args: list[str], extra_env: dict[str, str]) -> RunningServer:
-    grpc_port = free_port()
+    grpc_port, http_port, metrics_port = free_port(), free_port(), free_port()
     env = {
         **os.environ,
         "TRITON_GRPC_PORT": str(grpc_port),
-        "TRITON_HTTP_PORT": str(free_port()),
-        "TRITON_METRICS_PORT": str(free_port()),
+        "TRITON_HTTP_PORT": str(http_port),
+        "TRITON_METRICS_PORT": str(metrics_port),
         "PYTHON": sys.executable,
         **extra_env,
     }
@@ -66,7 +69,9 @@ def start_server(tmp: Path, model: str, args: list[str], extra_env: dict[str, st
     process = subprocess.Popen(
         [str(SERVE_SH), "--run-dir", str(run_dir), *args], env=env, stdout=console, stderr=subprocess.STDOUT
     )
-    server = RunningServer(model, f"localhost:{grpc_port}", run_dir / "tritonserver.log", process)
+    server = RunningServer(
+        model, f"127.0.0.1:{grpc_port}", run_dir / "tritonserver.log", process, http_port, metrics_port, tmp / "serve.out"
+    )
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     while time.monotonic() < deadline:
         if process.poll() is not None:

@@ -1,9 +1,15 @@
 import json
+import os
 import shutil
+import struct
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from nvembed_triton.checkpoint import (
     NVEMBED,
@@ -11,9 +17,13 @@ from nvembed_triton.checkpoint import (
     CheckpointError,
     LatentAttentionSettings,
     check_model_dir,
+    check_weight_files,
     missing_nvembed_files,
 )
 from nvembed_triton.serve import demo_model_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARD = "model-00002-of-00002.safetensors"
 
 
 def test_published_config_falls_back_to_the_official_latent_attention_defaults():
@@ -62,3 +72,135 @@ def test_unknown_directory_is_refused(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "llama"}')
     with pytest.raises(CheckpointError, match="neither"):
         check_model_dir(tmp_path)
+
+
+def damaged_copy(tiny_checkpoint, tmp_path) -> tuple[Path, Path]:
+    """A private copy of the shared checkpoint and its second shard, to damage."""
+    copy = shutil.copytree(tiny_checkpoint, tmp_path / "copy")
+    return copy, copy / SHARD
+
+
+def rewrite_header(shard: Path, edit) -> None:
+    """Rewrite a shard's JSON header through `edit`, keeping its data section byte for byte."""
+    raw = shard.read_bytes()
+    (header_len,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + header_len])
+    edit(header)
+    encoded = json.dumps(header).encode()
+    shard.write_bytes(struct.pack("<Q", len(encoded)) + encoded + raw[8 + header_len :])
+
+
+def assert_refused(model_dir: Path, shard: Path, problem: str) -> None:
+    with pytest.raises(CheckpointError, match=problem) as error:
+        check_model_dir(model_dir)
+    assert str(shard) in str(error.value)
+    assert f"huggingface-cli download nvidia/NV-Embed-v2 {shard.name}" in str(error.value)
+
+
+def test_intact_shards_pass_the_header_check(tiny_checkpoint):
+    check_weight_files(tiny_checkpoint)  # raises on any damage
+    assert check_model_dir(tiny_checkpoint) == NVEMBED
+
+
+def test_truncated_shard_is_named(tiny_checkpoint, tmp_path):
+    copy, shard = damaged_copy(tiny_checkpoint, tmp_path)
+    size = shard.stat().st_size
+    os.truncate(shard, size - 1000)
+    assert_refused(copy, shard, f"is truncated: {size - 1000} bytes, the header needs {size}")
+
+
+def test_shard_cut_inside_its_header_is_named(tiny_checkpoint, tmp_path):
+    copy, shard = damaged_copy(tiny_checkpoint, tmp_path)
+    os.truncate(shard, 100)
+    assert_refused(copy, shard, "is truncated or corrupt: 100 bytes")
+    os.truncate(shard, 5)
+    assert_refused(copy, shard, "is truncated: 5 bytes")
+
+
+def test_padded_shard_is_named(tiny_checkpoint, tmp_path):
+    copy, shard = damaged_copy(tiny_checkpoint, tmp_path)
+    with open(shard, "ab") as f:
+        f.write(b"\0" * 16)
+    assert_refused(copy, shard, "has 16 extra bytes after the tensor data")
+
+
+@pytest.mark.parametrize(
+    "corrupt, problem",
+    [
+        (lambda raw: b"\xde\xad\xbe\xef" * 16 + raw[64:], "has a corrupt header: it claims"),
+        (lambda raw: raw[:8] + b"#" + raw[9:], "not valid JSON"),
+        (lambda raw: raw[:8] + b"\xff\xfe" + raw[10:], "not valid JSON"),
+        (lambda raw: struct.pack("<Q", len(raw) + 1) + raw[8:], "the header alone claims"),
+        (lambda raw: struct.pack("<Q", 2**63) + raw[8:], "claims 9223372036854775808 header bytes"),
+    ],
+    ids=["garbage", "bad-json", "bad-utf8", "length-past-end", "huge-length"],
+)
+def test_corrupt_header_is_named(tiny_checkpoint, tmp_path, corrupt, problem):
+    copy, shard = damaged_copy(tiny_checkpoint, tmp_path)
+    shard.write_bytes(corrupt(shard.read_bytes()))
+    assert_refused(copy, shard, problem)
+
+
+def test_header_inconsistent_with_its_tensors_is_named(tiny_checkpoint, tmp_path):
+    copy, shard = damaged_copy(tiny_checkpoint, tmp_path)
+    name = json.loads((copy / "model.safetensors.index.json").read_text())["weight_map"]
+    name = next(n for n, s in name.items() if s == SHARD and n.endswith("norm.weight"))
+
+    def double_shape(header):
+        header[name]["shape"] = [2 * header[name]["shape"][0]]
+
+    rewrite_header(shard, double_shape)
+    assert_refused(copy, shard, f"tensor '{name}' is F16 .* but its data_offsets")
+
+
+def test_overlapping_offsets_are_named(tiny_checkpoint, tmp_path):
+    copy, shard = damaged_copy(tiny_checkpoint, tmp_path)
+
+    def shift_last_tensor(header):
+        last = max((n for n in header if n != "__metadata__"), key=lambda n: header[n]["data_offsets"])
+        header[last]["data_offsets"] = [o - 2 for o in header[last]["data_offsets"]]
+
+    rewrite_header(shard, shift_last_tensor)
+    assert_refused(copy, shard, "starts at data byte")
+
+
+def test_tensor_missing_from_its_shard_is_named(tiny_checkpoint, tmp_path):
+    copy, shard = damaged_copy(tiny_checkpoint, tmp_path)
+    tensors = load_file(shard)
+    dropped = sorted(tensors)[0]
+    del tensors[dropped]
+    save_file(tensors, shard, metadata={"format": "pt"})
+    assert_refused(copy, shard, f"lacks 1 tensor\\(s\\) that model.safetensors.index.json puts in it: {dropped}")
+
+
+def test_single_file_snapshot_is_checked(tiny_checkpoint, tmp_path):
+    single = shutil.copytree(tiny_checkpoint, tmp_path / "single", ignore=shutil.ignore_patterns("*safetensors*"))
+    weights = {}
+    for shard in tiny_checkpoint.glob("model-*.safetensors"):
+        weights.update(load_file(shard))
+    save_file(weights, single / "model.safetensors", metadata={"format": "pt"})
+    assert check_model_dir(single) == NVEMBED
+    os.truncate(single / "model.safetensors", (single / "model.safetensors").stat().st_size - 1)
+    assert_refused(single, single / "model.safetensors", "is truncated")
+
+
+def test_damaged_index_is_named(tiny_checkpoint, tmp_path):
+    copy = shutil.copytree(tiny_checkpoint, tmp_path / "copy")
+    index = copy / "model.safetensors.index.json"
+    index.write_text(index.read_text()[:-40])
+    assert_refused(copy, index, "is not a valid safetensors index")
+
+
+def test_serve_check_refuses_a_truncated_shard_and_names_it(tiny_checkpoint, tmp_path):
+    copy, shard = damaged_copy(tiny_checkpoint, tmp_path)
+    os.truncate(shard, shard.stat().st_size // 2)
+    result = subprocess.run(
+        [str(ROOT / "serve.sh"), "--check", "--model-dir", str(copy)],
+        env={**os.environ, "PYTHON": sys.executable},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode != 0
+    assert f"{shard} is truncated" in result.stderr
+    assert "ok:" not in result.stdout

@@ -27,10 +27,16 @@ if TYPE_CHECKING:
 # A request of batch_size long documents on a busy server can take minutes; a deadline only
 # guards against a hung server. None waits forever.
 DEFAULT_TIMEOUT_S = 300.0
-RETRY_BASE_DELAY_S = 0.1  # doubled after each failed attempt: 0.1, 0.2, 0.4 s for 3 retries
-# gRPC reports refused, dropped and not-yet-ready connections as UNAVAILABLE. Embedding has no side
-# effects, so resending is safe; any other failure would fail again and is not retried.
+RETRY_BASE_DELAY_S = 0.1  # doubled after each failed attempt, up to RETRY_MAX_DELAY_S
+RETRY_MAX_DELAY_S = 2.0
+# 30 retries wait about 50 s: long enough for serve.sh to restart a broken tritonserver.
+DEFAULT_MAX_RETRIES = 30
+# gRPC reports refused, dropped and not-yet-ready connections as UNAVAILABLE, and the server answers
+# UNAVAILABLE while it restarts or drains. Embedding has no side effects, so resending is safe; any
+# other failure would fail again and is not retried, except a dead Python-backend stub (INTERNAL
+# "... is not healthy"), which serve.sh repairs within seconds.
 RETRYABLE_STATUSES = frozenset({"UNAVAILABLE"})
+DEAD_STUB_MESSAGE = "is not healthy"
 
 T = TypeVar("T")
 Texts: TypeAlias = str | Sequence[str] | np.ndarray
@@ -90,15 +96,24 @@ def _check_arguments(sentences: Texts, batch_size: int, prompt_name: str | None)
     return texts, single
 
 
-def _plan_requests(texts: list[str], prompt_name: str | None, chunk_size: int) -> list[_Request]:
-    """Queries one per request (the contract's `query` holds one text); documents in chunks."""
+def _plan_requests(texts: list[str], prompt_name: str | None, chunk_size: int, max_bytes: int | None) -> list[_Request]:
+    """Queries one per request (the contract's `query` holds one text); documents in chunks of at
+    most `chunk_size` texts and `max_bytes` bytes of text (the server's max_request_bytes)."""
     encoded = [_utf8(text, position) for position, text in enumerate(texts)]
+    for position, text in enumerate(encoded):
+        if max_bytes and len(text) > max_bytes:
+            raise InvalidInputError(f"texts[{position}] is {len(text)} bytes; the server takes at most {max_bytes} per request")
     if prompt_name == contract.QUERY_PROMPT:
         return [_Request(contract.QUERY_INPUT, position, [text]) for position, text in enumerate(encoded)]
-    return [
-        _Request(contract.DOCUMENTS_INPUT, start, encoded[start : start + chunk_size])
-        for start in range(0, len(encoded), chunk_size)
-    ]
+    requests, start, size = [], 0, 0
+    for position, text in enumerate(encoded):
+        if position > start and (position - start == chunk_size or (max_bytes and size + len(text) > max_bytes)):
+            requests.append(_Request(contract.DOCUMENTS_INPUT, start, encoded[start:position]))
+            start, size = position, 0
+        size += len(text)
+    if encoded:
+        requests.append(_Request(contract.DOCUMENTS_INPUT, start, encoded[start:]))
+    return requests
 
 
 def _utf8(text: str, position: int) -> bytes:
@@ -110,10 +125,10 @@ def _utf8(text: str, position: int) -> bytes:
         raise InvalidInputError(f"texts[{position}] cannot be encoded as UTF-8 ({error.reason} at {error.start})") from None
 
 
-def _max_documents(config: dict[str, Any]) -> int | None:
-    """The model's per-request document limit (its `max_documents` parameter), or None if unset."""
+def _limit(config: dict[str, Any], name: str) -> int | None:
+    """One of the model's per-request limits (a positive integer parameter), or None if unset."""
     parameters = config.get("config", config).get("parameters", {})
-    value = parameters.get("max_documents", {}).get("string_value", "")
+    value = parameters.get(name, {}).get("string_value", "")
     return int(value) if value.isdigit() and int(value) > 0 else None
 
 
@@ -156,11 +171,11 @@ def _status(error: InferenceServerException) -> str | None:
 
 
 def _is_retryable(error: InferenceServerException) -> bool:
-    return _status(error) in RETRYABLE_STATUSES
+    return _status(error) in RETRYABLE_STATUSES or (_status(error) == "INTERNAL" and DEAD_STUB_MESSAGE in str(error))
 
 
 def _backoff_s(failures: int) -> float:
-    return RETRY_BASE_DELAY_S * 2 ** (failures - 1)
+    return min(RETRY_BASE_DELAY_S * 2 ** (failures - 1), RETRY_MAX_DELAY_S)
 
 
 class _ClientBase:
@@ -172,19 +187,25 @@ class _ClientBase:
         model: str = contract.PUBLIC_MODEL,
         *,
         timeout_s: float | None = DEFAULT_TIMEOUT_S,
-        max_retries: int = 3,
+        max_retries: int = DEFAULT_MAX_RETRIES,
         max_concurrency: int = 8,
     ):
         if max_retries < 0 or max_concurrency < 1:
             raise ValueError(f"need max_retries >= 0 and max_concurrency >= 1, got {max_retries} and {max_concurrency}")
         self.url, self.model = url, model
         self.timeout_s, self.max_retries, self.max_concurrency = timeout_s, max_retries, max_concurrency
-        self._limit_read = False
+        self._limits_read = False
         self._max_documents: int | None = None
+        self._max_request_bytes: int | None = None
         self._connect()
 
     def _connect(self) -> None:
         raise NotImplementedError
+
+    def _read_limits(self, config: dict[str, Any]) -> None:
+        self._max_documents = _limit(config, "max_documents")
+        self._max_request_bytes = _limit(config, "max_request_bytes")
+        self._limits_read = True
 
     def _chunk_size(self, batch_size: int) -> int:
         return min(batch_size, self._max_documents or batch_size)
@@ -226,10 +247,9 @@ class EmbeddingClient(_ClientBase):
         instruction; None and "document" embed the texts as documents. The server's embeddings are
         already unit length: normalize_embeddings=False returns them as they are, True renormalises."""
         texts, single = _check_arguments(sentences, batch_size, prompt_name)
-        if texts and prompt_name != contract.QUERY_PROMPT and not self._limit_read:
-            self._max_documents = _max_documents(self._call("reading the model config", self._read_config))
-            self._limit_read = True
-        requests = _plan_requests(texts, prompt_name, self._chunk_size(batch_size))
+        if texts and not self._limits_read:
+            self._read_limits(self._call("reading the model config", self._read_config))
+        requests = _plan_requests(texts, prompt_name, self._chunk_size(batch_size), self._max_request_bytes)
         with tqdm(total=len(texts), unit="text", disable=not show_progress_bar) as progress:
             chunks = self._run(requests, progress)
         return _assemble(chunks, single, convert_to_numpy, convert_to_tensor, normalize_embeddings)
@@ -315,10 +335,9 @@ class AsyncEmbeddingClient(_ClientBase):
     ) -> EncodeOutput:
         """EmbeddingClient.encode, awaitable."""
         texts, single = _check_arguments(sentences, batch_size, prompt_name)
-        if texts and prompt_name != contract.QUERY_PROMPT and not self._limit_read:
-            self._max_documents = _max_documents(await self._call("reading the model config", self._read_config))
-            self._limit_read = True
-        requests = _plan_requests(texts, prompt_name, self._chunk_size(batch_size))
+        if texts and not self._limits_read:
+            self._read_limits(await self._call("reading the model config", self._read_config))
+        requests = _plan_requests(texts, prompt_name, self._chunk_size(batch_size), self._max_request_bytes)
         with tqdm(total=len(texts), unit="text", disable=not show_progress_bar) as progress:
             chunks = await self._run(requests, progress)
         return _assemble(chunks, single, convert_to_numpy, convert_to_tensor, normalize_embeddings)

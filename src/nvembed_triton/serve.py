@@ -13,17 +13,24 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .checkpoint import NVEMBED, CheckpointError, check_model_dir
-from .contract import PUBLIC_MODEL, encoder_model_name
+from .contract import EMBEDDINGS_OUTPUT, PUBLIC_MODEL, QUERY_INPUT, encoder_model_name
+from .lifecycle import CLOSED_FLAG_ENV
 from .server import ServerError, ServerSettings, TritonServer
 from .settings import SettingsError, check_served_name, resolve_device
+from .supervisor import Supervisor
 
 REPOSITORY = Path(__file__).resolve().parents[2] / "model_repository"
 DEMO_MODEL = "all-minilm-l6-v2"
+DEFAULT_HOST = "127.0.0.1"  # a plain machine serves itself; the container image sets 0.0.0.0
+DEFAULT_DRAIN_TIMEOUT_S = 25.0  # inside Kubernetes' default 30 s grace period
+PROBE_TIMEOUT_S = 60.0  # a probe queues behind real work; only a hung server takes this long
 EPILOG = """environment:
   NVEMBED_MODEL_DIR     model directory (overrides the encoder's model_dir parameter)
   NVEMBED_DEVICE        cpu | cuda | cuda:N (overrides the device parameter)
   NVEMBED_DTYPE, NVEMBED_MAX_LENGTH, NVEMBED_MAX_BATCH_TOKENS   override those parameters
   TRITON_GRPC_PORT / TRITON_HTTP_PORT / TRITON_METRICS_PORT     default 8001 / 8000 / 8002
+  TRITON_HOST           address the three ports bind to (default 127.0.0.1; 0.0.0.0 in the container image)
+  NVEMBED_DRAIN_TIMEOUT_S   how long a stop may spend serving accepted requests (default 25)
   NVEMBED_MODEL_REPOSITORY  the model repository (default: this checkout's model_repository)
 """
 
@@ -75,13 +82,15 @@ def plan(args: argparse.Namespace, environ=os.environ) -> ServePlan:
 
 
 def layout_repository(plan_: ServePlan, run_dir: Path) -> Path:
-    """The checkout's repository when it has folders for this name; otherwise a copy of the
-    nv-embed-v2 pair under the new name (configs carry no `name:`, so the folder names it)."""
+    """A repository holding exactly the served pair, since Triton (model control off) serves all
+    it finds: the source's folders for this name if it has them, else its nv-embed-v2 pair
+    renamed (configs carry no `name:`, so the folder names the model)."""
     names = (plan_.name, encoder_model_name(plan_.name))
-    if all((plan_.repository / n / "config.pbtxt").is_file() for n in names):
-        return plan_.repository
+    sources = names
+    if not all((plan_.repository / n / "config.pbtxt").is_file() for n in names):
+        sources = (PUBLIC_MODEL, encoder_model_name(PUBLIC_MODEL))
     repository = run_dir / "model_repository"
-    for source, target in zip((PUBLIC_MODEL, encoder_model_name(PUBLIC_MODEL)), names, strict=True):
+    for source, target in zip(sources, names, strict=True):
         shutil.copytree(
             plan_.repository / source, repository / target, ignore=shutil.ignore_patterns("__pycache__"), dirs_exist_ok=True
         )
@@ -89,7 +98,7 @@ def layout_repository(plan_: ServePlan, run_dir: Path) -> Path:
 
 
 def server_settings(plan_: ServePlan, run_dir: Path, environ=os.environ) -> ServerSettings:
-    overrides = {"NVEMBED_MODEL_DIR": str(plan_.model_dir)}
+    overrides = {"NVEMBED_MODEL_DIR": str(plan_.model_dir), CLOSED_FLAG_ENV: str(closed_flag(run_dir))}
     if plan_.device:
         overrides["NVEMBED_DEVICE"] = plan_.device
     return ServerSettings(
@@ -99,8 +108,27 @@ def server_settings(plan_: ServePlan, run_dir: Path, environ=os.environ) -> Serv
         grpc_port=int(environ.get("TRITON_GRPC_PORT", 8001)),
         http_port=int(environ.get("TRITON_HTTP_PORT", 8000)),
         metrics_port=int(environ.get("TRITON_METRICS_PORT", 8002)),
+        host=environ.get("TRITON_HOST") or DEFAULT_HOST,
         environment=overrides,
     )
+
+
+def closed_flag(run_dir: Path) -> Path:
+    return run_dir / "closed"
+
+
+def probe(settings: ServerSettings, model: str) -> None:
+    """One real query through the public model; raises unless a finite unit vector comes back."""
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+
+    with grpcclient.InferenceServerClient(settings.grpc_url) as client:
+        query = grpcclient.InferInput(QUERY_INPUT, [1], "BYTES")
+        query.set_data_from_numpy(np.array([b"health probe"], dtype=object))
+        result = client.infer(model, [query], client_timeout=PROBE_TIMEOUT_S)
+    norm = float(np.linalg.norm(result.as_numpy(EMBEDDINGS_OUTPUT)))
+    if not abs(norm - 1.0) < 1e-3:
+        raise ServerError(f"the probe's embedding has norm {norm}, not 1")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -115,6 +143,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cpu | cuda | cuda:N (default: $NVEMBED_DEVICE, then config.pbtxt)")
     p.add_argument("--demo", action="store_true", help=f"serve the small bundled all-MiniLM-L6-v2 as {DEMO_MODEL} on the CPU")
     p.add_argument("--model-repository", help="model repository to serve from (default: ./model_repository)")
+    p.add_argument("--host", help=f"address the ports bind to (default: $TRITON_HOST, then {DEFAULT_HOST})")
     p.add_argument("--run-dir", help="where the server log and assembled files go (default: a temporary directory)")
     p.add_argument("--check", action="store_true", help="check the model directory and exit")
     return p
@@ -131,21 +160,33 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ok: {plan_.model_dir} can be served as {plan_.name}")
         return 0
     run_dir = Path(args.run_dir or tempfile.mkdtemp(prefix="nvembed-triton-"))
-    server = TritonServer(server_settings(plan_, run_dir))
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # stop the server on SIGTERM as on Ctrl-C
-    print(f"serve.sh: starting tritonserver for {plan_.name} ({plan_.model_dir}); log: {server.log_path}", flush=True)
+    environ = {**os.environ, **({"TRITON_HOST": args.host} if args.host else {})}
+    settings = server_settings(plan_, run_dir, environ)
+    closed_flag(run_dir).unlink(missing_ok=True)
+    server = TritonServer(settings)
+    supervisor = Supervisor(server, lambda: probe(settings, plan_.name), closed_flag(run_dir), log)
+    for signum in (signal.SIGTERM, signal.SIGINT):  # both drain: serve what was accepted, then exit
+        signal.signal(signum, lambda *_: supervisor.stop.set())
+    log(f"starting tritonserver for {plan_.name} ({plan_.model_dir}); log: {server.log_path}")
     try:
         server.start()
-        server.wait_ready()
-        print(f"serve.sh: {plan_.name} ready on grpc {server.settings.grpc_url}", flush=True)
-        return server.wait()
+        server.wait_ready(abort=supervisor.stop)
+        ports = f"grpc {settings.grpc_port}, http {settings.http_port}, metrics {settings.metrics_port}"
+        log(f"{plan_.name} ready on {settings.host}: {ports}")
+        code = supervisor.run()
+        if code == 0:
+            log("stopping: draining accepted requests")
+        return code
     except ServerError as error:
         print(f"serve.sh: {error}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        return 0
     finally:
-        server.stop()
+        supervisor.drain(float(environ.get("NVEMBED_DRAIN_TIMEOUT_S", DEFAULT_DRAIN_TIMEOUT_S)))
+        log("stopped")
+
+
+def log(message: str) -> None:
+    print(f"serve.sh: {message}", flush=True)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import sysconfig
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,24 +79,76 @@ def find_installation(run_dir: Path) -> TritonInstallation:
 
 @dataclass(frozen=True)
 class ServerSettings:
-    model_repository: Path
+    model_repository: Path  # with model control off, Triton serves every model in it
     models: tuple[str, ...]
     run_dir: Path
     grpc_port: int = 8001
     http_port: int = 8000
     metrics_port: int = 8002
+    host: str = "127.0.0.1"  # the address all three endpoints bind to
     environment: dict[str, str] = field(default_factory=dict)  # e.g. NVEMBED_* overrides for the models
     log_verbose: int = 0
+    # Off: Triton refuses every repository load/unload request, so no client can unload a model or
+    # load one whose uploaded model.py would run on the server. Benchmarks that reconfigure a model
+    # turn it on, on loopback only; the launcher never does.
+    allow_model_control: bool = False
+
+    @property
+    def local_host(self) -> str:
+        """Where this machine reaches the server: loopback when it listens on every interface."""
+        return "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
 
     @property
     def grpc_url(self) -> str:
-        return f"localhost:{self.grpc_port}"
+        return f"{self.local_host}:{self.grpc_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self.local_host}:{self.metrics_port}/metrics"
 
 
-def _die_with_parent() -> None:
-    """Runs in the child: the server gets SIGTERM if the launching process dies (Linux)."""
+def _own_group_dying_with_parent() -> None:
+    """Runs in the child: its own process group (so the server and its stubs can be ended together),
+    and SIGTERM if the launching process dies (Linux)."""
+    os.setpgrp()
     libc = ctypes.CDLL("libc.so.6", use_errno=True)
     libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+@dataclass(frozen=True)
+class Stub:
+    """One Python-backend stub process: one model instance."""
+
+    pid: int
+    instance: str  # e.g. "nv-embed-v2_0_3"
+    shm_region: str  # its shared-memory region, a file under /dev/shm
+
+
+def _children(pid: int) -> list[int]:
+    children = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    children.append(int(entry.name))
+            except (OSError, IndexError, ValueError):
+                pass
+    return children
+
+
+def stubs_of(pid: int) -> list[Stub]:
+    """The live stubs of tritonserver `pid` (a dead one, until reaped, has no command line).
+    A stub's command line: stub model.py shm-region shm-size shm-growth parent-pid backend-dir
+    ipc-size instance-name kind."""
+    stubs = []
+    for child in _children(pid):
+        try:
+            args = Path(f"/proc/{child}/cmdline").read_bytes().decode(errors="replace").split("\0")[:-1]
+        except OSError:
+            continue
+        if args and args[0].endswith("triton_python_backend_stub") and len(args) >= 10:
+            stubs.append(Stub(child, args[8], args[2]))
+    return stubs
 
 
 class TritonServer:
@@ -112,10 +165,16 @@ class TritonServer:
             str(installation.binary),
             f"--model-repository={s.model_repository}",
             f"--backend-directory={installation.backend_directory}",
-            "--model-control-mode=explicit",
-            *[f"--load-model={name}" for name in s.models],
+            *(
+                ["--model-control-mode=explicit", *[f"--load-model={name}" for name in s.models]]
+                if s.allow_model_control
+                else ["--model-control-mode=none"]
+            ),
+            f"--grpc-address={s.host}",
             f"--grpc-port={s.grpc_port}",
+            f"--http-address={s.host}",
             f"--http-port={s.http_port}",
+            f"--metrics-address={s.host}",
             f"--metrics-port={s.metrics_port}",
             f"--log-verbose={s.log_verbose}",
             "--exit-on-error=true",
@@ -128,17 +187,18 @@ class TritonServer:
         with open(self.log_path, "wb") as log:
             self._process = subprocess.Popen(
                 self.command(installation), stdout=log, stderr=subprocess.STDOUT, env=environment,
-                preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+                preexec_fn=_own_group_dying_with_parent if sys.platform == "linux" else None,
             )  # fmt: skip
         return self
 
-    def wait_ready(self, timeout_s: float = 300.0) -> None:
-        """Until every model answers ready; a server that exits or times out raises with its log."""
+    def wait_ready(self, timeout_s: float = 300.0, abort: threading.Event | None = None) -> None:
+        """Until every model answers ready (or `abort` is set); a server that exits or times out
+        raises with its log."""
         import tritonclient.grpc as grpcclient
 
         deadline = time.monotonic() + timeout_s
         with grpcclient.InferenceServerClient(self.settings.grpc_url) as client:
-            while time.monotonic() < deadline:
+            while time.monotonic() < deadline and not (abort and abort.is_set()):
                 if self._process.poll() is not None:
                     raise ServerError(f"tritonserver exited with code {self._process.returncode}\n{self.log_tail()}")
                 try:
@@ -147,10 +207,34 @@ class TritonServer:
                 except Exception:  # not listening yet
                     pass
                 time.sleep(0.5)
+        if abort and abort.is_set():
+            return
         raise ServerError(f"tritonserver not ready after {timeout_s:.0f} s\n{self.log_tail()}")
 
     def is_running(self) -> bool:
         return self._process is not None and self._process.poll() is None
+
+    @property
+    def returncode(self) -> int | None:
+        return None if self._process is None else self._process.poll()
+
+    def stubs(self) -> list[Stub]:
+        return stubs_of(self._process.pid) if self.is_running() else []
+
+    def kill(self) -> None:
+        """Ends tritonserver and its stubs at once and removes their shared-memory regions. Only
+        for a server with nothing in flight (drained) or a broken one: Triton 2.51 unloads
+        Python-backend instances one after another, ~1.2 s each (19 s for the 16 front instances)."""
+        if self._process is None:
+            return
+        regions = [stub.shm_region for stub in self.stubs()]
+        try:
+            os.killpg(self._process.pid, signal.SIGKILL)  # the server and every stub
+        except ProcessLookupError:
+            pass
+        self._process.wait()
+        for region in regions:  # what Triton would have unlinked on a clean unload
+            Path("/dev/shm", region).unlink(missing_ok=True)
 
     def stop(self, grace_s: float = 45.0) -> int | None:
         """SIGINT lets Triton unload models cleanly (the 16 front instances take ~20 s on 2 cores);
@@ -162,8 +246,7 @@ class TritonServer:
             try:
                 self._process.wait(grace_s)
             except subprocess.TimeoutExpired:
-                self._process.kill()
-                self._process.wait()
+                self.kill()
         return self._process.returncode
 
     def wait(self) -> int:

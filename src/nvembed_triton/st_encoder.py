@@ -8,8 +8,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from sentence_transformers import SentenceTransformer
+from tokenizers import Tokenizer
 
 from .contract import DOCUMENT_PROMPT, QUERY_PROMPT
+from .tokenization import TextCutter
 
 # Names under which sentence-transformers configs store their prompts (config_sentence_transformers.json).
 _PROMPT_ALIASES = {QUERY_PROMPT: ("query",), DOCUMENT_PROMPT: ("document", "passage", "corpus")}
@@ -25,6 +27,15 @@ class SentenceTransformerEncoder:
         self.dimension = self.model.get_embedding_dimension()
         self.architecture = type(self.model[0].auto_model).__name__
         self.batch_size = max(1, max_batch_tokens // self.max_length)
+        # Texts are cut before the library tokenises them all (it truncates only afterwards); the
+        # check of a cut uses a copy of the model's fast tokenizer that never truncates or pads.
+        backend = getattr(self.model.tokenizer, "backend_tokenizer", None)
+        self.cutter = None
+        if backend is not None:
+            tokenizer = Tokenizer.from_str(backend.to_str())
+            tokenizer.no_truncation()
+            tokenizer.no_padding()
+            self.cutter = TextCutter(tokenizer, self.max_length)
 
     def default_instruction(self, prompt_name: str) -> str:
         # sentence-transformers fills in empty "query"/"document" prompts, so the first non-empty
@@ -38,6 +49,8 @@ class SentenceTransformerEncoder:
         """sentence-transformers truncates prompt and text together; any instruction is accepted."""
 
     def encode(self, texts: list[str], instructions: list[str]) -> np.ndarray:
+        if self.cutter is not None:
+            texts = self.cutter.cut(texts, instructions)
         embeddings = np.empty((len(texts), self.dimension), dtype=np.float32)
         for instruction in set(instructions):
             rows = [i for i, each in enumerate(instructions) if each == instruction]

@@ -3,7 +3,14 @@ import this, and they must start fast and stay small."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
+
 import numpy as np
+
+from .settings import positive_int
+
+BYTE_ORDER_MARK = "\ufeff"  # an encoding artefact, not text: the reference tokenizer would embed it
 
 
 class InvalidInputError(ValueError):
@@ -23,20 +30,44 @@ def decode_texts(array: np.ndarray, input_name: str) -> list[str]:
                 f"{input_name}[{position}] is not valid UTF-8 ({error.reason} at byte {error.start}); "
                 "texts must be UTF-8 encoded strings"
             ) from None
+        text = text.removeprefix(BYTE_ORDER_MARK)
         if not text:
             raise InvalidInputError(f"{input_name}[{position}] is an empty string; every text needs at least one character")
         texts.append(text)
     return texts
 
 
-def check_document_count(count: int, max_documents: int, input_name: str) -> None:
-    if count == 0:
-        raise InvalidInputError(f"{input_name} is empty; send between 1 and {max_documents} texts")
-    if count > max_documents:
-        raise InvalidInputError(
-            f"{input_name} holds {count} texts; at most {max_documents} are allowed per request "
-            "(parameter max_documents in config.pbtxt); split them over several requests"
+@dataclass(frozen=True)
+class RequestLimits:
+    """What one request may hold, on both models: config.pbtxt parameters, which clients read (the
+    Python client splits its input by them), so no environment override."""
+
+    max_documents: int = 1024
+    max_request_bytes: int = 16 * 2**20  # UTF-8 bytes of text; a 32k-token document is ~130 KB
+
+    @classmethod
+    def from_parameters(cls, parameters: Mapping[str, str]) -> RequestLimits:
+        return cls(
+            max_documents=positive_int(parameters, "max_documents", cls.max_documents),
+            max_request_bytes=positive_int(parameters, "max_request_bytes", cls.max_request_bytes),
         )
+
+    def check(self, array: np.ndarray, input_name: str) -> None:
+        """Before anything is decoded: the number of texts and their total size in bytes."""
+        count = array.size
+        if count == 0:
+            raise InvalidInputError(f"{input_name} is empty; send between 1 and {self.max_documents} texts")
+        if count > self.max_documents:
+            raise InvalidInputError(
+                f"{input_name} holds {count} texts; at most {self.max_documents} are allowed per request "
+                "(parameter max_documents); split them over several requests"
+            )
+        size = sum(len(value) for value in array.reshape(-1))
+        if size > self.max_request_bytes:
+            raise InvalidInputError(
+                f"{input_name} holds {size} bytes of text; at most {self.max_request_bytes} are allowed per request "
+                "(parameter max_request_bytes); split them over several requests"
+            )
 
 
 def decode_single(array: np.ndarray | None, input_name: str) -> str | None:

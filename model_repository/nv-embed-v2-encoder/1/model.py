@@ -17,8 +17,9 @@ import triton_python_backend_utils as pb_utils  # noqa: E402
 
 from nvembed_triton import contract  # noqa: E402
 from nvembed_triton.encoders import load_encoder  # noqa: E402
+from nvembed_triton.lifecycle import ExecutingGauge  # noqa: E402
 from nvembed_triton.settings import EncoderSettings, check_served_name, overridden, triton_parameters  # noqa: E402
-from nvembed_triton.validation import InvalidInputError, decode_single, decode_texts  # noqa: E402
+from nvembed_triton.validation import InvalidInputError, RequestLimits, decode_single, decode_texts  # noqa: E402
 
 
 class TritonPythonModel:
@@ -27,7 +28,9 @@ class TritonPythonModel:
         parameters = overridden(triton_parameters(json.loads(args["model_config"])))
         settings = EncoderSettings.from_parameters(parameters, args["model_instance_kind"], args["model_instance_device_id"])
         self.encoder = load_encoder(settings)
+        self.limits = RequestLimits.from_parameters(parameters)
         check_served_name(args["model_name"], self.encoder.architecture)
+        self.executing = ExecutingGauge(args["model_name"])
         pb_utils.Logger.log_info(
             f"{args['model_name']}: {self.encoder.architecture} from {settings.model_dir} on {settings.device} "
             f"({settings.dtype}), dimension {self.encoder.dimension}, max_length {self.encoder.max_length}, "
@@ -35,9 +38,19 @@ class TritonPythonModel:
         )
 
     def execute(self, requests):
+        self.executing.add(len(requests))
+        try:
+            return self._execute(requests)
+        finally:
+            self.executing.add(-len(requests))
+
+    def _execute(self, requests):
         responses = [None] * len(requests)
         jobs = []  # (request index, texts [B, N], one instruction per row)
         for index, request in enumerate(requests):
+            if request.is_cancelled():  # its client gave up while it was queued: skip the work
+                responses[index] = _error("the client cancelled the request", pb_utils.TritonError.CANCELLED)
+                continue
             try:
                 jobs.append((index, *self._read_request(request)))
             except InvalidInputError as error:
@@ -47,7 +60,11 @@ class TritonPythonModel:
         return responses
 
     def _read_request(self, request):
-        array = pb_utils.get_input_tensor_by_name(request, contract.TEXT_INPUT).as_numpy()
+        tensor = pb_utils.get_input_tensor_by_name(request, contract.TEXT_INPUT)
+        if tensor is None:
+            raise InvalidInputError(f"send the texts as `{contract.TEXT_INPUT}` (BYTES, shape [B, N])")
+        array = tensor.as_numpy()
+        self.limits.check(array, contract.TEXT_INPUT)
         rows = array.reshape(array.shape[0], -1)
         texts = [decode_texts(row, f"{contract.TEXT_INPUT}[{i}]") for i, row in enumerate(rows)]
         if not texts[0]:

@@ -8,29 +8,39 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from nvembed_triton import contract
-from nvembed_triton.settings import positive_int, triton_parameters
-from nvembed_triton.validation import InvalidInputError, check_document_count, decode_texts
+from nvembed_triton.lifecycle import CLOSED_MESSAGE, ExecutingGauge, is_closed
+from nvembed_triton.settings import triton_parameters
+from nvembed_triton.validation import InvalidInputError, RequestLimits, decode_texts
 
 
 class TritonPythonModel:
     def initialize(self, args):
         parameters = triton_parameters(json.loads(args["model_config"]))
-        self.max_documents = positive_int(parameters, "max_documents", 1024)
+        self.limits = RequestLimits.from_parameters(parameters)
         # Empty: the model's own instruction for that prompt (NV-Embed-v2: the retrieval instruction).
         self.instructions = {
             contract.QUERY_PROMPT: parameters.get("query_instruction", ""),
             contract.DOCUMENT_PROMPT: parameters.get("document_instruction", ""),
         }
         self.encoder_model = parameters.get("encoder_model") or contract.encoder_model_name(args["model_name"])
+        self.executing = ExecutingGauge(args["model_name"])
 
     def execute(self, requests):
-        return [self._respond(request) for request in requests]
+        self.executing.add(len(requests))
+        try:
+            return [self._respond(request) for request in requests]
+        finally:
+            self.executing.add(-len(requests))
 
     def _respond(self, request):
+        if is_closed():  # a drain has served what was queued; this request came later
+            return _error(CLOSED_MESSAGE, pb_utils.TritonError.UNAVAILABLE)
+        if request.is_cancelled():  # the client gave up while the request was queued
+            return _error("the client cancelled the request", pb_utils.TritonError.CANCELLED)
         try:
             texts, prompt_name = self._read_inputs(request)
         except InvalidInputError as error:
-            return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(error), pb_utils.TritonError.INVALID_ARG))
+            return _error(str(error), pb_utils.TritonError.INVALID_ARG)
         inputs = [
             pb_utils.Tensor(contract.TEXT_INPUT, texts.reshape(1, -1)),
             pb_utils.Tensor(contract.PROMPT_NAME_INPUT, np.array([[prompt_name.encode()]], dtype=object)),
@@ -42,7 +52,10 @@ class TritonPythonModel:
             model_name=self.encoder_model, inputs=inputs, requested_output_names=[contract.EMBEDDINGS_OUTPUT]
         ).exec()
         if response.has_error():
-            return pb_utils.InferenceResponse(error=response.error())  # keeps the encoder's message and code
+            error = response.error()
+            if "not healthy" in error.message():  # its stub died; the launcher is restarting the server
+                return _error(f"the encoder is restarting: {error.message()}", pb_utils.TritonError.UNAVAILABLE)
+            return pb_utils.InferenceResponse(error=error)  # keeps the encoder's message and code
         embeddings = pb_utils.get_output_tensor_by_name(response, contract.EMBEDDINGS_OUTPUT).as_numpy()[0]
         return pb_utils.InferenceResponse([pb_utils.Tensor(contract.EMBEDDINGS_OUTPUT, embeddings)])
 
@@ -61,9 +74,14 @@ class TritonPythonModel:
             texts = query.as_numpy()
             if texts.size != 1:
                 raise InvalidInputError(f"`query` must hold exactly one text (shape [1]), got shape {list(texts.shape)}")
+            self.limits.check(texts, contract.QUERY_INPUT)
             decode_texts(texts, contract.QUERY_INPUT)
             return texts, contract.QUERY_PROMPT
         texts = documents.as_numpy()
-        check_document_count(texts.size, self.max_documents, contract.DOCUMENTS_INPUT)
+        self.limits.check(texts, contract.DOCUMENTS_INPUT)
         decode_texts(texts, contract.DOCUMENTS_INPUT)
         return texts, contract.DOCUMENT_PROMPT
+
+
+def _error(message, code):
+    return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code))

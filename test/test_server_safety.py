@@ -1,0 +1,293 @@
+"""Attacks and faults through real servers: remote model control, oversized requests, killed stub
+processes under load, SIGTERM with requests in flight. Each gets a clear refusal or a recovery,
+and the server answers correctly afterwards."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import TEST_MAX_LENGTH, start_server, stop_server
+from grpc_helpers import bytes_input, cosine, embed_documents, embed_query, infer
+from tritonclient.utils import InferenceServerException
+
+from nvembed_triton import contract
+from nvembed_triton.client import EmbeddingClient
+from nvembed_triton.contract import PUBLIC_MODEL, encoder_model_name
+from nvembed_triton.server import stubs_of
+
+ENCODER = encoder_model_name(PUBLIC_MODEL)
+TEXTS = ["a first document about flour", "a second one about bread", "the third is about yeast"]
+RECOVERY_LIMIT_S = 60.0
+
+
+def http(server, method: str, path: str, body: dict | None = None) -> tuple[int, str]:
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{server.http_port}{path}", method=method, data=None if body is None else json.dumps(body).encode()
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+
+
+def tritonserver_pid(server) -> int:
+    """The tritonserver that serve.sh (server.process) runs now: its only tritonserver child."""
+    children = Path(f"/proc/{server.process.pid}/task/{server.process.pid}/children").read_text().split()
+    for pid in map(int, children):
+        if Path(f"/proc/{pid}/comm").read_text().strip() == "tritonserver":
+            return pid
+    raise AssertionError("serve.sh has no tritonserver child")
+
+
+def memory_mb(server) -> float:
+    """Anonymous memory of tritonserver and all its stubs, plus the shared memory they exchange
+    tensors through, counted once (tritonserver maps every stub's region)."""
+    pid = tritonserver_pid(server)
+
+    def kib(process: int, *keys: str) -> int:
+        fields = dict(line.split(":", 1) for line in Path(f"/proc/{process}/status").read_text().splitlines())
+        return sum(int(fields[key].split()[0]) for key in keys)
+
+    total = kib(pid, "RssAnon", "RssShmem") + sum(kib(stub.pid, "RssAnon") for stub in stubs_of(pid))
+    return total / 1024
+
+
+# --- no remote model control ---------------------------------------------------------------------
+
+EVIL_MODEL_PY = b"""
+import pathlib
+pathlib.Path("{marker}").write_text("uploaded code ran")
+class TritonPythonModel:
+    def execute(self, requests):
+        return []
+"""
+
+
+def test_clients_cannot_unload_or_load_models_over_http(nvembed_server, tmp_path):
+    marker = tmp_path / "marker"
+    status, body = http(nvembed_server, "POST", f"/v2/repository/models/{PUBLIC_MODEL}/unload")
+    assert status >= 400 and "not allowed" in body
+    upload = {
+        "parameters": {
+            "config": json.dumps({"backend": "python", "max_batch_size": 0}),
+            "file:1/model.py": base64.b64encode(EVIL_MODEL_PY.replace(b"{marker}", str(marker).encode())).decode(),
+        }
+    }
+    status, body = http(nvembed_server, "POST", "/v2/repository/models/evil/load", upload)
+    assert status >= 400 and "not allowed" in body
+    time.sleep(1)
+    assert not marker.exists()
+    with nvembed_server.client() as client:
+        assert client.is_model_ready(PUBLIC_MODEL) and not client.is_model_ready("evil")
+        assert embed_query(client, PUBLIC_MODEL, "still serving").shape[0] == 1
+
+
+def test_clients_cannot_unload_or_load_models_over_grpc(nvembed_server, tmp_path):
+    marker = tmp_path / "marker"
+    with nvembed_server.client() as client:
+        with pytest.raises(InferenceServerException, match="not allowed"):
+            client.unload_model(ENCODER)
+        with pytest.raises(InferenceServerException, match="not allowed"):
+            client.load_model(
+                "evil",
+                config=json.dumps({"backend": "python", "max_batch_size": 0}),
+                files={"file:1/model.py": EVIL_MODEL_PY.replace(b"{marker}", str(marker).encode())},
+            )
+        time.sleep(1)
+        assert not marker.exists()
+        assert client.is_model_ready(ENCODER)
+        assert embed_documents(client, PUBLIC_MODEL, TEXTS).shape[0] == len(TEXTS)
+
+
+def test_ports_bind_to_loopback_by_default(nvembed_server):
+    """/proc/net/tcp lists listening sockets as hex address:port; 0100007F is 127.0.0.1."""
+    ports = {nvembed_server.http_port, nvembed_server.metrics_port, int(nvembed_server.url.rsplit(":", 1)[1])}
+    listening = {}
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            address, port = local.rsplit(":", 1)
+            if state == "0A" and int(port, 16) in ports:  # 0A: LISTEN
+                listening[int(port, 16)] = address
+    assert set(listening) == ports
+    assert all(address.endswith("0100007F") for address in listening.values()), listening
+
+
+# --- bounded requests ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model", [PUBLIC_MODEL, ENCODER])
+def test_too_many_bytes_is_refused_naming_the_limit(nvembed_server, model):
+    big = ["x" * (6 * 2**20)] * 3  # 18 MiB > 16 MiB
+    name = contract.DOCUMENTS_INPUT if model == PUBLIC_MODEL else contract.TEXT_INPUT
+    with nvembed_server.client() as client, pytest.raises(InferenceServerException) as raised:
+        infer(client, model, [bytes_input(name, [big], [1, len(big)])])
+    assert "INVALID_ARGUMENT" in str(raised.value.status())
+    assert "max_request_bytes" in raised.value.message() and str(16 * 2**20) in raised.value.message()
+
+
+def test_the_encoder_enforces_max_documents_too(nvembed_server):
+    with nvembed_server.client() as client, pytest.raises(InferenceServerException) as raised:
+        infer(client, ENCODER, [bytes_input(contract.TEXT_INPUT, [["t"] * 1025], [1, 1025])])
+    assert "INVALID_ARGUMENT" in str(raised.value.status()) and "max_documents" in raised.value.message()
+
+
+def test_encoder_request_without_text_is_a_clear_error(nvembed_server):
+    with nvembed_server.client() as client, pytest.raises(InferenceServerException) as raised:
+        infer(client, ENCODER, [bytes_input(contract.PROMPT_NAME_INPUT, ["query"], [1, 1])])
+    assert "INVALID_ARGUMENT" in str(raised.value.status())
+    assert "Traceback" not in raised.value.message() and "text" in raised.value.message()
+
+
+def test_a_byte_order_mark_is_not_embedded(nvembed_server):
+    with nvembed_server.client() as client:
+        with_bom, plain = embed_documents(client, PUBLIC_MODEL, ["\ufeffhello", "hello"])
+    assert cosine(with_bom, plain) >= 0.99999
+
+
+def test_a_huge_document_is_cut_before_tokenising_and_others_are_not_stalled(nvembed_server):
+    huge = "word " * (2 * 2**20)  # 10 MiB, far over max_length tokens
+    with nvembed_server.client() as client:
+        started = time.monotonic()
+        cut = embed_documents(client, PUBLIC_MODEL, [huge])
+        elapsed = time.monotonic() - started
+        prefix = embed_documents(client, PUBLIC_MODEL, ["word " * (TEST_MAX_LENGTH * 4)])
+    assert elapsed < 10, f"a 10 MiB document took {elapsed:.1f} s"
+    assert cosine(cut, prefix) >= 0.99999  # both are truncated to the same max_length tokens
+
+
+def test_oversized_requests_leave_memory_and_speed_as_they_were(nvembed_server):
+    with nvembed_server.client() as client:
+        embed_query(client, PUBLIC_MODEL, "warm up")
+        before = memory_mb(nvembed_server)
+        started = time.monotonic()
+        embed_query(client, PUBLIC_MODEL, "a normal query")
+        normal_s = time.monotonic() - started
+        big = ["y" * (9 * 2**20)] * 2  # 18 MiB
+        for _ in range(5):
+            started = time.monotonic()
+            with pytest.raises(InferenceServerException, match="max_request_bytes"):
+                embed_documents(client, PUBLIC_MODEL, big)
+            reject_s = time.monotonic() - started
+        after = memory_mb(nvembed_server)
+        started = time.monotonic()
+        embed_query(client, PUBLIC_MODEL, "a normal query")
+        normal_after_s = time.monotonic() - started
+    query_ms = f"{normal_s * 1e3:.0f} -> {normal_after_s * 1e3:.0f} ms"
+    print(f"memory {before:.0f} -> {after:.0f} MB; reject {reject_s * 1e3:.0f} ms; query {query_ms}")
+    assert after - before < 300, f"memory grew from {before:.0f} to {after:.0f} MB"
+    assert reject_s < 5
+    assert normal_after_s < max(1.0, 5 * normal_s)
+
+
+# --- self-healing ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def fault_server(tmp_path_factory, tiny_checkpoint):
+    server = start_server(
+        tmp_path_factory.mktemp("fault-server"),
+        PUBLIC_MODEL,
+        ["--device", "cpu"],
+        {"NVEMBED_MODEL_DIR": str(tiny_checkpoint), "NVEMBED_MAX_LENGTH": str(TEST_MAX_LENGTH)},
+    )
+    yield server
+    stop_server(server)
+
+
+@pytest.mark.parametrize("instance", [f"{ENCODER}_0_0", f"{PUBLIC_MODEL}_0_3"], ids=["encoder stub", "public stub"])
+def test_a_killed_stub_is_repaired_under_load(fault_server, instance):
+    """Clients (the Python client, which retries UNAVAILABLE) keep sending; every call succeeds
+    with the same embeddings, readiness is false while the server restarts, and requests succeed
+    again well within a minute."""
+    with EmbeddingClient(fault_server.url) as client:
+        expected = client.encode(TEXTS)
+        stub = next(s for s in stubs_of(tritonserver_pid(fault_server)) if s.instance == instance)
+        results, failures, stop = [], [], threading.Event()
+
+        def load():
+            while not stop.is_set():
+                try:
+                    results.append((time.monotonic(), client.encode(TEXTS)))
+                except Exception as error:  # noqa: BLE001 - every failure is reported by the assert below
+                    failures.append(error)
+
+        with ThreadPoolExecutor(4) as pool:
+            for _ in range(4):
+                pool.submit(load)
+            time.sleep(1)
+            os.kill(stub.pid, signal.SIGKILL)
+            killed = time.monotonic()
+            saw_not_ready = False
+            while time.monotonic() - killed < RECOVERY_LIMIT_S:
+                try:
+                    with fault_server.client() as probe:
+                        ready = probe.is_server_ready() and probe.is_model_ready(PUBLIC_MODEL)
+                except InferenceServerException:
+                    ready = False
+                saw_not_ready |= not ready
+                if saw_not_ready and ready and any(t > time.monotonic() - 1 for t, _ in results):
+                    break
+                time.sleep(0.1)
+            recovered_s = time.monotonic() - killed
+            time.sleep(1)
+            stop.set()
+    print(f"{instance}: requests succeed again {recovered_s:.1f} s after the kill")
+    assert not failures, failures[:3]
+    assert saw_not_ready, "readiness never turned false"
+    assert recovered_s < RECOVERY_LIMIT_S
+    assert all(np.all(cosine(v, expected) >= 0.99999) for _, v in results)
+    deadline = time.monotonic() + 10  # serve.sh logs the restart once its own readiness poll sees it
+    while "restarted and ready" not in fault_server.console_path.read_text() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert "restarted and ready" in fault_server.console_path.read_text()
+
+
+# --- stops that drain ------------------------------------------------------------------------------
+
+
+def test_sigterm_serves_requests_in_flight_then_refuses_and_exits(tmp_path, tiny_checkpoint):
+    server = start_server(
+        tmp_path, PUBLIC_MODEL, ["--device", "cpu"], {"NVEMBED_MODEL_DIR": str(tiny_checkpoint), "NVEMBED_MAX_LENGTH": "256"}
+    )
+    documents = [f"document {i} " + "about bread and flour " * 40 for i in range(32)]
+    try:
+        with server.client() as client:
+            expected = embed_documents(client, PUBLIC_MODEL, documents)
+        pid = tritonserver_pid(server)
+
+        def one_request():
+            with server.client() as client:
+                return embed_documents(client, PUBLIC_MODEL, documents)
+
+        with ThreadPoolExecutor(24) as pool:
+            futures = [pool.submit(one_request) for _ in range(24)]
+            time.sleep(0.3)
+            assert not all(f.done() for f in futures), "the requests finished before SIGTERM; make them longer"
+            server.process.send_signal(signal.SIGTERM)
+            stopped = time.monotonic()
+            results = [f.result(timeout=60) for f in futures]
+        assert all(np.all(cosine(r, expected) >= 0.99999) for r in results)
+        with pytest.raises(InferenceServerException) as refused, server.client() as client:
+            embed_query(client, PUBLIC_MODEL, "too late")
+        assert "UNAVAILABLE" in str(refused.value.status())
+        server.process.wait(timeout=20)
+        gone_s = time.monotonic() - stopped
+        assert not Path(f"/proc/{pid}").exists(), "tritonserver outlived serve.sh"
+        print(f"drained 24 requests and exited {gone_s:.1f} s after SIGTERM")
+        assert gone_s < 20
+        assert server.process.returncode == 0
+    finally:
+        stop_server(server)
