@@ -85,6 +85,15 @@ def build_model(text_config: dict, latent: LatentAttentionSettings, device: torc
     return model
 
 
+def model_setup(parser: argparse.ArgumentParser, tiny: bool) -> tuple[torch.device, dict, LatentAttentionSettings]:
+    """The device and the config to build: the published architecture on a GPU, or --tiny's."""
+    if not (tiny or torch.cuda.is_available()):
+        parser.error("the full-size model needs a CUDA GPU; use --tiny to check the logic on the CPU")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    latent = LatentAttentionSettings.from_config(TINY_LATENT_CONFIG if tiny else None)  # None: published defaults
+    return device, TINY_TEXT_CONFIG if tiny else FULL_TEXT_CONFIG, latent
+
+
 def ours_forward(model: NVEmbedModel, input_ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     pool_from = torch.zeros(len(input_ids), dtype=torch.long, device=input_ids.device)  # documents: no instruction
     return model.embed(input_ids, valid, pool_from)
@@ -192,11 +201,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="default: bench/results/gpu.json (gpu-tiny.json with --tiny)")
     args = parser.parse_args()
-    if not (args.tiny or torch.cuda.is_available()):
-        parser.error("the full-size model needs a CUDA GPU; use --tiny to check the logic on the CPU")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    text_config = TINY_TEXT_CONFIG if args.tiny else FULL_TEXT_CONFIG
-    latent = LatentAttentionSettings.from_config(TINY_LATENT_CONFIG if args.tiny else None)  # None: published defaults
+    device, text_config, latent = model_setup(parser, args.tiny)
     vocab = text_config["vocab_size"]
     torch.manual_seed(args.seed)
     if args.measured_tflops is None:

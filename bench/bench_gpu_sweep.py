@@ -22,19 +22,16 @@ from pathlib import Path
 import torch
 from bench_gpu import (
     FIRST_ORDINARY_ID,
-    FULL_TEXT_CONFIG,
     build_model,
     log,
     measure_matmul_tflops,
+    model_setup,
     ours_forward,
     run,
     run_with_peak,
 )
 
 from nvembed_triton.batching import padded_tokens, plan_batches
-from nvembed_triton.checkpoint import LatentAttentionSettings
-from nvembed_triton.tiny_checkpoint import LATENT_CONFIG as TINY_LATENT_CONFIG
-from nvembed_triton.tiny_checkpoint import TEXT_CONFIG as TINY_TEXT_CONFIG
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -50,11 +47,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="default: bench/results/gpu-sweep.json")
     args = parser.parse_args()
-    if not (args.tiny or torch.cuda.is_available()):
-        parser.error("the full-size model needs a CUDA GPU; use --tiny to check the logic on the CPU")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    text_config = TINY_TEXT_CONFIG if args.tiny else FULL_TEXT_CONFIG
-    latent = LatentAttentionSettings.from_config(TINY_LATENT_CONFIG if args.tiny else None)
+    device, text_config, latent = model_setup(parser, args.tiny)
     torch.manual_seed(args.seed)
     matmul_tflops = measure_matmul_tflops(device) if device.type == "cuda" else None
     models = {name: build_model(text_config, latent, device, dtype) for name, dtype in DTYPES.items()}

@@ -33,14 +33,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from bench_gpu import FIRST_ORDINARY_ID, FULL_TEXT_CONFIG, GIB, build_model, pad
+from bench_gpu import FIRST_ORDINARY_ID, GIB, build_model, model_setup, pad
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from nvembed_triton.batching import plan_batches
-from nvembed_triton.checkpoint import LatentAttentionSettings
 from nvembed_triton.nvembed_model import NVEmbedModel
-from nvembed_triton.tiny_checkpoint import LATENT_CONFIG as TINY_LATENT_CONFIG
-from nvembed_triton.tiny_checkpoint import TEXT_CONFIG as TINY_TEXT_CONFIG
 
 TARGET = 0.999
 STARTED = time.perf_counter()
@@ -144,14 +141,10 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="default: bench/results/precision.json (precision-tiny.json with --tiny)")
     args = parser.parse_args()
-    if not (args.tiny or torch.cuda.is_available()):
-        parser.error("the full-size model needs a CUDA GPU; use --tiny to check the logic on the CPU")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device, text_config, latent = model_setup(parser, args.tiny)
     # A true fp32 reference: no TF32 in matmuls.
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
-    text_config = TINY_TEXT_CONFIG if args.tiny else FULL_TEXT_CONFIG
-    latent = LatentAttentionSettings.from_config(TINY_LATENT_CONFIG if args.tiny else None)
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
     lengths = [int(math.exp(rng.uniform(math.log(16), math.log(2048)))) for _ in range(args.docs)] + args.long

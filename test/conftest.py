@@ -101,14 +101,15 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny-nvembed"), seed=0)
 
 
+def start_tiny_server(tmp: Path, tiny_checkpoint: Path) -> RunningServer:
+    """serve.sh with the tiny NV-Embed-v2 checkpoint on the CPU, truncating at TEST_MAX_LENGTH."""
+    env = {"NVEMBED_MODEL_DIR": str(tiny_checkpoint), "NVEMBED_MAX_LENGTH": str(TEST_MAX_LENGTH)}
+    return start_server(tmp, PUBLIC_MODEL, ["--device", "cpu"], env)
+
+
 @pytest.fixture(scope="session")
 def nvembed_server(tmp_path_factory, tiny_checkpoint) -> RunningServer:
-    server = start_server(
-        tmp_path_factory.mktemp("nvembed-server"),
-        PUBLIC_MODEL,
-        ["--device", "cpu"],
-        {"NVEMBED_MODEL_DIR": str(tiny_checkpoint), "NVEMBED_MAX_LENGTH": str(TEST_MAX_LENGTH)},
-    )
+    server = start_tiny_server(tmp_path_factory.mktemp("nvembed-server"), tiny_checkpoint)
     yield server
     stop_server(server)
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import TEST_MAX_LENGTH, start_server, stop_server
+from conftest import TEST_MAX_LENGTH, start_tiny_server, stop_server
 from grpc_helpers import bytes_input, cosine, embed_documents, embed_query, infer
 from tritonclient.utils import InferenceServerException
 
@@ -197,12 +197,7 @@ def test_oversized_requests_leave_memory_and_speed_as_they_were(nvembed_server):
 
 @pytest.fixture(scope="module")
 def fault_server(tmp_path_factory, tiny_checkpoint):
-    server = start_server(
-        tmp_path_factory.mktemp("fault-server"),
-        PUBLIC_MODEL,
-        ["--device", "cpu"],
-        {"NVEMBED_MODEL_DIR": str(tiny_checkpoint), "NVEMBED_MAX_LENGTH": str(TEST_MAX_LENGTH)},
-    )
+    server = start_tiny_server(tmp_path_factory.mktemp("fault-server"), tiny_checkpoint)
     yield server
     stop_server(server)
 
@@ -259,9 +254,7 @@ def test_a_killed_stub_is_repaired_under_load(fault_server, instance):
 
 
 def test_sigterm_serves_requests_in_flight_then_refuses_and_exits(tmp_path, tiny_checkpoint):
-    server = start_server(
-        tmp_path, PUBLIC_MODEL, ["--device", "cpu"], {"NVEMBED_MODEL_DIR": str(tiny_checkpoint), "NVEMBED_MAX_LENGTH": "256"}
-    )
+    server = start_tiny_server(tmp_path, tiny_checkpoint)
     documents = [f"document {i} " + "about bread and flour " * 40 for i in range(32)]
     try:
         with server.client() as client:

@@ -28,6 +28,7 @@ class TritonPythonModel:
         parameters = overridden(triton_parameters(json.loads(args["model_config"])))
         settings = EncoderSettings.from_parameters(parameters, args["model_instance_kind"], args["model_instance_device_id"])
         self.encoder = load_encoder(settings)
+        self.dtype = settings.dtype
         self.limits = RequestLimits.from_parameters(parameters)
         check_served_name(args["model_name"], self.encoder.architecture)
         self.executing = ExecutingGauge(args["model_name"])
@@ -113,9 +114,13 @@ class TritonPythonModel:
         for index, rows, _ in jobs:
             count = len(rows) * len(rows[0])
             batch = embeddings[start : start + count].reshape(len(rows), len(rows[0]), -1)
-            responses[index] = pb_utils.InferenceResponse(
-                [pb_utils.Tensor(contract.EMBEDDINGS_OUTPUT, np.ascontiguousarray(batch))]
-            )
+            if np.isfinite(batch).all():
+                responses[index] = pb_utils.InferenceResponse(
+                    [pb_utils.Tensor(contract.EMBEDDINGS_OUTPUT, np.ascontiguousarray(batch))]
+                )
+            else:  # an activation overflowed the dtype: never hand out a NaN vector
+                message = f"the model overflowed in {self.dtype} on this input; serve it with dtype bf16 or fp32"
+                responses[index] = _error(message, pb_utils.TritonError.INTERNAL)
             start += count
 
 
