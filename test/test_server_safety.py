@@ -192,6 +192,44 @@ def test_oversized_requests_leave_memory_and_speed_as_they_were(nvembed_server):
     assert normal_after_s < max(1.0, 5 * normal_s)
 
 
+# --- work nobody waits for ----------------------------------------------------------------------
+
+LARGE_REQUEST = [f"doc {i} " + "bread flour yeast water salt " * 60 for i in range(1024)]  # ~6 s of work here
+
+
+def test_work_abandoned_by_its_clients_is_skipped(nvembed_server):
+    """20 large requests whose clients time out after 50 ms: without cancellation the next query
+    waits for all of them (minutes on this machine); with it, it is answered within seconds."""
+
+    def abandon(_):
+        with nvembed_server.client() as client, pytest.raises(InferenceServerException, match="DEADLINE_EXCEEDED"):
+            client.infer(PUBLIC_MODEL, [bytes_input(contract.DOCUMENTS_INPUT, [LARGE_REQUEST], [1, 1024])], client_timeout=0.05)
+
+    with ThreadPoolExecutor(20) as pool:
+        list(pool.map(abandon, range(20)))
+    with nvembed_server.client() as client:
+        started = time.monotonic()
+        embed_query(client, PUBLIC_MODEL, "a normal query")
+        waited = time.monotonic() - started
+    print(f"a query after 20 abandoned large requests: {waited:.2f} s")
+    assert waited < 5
+
+
+def test_a_request_timeout_stops_the_work(nvembed_server):
+    """tritonclient's per-request `timeout` (microseconds): the request fails as cancelled soon
+    after it, and its remaining work is skipped."""
+    with nvembed_server.client() as client:
+        started = time.monotonic()
+        with pytest.raises(InferenceServerException, match="timeout passed"):
+            client.infer(PUBLIC_MODEL, [bytes_input(contract.DOCUMENTS_INPUT, [LARGE_REQUEST], [1, 1024])], timeout=200_000)
+        failed_after = time.monotonic() - started
+        started = time.monotonic()
+        embed_query(client, PUBLIC_MODEL, "a normal query")
+        waited = time.monotonic() - started
+    print(f"timeout 200 ms: failed after {failed_after:.2f} s; next query {waited:.2f} s")
+    assert failed_after < 2 and waited < 3
+
+
 # --- self-healing ----------------------------------------------------------------------------------
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 import numpy as np
@@ -9,6 +10,9 @@ import torch
 
 from .checkpoint import NVEMBED, check_model_dir
 from .settings import EncoderSettings, SettingsError
+
+# Indices of texts about to be computed -> those still wanted (their clients have not gone).
+KeepFilter = Callable[[list[int]], list[int]]
 
 
 class TextEncoder(Protocol):
@@ -20,7 +24,10 @@ class TextEncoder(Protocol):
 
     def check_instruction(self, instruction: str) -> None: ...
 
-    def encode(self, texts: list[str], instructions: list[str]) -> np.ndarray: ...
+    def encode(self, texts: list[str], instructions: list[str], keep: KeepFilter | None = None) -> np.ndarray:
+        """(N, D) unit FP32 vectors. Before each forward pass, `keep` (if given) receives the
+        indices of the pass's texts and returns those still wanted; rows left out stay unset."""
+        ...
 
 
 def check_device_available(device: str) -> None:

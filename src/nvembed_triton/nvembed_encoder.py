@@ -10,6 +10,7 @@ import torch
 from .batching import plan_batches
 from .checkpoint import TOKENIZER_FILE, check_model_dir
 from .contract import DOCUMENT_PROMPT, QUERY_PROMPT, RETRIEVAL_TASK, nvembed_query_instruction
+from .encoders import KeepFilter
 from .nvembed_model import load_nvembed
 from .tokenization import PAD_ID, NVEmbedTokenizer, TokenizedText
 
@@ -32,12 +33,14 @@ class NVEmbedEncoder:
     def check_instruction(self, instruction: str) -> None:
         self.tokenizer.check_instruction(instruction)
 
-    def encode(self, texts: list[str], instructions: list[str]) -> np.ndarray:
-        """(N, D) unit FP32 vectors, row i for texts[i] with instructions[i]."""
+    def encode(self, texts: list[str], instructions: list[str], keep: KeepFilter | None = None) -> np.ndarray:
+        """(N, D) unit FP32 vectors, row i for texts[i] with instructions[i]; see TextEncoder."""
         tokenized = self.tokenizer.encode(texts, instructions)
-        embeddings = np.empty((len(texts), self.dimension), dtype=np.float32)
+        embeddings = np.full((len(texts), self.dimension), np.nan, dtype=np.float32)
         for batch in plan_batches([len(t.ids) for t in tokenized], self.max_batch_tokens):
-            embeddings[batch] = self.embed_tokenized([tokenized[i] for i in batch])
+            batch = keep(batch) if keep else batch
+            if batch:
+                embeddings[batch] = self.embed_tokenized([tokenized[i] for i in batch])
         return embeddings
 
     def embed_tokenized(self, batch: list[TokenizedText]) -> np.ndarray:

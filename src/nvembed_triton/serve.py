@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .checkpoint import NVEMBED, CheckpointError, check_model_dir
 from .contract import EMBEDDINGS_OUTPUT, PUBLIC_MODEL, QUERY_INPUT, encoder_model_name
-from .lifecycle import CLOSED_FLAG_ENV
+from .lifecycle import CANCEL_DIR_ENV, CLOSED_FLAG_ENV
 from .server import ServerError, ServerSettings, TritonServer
 from .settings import SettingsError, check_served_name, resolve_device
 from .supervisor import Supervisor
@@ -98,7 +98,13 @@ def layout_repository(plan_: ServePlan, run_dir: Path) -> Path:
 
 
 def server_settings(plan_: ServePlan, run_dir: Path, environ=os.environ) -> ServerSettings:
-    overrides = {"NVEMBED_MODEL_DIR": str(plan_.model_dir), CLOSED_FLAG_ENV: str(closed_flag(run_dir))}
+    cancel_board = run_dir / "cancelled"
+    cancel_board.mkdir(parents=True, exist_ok=True)
+    overrides = {
+        "NVEMBED_MODEL_DIR": str(plan_.model_dir),
+        CLOSED_FLAG_ENV: str(closed_flag(run_dir)),
+        CANCEL_DIR_ENV: str(cancel_board),
+    }
     if plan_.device:
         overrides["NVEMBED_DEVICE"] = plan_.device
     return ServerSettings(

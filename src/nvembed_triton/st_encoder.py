@@ -11,6 +11,7 @@ from sentence_transformers import SentenceTransformer
 from tokenizers import Tokenizer
 
 from .contract import DOCUMENT_PROMPT, QUERY_PROMPT
+from .encoders import KeepFilter
 from .tokenization import TextCutter
 
 # Names under which sentence-transformers configs store their prompts (config_sentence_transformers.json).
@@ -48,17 +49,23 @@ class SentenceTransformerEncoder:
     def check_instruction(self, instruction: str) -> None:
         """sentence-transformers truncates prompt and text together; any instruction is accepted."""
 
-    def encode(self, texts: list[str], instructions: list[str]) -> np.ndarray:
+    def encode(self, texts: list[str], instructions: list[str], keep: KeepFilter | None = None) -> np.ndarray:
+        """See TextEncoder. Passes of `batch_size` texts sharing an instruction, so `keep` can drop
+        abandoned texts between passes."""
         if self.cutter is not None:
             texts = self.cutter.cut(texts, instructions)
-        embeddings = np.empty((len(texts), self.dimension), dtype=np.float32)
+        embeddings = np.full((len(texts), self.dimension), np.nan, dtype=np.float32)
         for instruction in set(instructions):
             rows = [i for i, each in enumerate(instructions) if each == instruction]
-            embeddings[rows] = self.model.encode(
-                [texts[i] for i in rows],
-                prompt=instruction,
-                batch_size=self.batch_size,
-                normalize_embeddings=True,
-                convert_to_numpy=True,
-            ).astype(np.float32)
+            for start in range(0, len(rows), self.batch_size):
+                batch = rows[start : start + self.batch_size]
+                batch = keep(batch) if keep else batch
+                if batch:
+                    embeddings[batch] = self.model.encode(
+                        [texts[i] for i in batch],
+                        prompt=instruction,
+                        batch_size=self.batch_size,
+                        normalize_embeddings=True,
+                        convert_to_numpy=True,
+                    ).astype(np.float32)
         return embeddings

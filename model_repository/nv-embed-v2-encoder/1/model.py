@@ -17,7 +17,7 @@ import triton_python_backend_utils as pb_utils  # noqa: E402
 
 from nvembed_triton import contract  # noqa: E402
 from nvembed_triton.encoders import load_encoder  # noqa: E402
-from nvembed_triton.lifecycle import ExecutingGauge  # noqa: E402
+from nvembed_triton.lifecycle import CANCEL_TOKEN_PARAMETER, CancelBoard, ExecutingGauge  # noqa: E402
 from nvembed_triton.settings import EncoderSettings, check_served_name, overridden, triton_parameters  # noqa: E402
 from nvembed_triton.validation import InvalidInputError, RequestLimits, decode_single, decode_texts  # noqa: E402
 
@@ -32,6 +32,7 @@ class TritonPythonModel:
         self.limits = RequestLimits.from_parameters(parameters)
         check_served_name(args["model_name"], self.encoder.architecture)
         self.executing = ExecutingGauge(args["model_name"])
+        self.cancel_board = CancelBoard()
         pb_utils.Logger.log_info(
             f"{args['model_name']}: {self.encoder.architecture} from {settings.model_dir} on {settings.device} "
             f"({settings.dtype}), dimension {self.encoder.dimension}, max_length {self.encoder.max_length}, "
@@ -49,15 +50,12 @@ class TritonPythonModel:
         responses = [None] * len(requests)
         jobs = []  # (request index, texts [B, N], one instruction per row)
         for index, request in enumerate(requests):
-            if request.is_cancelled():  # its client gave up while it was queued: skip the work
-                responses[index] = _error("the client cancelled the request", pb_utils.TritonError.CANCELLED)
-                continue
             try:
                 jobs.append((index, *self._read_request(request)))
             except InvalidInputError as error:
                 responses[index] = _error(str(error), pb_utils.TritonError.INVALID_ARG)
         if jobs:
-            self._encode_together(jobs, responses)
+            self._encode_together(jobs, responses, requests)
         return responses
 
     def _read_request(self, request):
@@ -91,16 +89,28 @@ class TritonPythonModel:
         array = tensor.as_numpy().reshape(rows, -1)
         return [decode_single(row, f"{name}[{i}]") for i, row in enumerate(array)]
 
-    def _encode_together(self, jobs, responses):
+    def _encode_together(self, jobs, responses, requests):
         """One encode call over every text of every request, so the token-budget planner packs
         across requests; the result rows are then split back, in order, to their requests."""
-        texts, instructions = [], []
-        for _, rows, row_instructions in jobs:
+        texts, instructions, owners = [], [], []  # owners[i]: the position in `jobs` of text i
+        for position, (_, rows, row_instructions) in enumerate(jobs):
             for row, instruction in zip(rows, row_instructions, strict=True):
                 texts += row
                 instructions += [instruction] * len(row)
+                owners += [position] * len(row)
+        abandoned = set()  # positions in `jobs` whose client has gone
+
+        def keep(batch):
+            """Before each forward pass: drop the texts of requests nobody waits for any more."""
+            for position in {owners[i] for i in batch} - abandoned:
+                request = requests[jobs[position][0]]
+                token = json.loads(request.parameters() or "{}").get(CANCEL_TOKEN_PARAMETER)
+                if request.is_cancelled() or self.cancel_board.is_marked(token):
+                    abandoned.add(position)
+            return [i for i in batch if owners[i] not in abandoned]
+
         try:
-            embeddings = self.encoder.encode(texts, instructions)
+            embeddings = self.encoder.encode(texts, instructions, keep)
         except InvalidInputError as error:
             for index, *_ in jobs:
                 responses[index] = _error(str(error), pb_utils.TritonError.INVALID_ARG)
@@ -111,10 +121,12 @@ class TritonPythonModel:
                 responses[index] = _error(f"encoding failed: {error}", pb_utils.TritonError.INTERNAL)
             return
         start = 0
-        for index, rows, _ in jobs:
+        for position, (index, rows, _) in enumerate(jobs):
             count = len(rows) * len(rows[0])
             batch = embeddings[start : start + count].reshape(len(rows), len(rows[0]), -1)
-            if np.isfinite(batch).all():
+            if position in abandoned:
+                responses[index] = _error("the client cancelled the request", pb_utils.TritonError.CANCELLED)
+            elif np.isfinite(batch).all():
                 responses[index] = pb_utils.InferenceResponse(
                     [pb_utils.Tensor(contract.EMBEDDINGS_OUTPUT, np.ascontiguousarray(batch))]
                 )

@@ -3,14 +3,21 @@
 concurrent requests and computes. CPU instances: many of them can wait on the encoder at once."""
 
 import json
+import threading
+import time
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from nvembed_triton import contract
-from nvembed_triton.lifecycle import CLOSED_MESSAGE, ExecutingGauge, is_closed
+from nvembed_triton.lifecycle import CANCEL_TOKEN_PARAMETER, CLOSED_MESSAGE, CancelBoard, ExecutingGauge, is_closed
 from nvembed_triton.settings import triton_parameters
 from nvembed_triton.validation import InvalidInputError, RequestLimits, decode_texts
+
+# How often a waiting instance asks whether its client is still there (one IPC call each time).
+CANCEL_POLL_S = 0.05
+CANCELLED_MESSAGE = "the client cancelled the request"
+TIMEOUT_MESSAGE = "the request's timeout passed before its embeddings were ready"
 
 
 class TritonPythonModel:
@@ -24,6 +31,7 @@ class TritonPythonModel:
         }
         self.encoder_model = parameters.get("encoder_model") or contract.encoder_model_name(args["model_name"])
         self.executing = ExecutingGauge(args["model_name"])
+        self.cancel_board = CancelBoard()
 
     def execute(self, requests):
         self.executing.add(len(requests))
@@ -36,7 +44,9 @@ class TritonPythonModel:
         if is_closed():  # a drain has served what was queued; this request came later
             return _error(CLOSED_MESSAGE, pb_utils.TritonError.UNAVAILABLE)
         if request.is_cancelled():  # the client gave up while the request was queued
-            return _error("the client cancelled the request", pb_utils.TritonError.CANCELLED)
+            return _error(CANCELLED_MESSAGE, pb_utils.TritonError.CANCELLED)
+        timeout_us = request.timeout()  # the request's own timeout (tritonclient's `timeout`), 0 if none
+        deadline = time.monotonic() + timeout_us / 1e6 if timeout_us else None
         try:
             texts, prompt_name = self._read_inputs(request)
         except InvalidInputError as error:
@@ -48,9 +58,11 @@ class TritonPythonModel:
         if self.instructions[prompt_name]:
             instruction = np.array([[self.instructions[prompt_name].encode()]], dtype=object)
             inputs.append(pb_utils.Tensor(contract.INSTRUCTION_INPUT, instruction))
-        response = pb_utils.InferenceRequest(
-            model_name=self.encoder_model, inputs=inputs, requested_output_names=[contract.EMBEDDINGS_OUTPUT]
-        ).exec()
+        response = self._forward(request, inputs, deadline)
+        if isinstance(response, Exception):
+            return _error(f"forwarding to the encoder failed: {response}", pb_utils.TritonError.INTERNAL)
+        if response is None:
+            return _error(CANCELLED_MESSAGE if deadline is None else TIMEOUT_MESSAGE, pb_utils.TritonError.CANCELLED)
         if response.has_error():
             error = response.error()
             if "not healthy" in error.message():  # its stub died; the launcher is restarting the server
@@ -58,6 +70,39 @@ class TritonPythonModel:
             return pb_utils.InferenceResponse(error=error)  # keeps the encoder's message and code
         embeddings = pb_utils.get_output_tensor_by_name(response, contract.EMBEDDINGS_OUTPUT).as_numpy()[0]
         return pb_utils.InferenceResponse([pb_utils.Tensor(contract.EMBEDDINGS_OUTPUT, embeddings)])
+
+    def _forward(self, request, inputs, deadline):
+        """The encoder's response, or None once the client has cancelled or the deadline passed.
+        The request goes out on a thread while this one watches the client: if it goes, the
+        forwarded request is marked on the cancel board so the encoder skips the rest of its work."""
+        token = self.cancel_board.new_token()
+        parameters = {CANCEL_TOKEN_PARAMETER: token} if token else {}
+        forwarded = pb_utils.InferenceRequest(
+            model_name=self.encoder_model,
+            inputs=inputs,
+            requested_output_names=[contract.EMBEDDINGS_OUTPUT],
+            parameters=parameters,
+        )
+        outcome = []
+        done = threading.Event()
+
+        def send():
+            try:
+                outcome.append(forwarded.exec())
+            except Exception as error:  # handed to the waiting thread, which raises it
+                outcome.append(error)
+            finally:
+                done.set()
+                self.cancel_board.clear(token)
+
+        threading.Thread(target=send, daemon=True).start()
+        while not done.wait(CANCEL_POLL_S):
+            if request.is_cancelled() or (deadline is not None and time.monotonic() > deadline):
+                self.cancel_board.mark(token)
+                if done.is_set():  # finished meanwhile: leave no mark behind
+                    self.cancel_board.clear(token)
+                return None
+        return outcome[0]
 
     def _read_inputs(self, request):
         """The texts (checked, still as bytes) and the prompt they get."""
