@@ -8,6 +8,8 @@ import base64
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -212,6 +214,30 @@ def test_work_abandoned_by_its_clients_is_skipped(nvembed_server):
         embed_query(client, PUBLIC_MODEL, "a normal query")
         waited = time.monotonic() - started
     print(f"a query after 20 abandoned large requests: {waited:.2f} s")
+    assert waited < 5
+
+
+def test_work_of_killed_clients_is_skipped(nvembed_server):
+    """Clients killed mid-request (their connections drop): their work is not finished either."""
+    client_code = (
+        "import sys, numpy as np, tritonclient.grpc as g\n"
+        "docs = [f'doc {i} ' + 'bread flour yeast water salt ' * 60 for i in range(1024)]\n"
+        "t = g.InferInput('documents', [1, 1024], 'BYTES')\n"
+        "t.set_data_from_numpy(np.array([docs], dtype=object))\n"
+        f"g.InferenceServerClient('{nvembed_server.url}').infer('{PUBLIC_MODEL}', [t])\n"
+    )
+    clients = [subprocess.Popen([sys.executable, "-c", client_code]) for _ in range(8)]
+    time.sleep(2)  # connected, sent, and being worked on
+    still_waiting = [process.poll() is None for process in clients]
+    for process in clients:
+        process.kill()
+        process.wait()
+    assert all(still_waiting), "a client finished before it was killed; make its request larger"
+    with nvembed_server.client() as client:
+        started = time.monotonic()
+        embed_query(client, PUBLIC_MODEL, "a normal query")
+        waited = time.monotonic() - started
+    print(f"a query after 8 killed clients: {waited:.2f} s")
     assert waited < 5
 
 
