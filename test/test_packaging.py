@@ -89,3 +89,38 @@ def test_gpu_asked_for_but_absent_is_a_load_error_not_a_cpu_fallback(tiny_checkp
     )
     assert result.returncode == 1
     assert "device cuda:0 was asked for but torch sees 0 CUDA device(s)" in result.stderr
+
+
+def test_a_port_in_use_is_named_before_anything_loads(tiny_checkpoint):
+    """Found before the weights load (which takes minutes with the real ones), naming the variable."""
+    import socket
+
+    from conftest import free_port
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        ports = {"TRITON_GRPC_PORT": str(free_port()), "TRITON_HTTP_PORT": str(taken.getsockname()[1])}
+        ports["TRITON_METRICS_PORT"] = str(free_port())
+        result = subprocess.run(
+            [str(ROOT / "serve.sh"), "--model-dir", str(tiny_checkpoint), "--device", "cpu"],
+            env={**os.environ, "PYTHON": sys.executable, **ports},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert result.returncode == 1
+    assert f"port {ports['TRITON_HTTP_PORT']}" in result.stderr and "TRITON_HTTP_PORT" in result.stderr
+    assert "starting tritonserver" not in result.stdout
+
+
+def test_a_temporary_run_directory_is_removed_on_exit(tiny_checkpoint):
+    import tempfile
+
+    from conftest import free_port
+
+    ports = {f"TRITON_{kind}_PORT": str(free_port()) for kind in ("GRPC", "HTTP", "METRICS")}
+    before = set(Path(tempfile.gettempdir()).glob("nvembed-triton-*"))
+    result = serve("--model-dir", str(tiny_checkpoint), "--device", "cuda:0", CUDA_VISIBLE_DEVICES="", **ports)
+    assert result.returncode == 1  # started, failed to load, and cleaned up
+    assert set(Path(tempfile.gettempdir()).glob("nvembed-triton-*")) == before

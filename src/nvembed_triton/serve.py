@@ -7,6 +7,7 @@ import argparse
 import os
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -165,9 +166,36 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         print(f"ok: {plan_.model_dir} can be served as {plan_.name}")
         return 0
-    run_dir = Path(args.run_dir or tempfile.mkdtemp(prefix="nvembed-triton-"))
     environ = {**os.environ, **({"TRITON_HOST": args.host} if args.host else {})}
-    settings = server_settings(plan_, run_dir, environ)
+    run_dir = Path(args.run_dir or tempfile.mkdtemp(prefix="nvembed-triton-"))
+    try:
+        settings = server_settings(plan_, run_dir, environ)
+        check_ports_free(settings)
+        return serve(plan_, settings, environ)
+    except ServerError as error:
+        print(f"serve.sh: {error}", file=sys.stderr)
+        return 1
+    finally:
+        if not args.run_dir:  # a temporary run directory goes with the server; --run-dir stays
+            shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def check_ports_free(settings: ServerSettings) -> None:
+    """Before minutes of weight loading, not after: a port in use is named with its variable."""
+    for variable, port in (("TRITON_GRPC_PORT", settings.grpc_port), ("TRITON_HTTP_PORT", settings.http_port),
+                           ("TRITON_METRICS_PORT", settings.metrics_port)):  # fmt: skip
+        with socket.socket() as probe_socket:
+            probe_socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers bind
+            try:
+                probe_socket.bind((settings.host, port))
+            except OSError as error:
+                reason = f"port {port} on {settings.host} is not free ({error.strerror})"
+                raise ServerError(f"{reason}; set {variable} to another port") from None
+
+
+def serve(plan_: ServePlan, settings: ServerSettings, environ) -> int:
+    """Runs tritonserver under the supervisor until SIGTERM or SIGINT, then drains."""
+    run_dir = settings.run_dir
     closed_flag(run_dir).unlink(missing_ok=True)
     server = TritonServer(settings)
     supervisor = Supervisor(server, lambda: probe(settings, plan_.name), closed_flag(run_dir), log)
@@ -183,9 +211,6 @@ def main(argv: list[str] | None = None) -> int:
         if code == 0:
             log("stopping: draining accepted requests")
         return code
-    except ServerError as error:
-        print(f"serve.sh: {error}", file=sys.stderr)
-        return 1
     finally:
         supervisor.drain(float(environ.get("NVEMBED_DRAIN_TIMEOUT_S", DEFAULT_DRAIN_TIMEOUT_S)))
         log("stopped")
