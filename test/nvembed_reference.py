@@ -89,13 +89,18 @@ class ReferenceNVEmbed:
         self.device = device
 
     @torch.inference_mode()
-    def embed(self, text: str, instruction: str = "", max_length: int = 32768) -> np.ndarray:
+    def embed(self, text: str, instruction: str = "", max_length: int = 32768, keep_end: bool = False) -> np.ndarray:
         # The tokenizer adds BOS itself; "</s>" is the literal EOS string (id 2). Truncation keeps the first
         # max_length ids, so a truncated text loses its EOS -- as the published model does.
-        ids = self.tokenizer.encode(instruction + text + "</s>").ids[:max_length]
+        # keep_end (NIM's truncate START, not in the published model): BOS and the instruction's tokens,
+        # then the last ids that fit.
+        ids = self.tokenizer.encode(instruction + text + "</s>").ids
         # Instruction masking drops positions 0..n-1 where n counts the instruction's own tokens (no BOS):
         # that is BOS plus the instruction, as NVEMBED.md describes. With no instruction, n = 0 and BOS stays.
         n = len(self.tokenizer.encode(instruction, add_special_tokens=False).ids) if instruction else 0
+        if keep_end and len(ids) > max_length:
+            ids = ids[: 1 + n] + ids[len(ids) - (max_length - 1 - n) :]
+        ids = ids[:max_length]
         if n >= len(ids):
             raise ValueError(f"max_length={max_length} leaves no token after the {n}-token instruction to pool")
         hidden = self.backbone(torch.tensor(ids, device=self.device))

@@ -91,7 +91,7 @@ def test_other_architectures_load_and_use_their_own_prompts(tmp_path, architectu
     query_prompt = prompts.get("query", "")
     assert encoder.default_instruction("query") == query_prompt
     assert encoder.default_instruction("document") == prompts.get("passage", "")
-    ours = encoder.encode(TEXTS, [query_prompt] * len(TEXTS))
+    ours = encoder.encode(TEXTS, [query_prompt] * len(TEXTS)).embeddings
     expected = reference.encode(TEXTS, prompt=query_prompt, normalize_embeddings=True)
     assert np.all(cosine(ours, expected) >= 0.9999)
     np.testing.assert_allclose(np.linalg.norm(ours, axis=1), 1, atol=1e-5)

@@ -1,20 +1,35 @@
-"""Operating the server like TEI or a NIM: a bounded queue that refuses fast when full."""
+"""Operating the server like TEI or a NIM: a bounded queue that refuses fast when full, usage on
+every response that asks for it, and metrics that count what happened."""
 
 from __future__ import annotations
 
 import re
 import shutil
 import time
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+import tritonclient.grpc as grpcclient
 from conftest import TEST_MAX_LENGTH, start_server, stop_server
-from grpc_helpers import cosine, embed_documents, embed_query
+from grpc_helpers import bytes_input, cosine, embed_documents, embed_query
+from nvembed_reference import ReferenceNVEmbed
+from prometheus_client.parser import text_string_to_metric_families
+from tokenizers import Tokenizer
 from tritonclient.utils import InferenceServerException
 
-from nvembed_triton.client import EmbeddingClient
-from nvembed_triton.contract import PUBLIC_MODEL
+from nvembed_triton import contract
+from nvembed_triton.client import EmbeddingClient, InvalidInputError
+from nvembed_triton.contract import (
+    EMBEDDINGS_OUTPUT,
+    PUBLIC_MODEL,
+    RETRIEVAL_TASK,
+    TOKEN_COUNTS_OUTPUT,
+    TRUNCATED_OUTPUT,
+    encoder_model_name,
+    nvembed_query_instruction,
+)
 from nvembed_triton.serve import REPOSITORY
 
 QUEUE = 4
@@ -74,3 +89,153 @@ def test_the_python_client_rides_out_a_full_queue(small_queue_server):
         with ThreadPoolExecutor(32) as pool:
             results = list(pool.map(lambda _: client.encode(DOCUMENTS[:8]), range(64)))
     assert all(np.all(cosine(r, expected) >= 0.99999) for r in results)
+
+
+# --- usage and metrics -----------------------------------------------------------------------------
+
+
+def token_count(tiny_checkpoint, text: str) -> tuple[int, bool]:
+    """Independently: the tokenizers library on text + EOS, BOS added, cut at TEST_MAX_LENGTH."""
+    tokenizer = Tokenizer.from_file(str(tiny_checkpoint / "tokenizer.json"))
+    length = len(tokenizer.encode(text + "</s>").ids)
+    return min(length, TEST_MAX_LENGTH), length > TEST_MAX_LENGTH
+
+
+def scrape(server) -> dict[tuple, float]:
+    """(sample name, sorted labels) -> value, by prometheus-client's own parser."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def delta(before: dict, after: dict, name: str, **labels) -> float:
+    key = (name, tuple(sorted(labels.items())))
+    return after.get(key, 0.0) - before.get(key, 0.0)
+
+
+USAGE_TEXTS = ["a short document", "another one about bread", "flour " * (TEST_MAX_LENGTH * 2)]
+
+
+def test_usage_comes_on_request_and_matches_the_tokenizer(nvembed_server, tiny_checkpoint):
+    outputs = [grpcclient.InferRequestedOutput(name) for name in (EMBEDDINGS_OUTPUT, TOKEN_COUNTS_OUTPUT, TRUNCATED_OUTPUT)]
+    inputs = [bytes_input(contract.DOCUMENTS_INPUT, [USAGE_TEXTS], [1, 3])]
+    with nvembed_server.client() as client:
+        result = client.infer(PUBLIC_MODEL, inputs, outputs=outputs)
+        only_embeddings = client.infer(PUBLIC_MODEL, inputs, outputs=outputs[:1])
+    expected = [token_count(tiny_checkpoint, text) for text in USAGE_TEXTS]
+    assert result.as_numpy(TOKEN_COUNTS_OUTPUT).tolist() == [count for count, _ in expected]
+    assert result.as_numpy(TRUNCATED_OUTPUT).tolist() == [False, False, True]
+    assert only_embeddings.as_numpy(TOKEN_COUNTS_OUTPUT) is None  # the seed's clients see nothing new
+    assert np.allclose(only_embeddings.as_numpy(EMBEDDINGS_OUTPUT), result.as_numpy(EMBEDDINGS_OUTPUT))
+
+
+def test_metrics_count_texts_tokens_passes_and_rejections(nvembed_server, tiny_checkpoint):
+    """Exact differences over a known sequence (serve.sh's health probes are queries, so only
+    document counts are exact)."""
+    encoder = encoder_model_name(PUBLIC_MODEL)
+    before = scrape(nvembed_server)
+    with nvembed_server.client() as client:
+        embed_documents(client, PUBLIC_MODEL, USAGE_TEXTS)
+        embed_documents(client, PUBLIC_MODEL, USAGE_TEXTS[:1])
+        for bad in ([""], ["fine", b"caf\xe9"]):
+            with pytest.raises(InferenceServerException, match="INVALID_ARGUMENT|empty|UTF-8"):
+                embed_documents(client, PUBLIC_MODEL, bad)
+    after = scrape(nvembed_server)
+    counts = [token_count(tiny_checkpoint, text) for text in USAGE_TEXTS + USAGE_TEXTS[:1]]
+    assert delta(before, after, "nvembed_texts_total", model=encoder, prompt="document") == 4
+    assert delta(before, after, "nvembed_tokens_total", model=encoder, prompt="document") == sum(c for c, _ in counts)
+    assert delta(before, after, "nvembed_truncated_texts_total", model=encoder) == 1
+    assert delta(before, after, "nvembed_rejected_requests_total", model=PUBLIC_MODEL, reason="invalid_input") == 2
+    passes = delta(before, after, "nvembed_forward_passes_total", model=encoder)
+    assert passes >= 2  # two requests, not batched together: they were sent one after the other
+    assert delta(before, after, "nvembed_padded_tokens_total", model=encoder) >= sum(c for c, _ in counts)
+
+
+# --- per-request options -----------------------------------------------------------------------------
+
+LONG_TEXT = " ".join(f"word{i}" for i in range(TEST_MAX_LENGTH * 2))  # about 4x max_length tokens
+QUERY_INSTRUCTION = nvembed_query_instruction(RETRIEVAL_TASK)
+STS_INSTRUCTION = "Instruct: Retrieve semantically similar text.\nQuery: "
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_checkpoint):
+    return ReferenceNVEmbed(tiny_checkpoint)
+
+
+def infer_with(server, input_name: str, texts: list[str], **parameters) -> np.ndarray:
+    shape = [1] if input_name == contract.QUERY_INPUT else [1, len(texts)]
+    with server.client() as client:
+        tensor = bytes_input(input_name, texts if shape == [1] else [texts], shape)
+        result = client.infer(PUBLIC_MODEL, [tensor], parameters=parameters)
+    return result.as_numpy(EMBEDDINGS_OUTPUT)
+
+
+def test_a_custom_instruction_per_request(nvembed_server, reference):
+    served = infer_with(nvembed_server, contract.QUERY_INPUT, ["what is flour?"], instruction=STS_INSTRUCTION)
+    assert cosine(served, reference.embed("what is flour?", STS_INSTRUCTION, TEST_MAX_LENGTH)) >= 0.99999
+    default = infer_with(nvembed_server, contract.QUERY_INPUT, ["what is flour?"])
+    assert cosine(served, default) < 0.9999  # the instruction took effect
+
+
+@pytest.mark.parametrize("input_name", [contract.DOCUMENTS_INPUT, contract.QUERY_INPUT])
+def test_truncate_start_keeps_the_end(nvembed_server, reference, input_name):
+    instruction = QUERY_INSTRUCTION if input_name == contract.QUERY_INPUT else ""
+    served = infer_with(nvembed_server, input_name, [LONG_TEXT], truncate="START")
+    assert cosine(served, reference.embed(LONG_TEXT, instruction, TEST_MAX_LENGTH, keep_end=True)) >= 0.99999
+    end = infer_with(nvembed_server, input_name, [LONG_TEXT], truncate="end")
+    assert cosine(end, reference.embed(LONG_TEXT, instruction, TEST_MAX_LENGTH)) >= 0.99999
+    assert cosine(served, end) < 0.9999
+
+
+def test_truncate_none_refuses_an_over_long_text_naming_it(nvembed_server, tiny_checkpoint):
+    short = infer_with(nvembed_server, contract.DOCUMENTS_INPUT, ["short"], truncate="NONE")
+    assert short.shape[0] == 1
+    with pytest.raises(InferenceServerException) as raised:
+        infer_with(nvembed_server, contract.DOCUMENTS_INPUT, ["short", LONG_TEXT], truncate="NONE")
+    tokens = len(Tokenizer.from_file(str(tiny_checkpoint / "tokenizer.json")).encode(LONG_TEXT + "</s>").ids)
+    message = raised.value.message()
+    assert "INVALID_ARGUMENT" in str(raised.value.status())
+    assert f"text 1 is {tokens} tokens" in message and f"max_length {TEST_MAX_LENGTH}" in message
+
+
+@pytest.mark.parametrize(
+    "parameters,named",
+    [({"truncate": "MIDDLE"}, ["truncate", "END, START, NONE", "MIDDLE"]), ({"colour": "blue"}, ["unknown", "colour"])],
+)
+def test_unknown_or_bad_parameters_are_refused_naming_them(nvembed_server, parameters, named):
+    with pytest.raises(InferenceServerException) as raised:
+        infer_with(nvembed_server, contract.DOCUMENTS_INPUT, ["text"], **parameters)
+    assert "INVALID_ARGUMENT" in str(raised.value.status())
+    assert all(word in raised.value.message() for word in named)
+
+
+def test_the_python_client_sends_options_and_reads_usage(nvembed_server, tiny_checkpoint):
+    with EmbeddingClient(nvembed_server.url) as client:
+        custom = client.encode(["what is flour?"], prompt=STS_INSTRUCTION)
+        start = client.encode([LONG_TEXT], truncate="START")
+        usage = client.embed_with_usage(USAGE_TEXTS)
+        with pytest.raises(InvalidInputError, match="truncate is NONE"):
+            client.encode([LONG_TEXT], truncate="NONE")
+    raw = infer_with(nvembed_server, contract.QUERY_INPUT, ["what is flour?"], instruction=STS_INSTRUCTION)
+    assert cosine(custom, raw) >= 0.99999
+    assert cosine(start, infer_with(nvembed_server, contract.DOCUMENTS_INPUT, [LONG_TEXT], truncate="START")) >= 0.99999
+    assert usage.token_counts.tolist() == [token_count(tiny_checkpoint, text)[0] for text in USAGE_TEXTS]
+    assert usage.truncated.tolist() == [False, False, True] and usage.embeddings.shape == (3, 64)
+
+
+def test_options_work_for_sentence_transformers_models(minilm_server):
+    from nvembed_triton.serve import DEMO_MODEL
+
+    long_text = "bread " * 1000
+    with EmbeddingClient(minilm_server.url, model=DEMO_MODEL) as client:
+        end, start = client.encode([long_text + "the end"]), client.encode([long_text + "the end"], truncate="START")
+        with pytest.raises(InvalidInputError, match="truncate is NONE"):
+            client.encode([long_text], truncate="NONE")
+        usage = client.embed_with_usage(["short text", long_text])
+    assert cosine(end, start) < 0.9999  # START kept "the end", END did not
+    assert usage.truncated.tolist() == [False, True] and usage.token_counts[1] == 256

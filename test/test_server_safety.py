@@ -214,7 +214,7 @@ def test_work_abandoned_by_its_clients_is_skipped(nvembed_server):
         embed_query(client, PUBLIC_MODEL, "a normal query")
         waited = time.monotonic() - started
     print(f"a query after 20 abandoned large requests: {waited:.2f} s")
-    assert waited < 5
+    assert waited < 10  # before: every abandoned request was computed (67 s for 20)
 
 
 def test_work_of_killed_clients_is_skipped(nvembed_server):
@@ -238,7 +238,7 @@ def test_work_of_killed_clients_is_skipped(nvembed_server):
         embed_query(client, PUBLIC_MODEL, "a normal query")
         waited = time.monotonic() - started
     print(f"a query after 8 killed clients: {waited:.2f} s")
-    assert waited < 5
+    assert waited < 10  # before: every abandoned request was computed (67 s for 20)
 
 
 def test_a_request_timeout_stops_the_work(nvembed_server):

@@ -67,6 +67,7 @@ class _Request:
     input_name: str
     start: int
     texts: list[bytes]
+    parameters: dict[str, str]  # the per-request options (instruction, truncate)
 
     def inputs(self) -> list[grpcclient.InferInput]:
         shape = [1] if self.input_name == contract.QUERY_INPUT else [1, len(self.texts)]
@@ -78,6 +79,42 @@ class _Request:
         if self.input_name == contract.QUERY_INPUT:
             return f"the request for text {self.start} of the input"
         return f"the request for texts {self.start}..{self.start + len(self.texts) - 1} of the input"
+
+
+@dataclass(frozen=True)
+class EmbeddingsWithUsage:
+    """Embeddings with the server's usage: per text, the tokens it was embedded with (special and
+    instruction tokens included) and whether it was cut to the server's max_length."""
+
+    embeddings: np.ndarray  # [n, D] float32, unit rows
+    token_counts: np.ndarray  # [n] int32
+    truncated: np.ndarray  # [n] bool
+
+    @property
+    def total_tokens(self) -> int:
+        return int(self.token_counts.sum())
+
+
+@dataclass(frozen=True)
+class _Rows:
+    embeddings: np.ndarray
+    token_counts: np.ndarray
+    truncated: np.ndarray
+
+
+OUTPUTS = (contract.EMBEDDINGS_OUTPUT, contract.TOKEN_COUNTS_OUTPUT, contract.TRUNCATED_OUTPUT)
+
+
+def _options(prompt: str | None, truncate: str | None) -> dict[str, str]:
+    """sentence-transformers' `prompt` (a custom instruction) and NIM's `truncate`, as request parameters."""
+    options = {}
+    if prompt is not None:
+        options[contract.INSTRUCTION_PARAMETER] = prompt
+    if truncate is not None:
+        if truncate.upper() not in contract.TRUNCATIONS:
+            raise ValueError(f"truncate must be one of {', '.join(contract.TRUNCATIONS)}; got {truncate!r}")
+        options[contract.TRUNCATE_PARAMETER] = truncate.upper()
+    return options
 
 
 def _check_arguments(sentences: Texts, batch_size: int, prompt_name: str | None) -> tuple[list[str], bool]:
@@ -96,7 +133,9 @@ def _check_arguments(sentences: Texts, batch_size: int, prompt_name: str | None)
     return texts, single
 
 
-def _plan_requests(texts: list[str], prompt_name: str | None, chunk_size: int, max_bytes: int | None) -> list[_Request]:
+def _plan_requests(
+    texts: list[str], prompt_name: str | None, chunk_size: int, max_bytes: int | None, options: dict[str, str]
+) -> list[_Request]:
     """Queries one per request (the contract's `query` holds one text); documents in chunks of at
     most `chunk_size` texts and `max_bytes` bytes of text (the server's max_request_bytes)."""
     encoded = [_utf8(text, position) for position, text in enumerate(texts)]
@@ -104,15 +143,15 @@ def _plan_requests(texts: list[str], prompt_name: str | None, chunk_size: int, m
         if max_bytes and len(text) > max_bytes:
             raise InvalidInputError(f"texts[{position}] is {len(text)} bytes; the server takes at most {max_bytes} per request")
     if prompt_name == contract.QUERY_PROMPT:
-        return [_Request(contract.QUERY_INPUT, position, [text]) for position, text in enumerate(encoded)]
+        return [_Request(contract.QUERY_INPUT, position, [text], options) for position, text in enumerate(encoded)]
     requests, start, size = [], 0, 0
     for position, text in enumerate(encoded):
         if position > start and (position - start == chunk_size or (max_bytes and size + len(text) > max_bytes)):
-            requests.append(_Request(contract.DOCUMENTS_INPUT, start, encoded[start:position]))
+            requests.append(_Request(contract.DOCUMENTS_INPUT, start, encoded[start:position], options))
             start, size = position, 0
         size += len(text)
     if encoded:
-        requests.append(_Request(contract.DOCUMENTS_INPUT, start, encoded[start:]))
+        requests.append(_Request(contract.DOCUMENTS_INPUT, start, encoded[start:], options))
     return requests
 
 
@@ -132,13 +171,23 @@ def _limit(config: dict[str, Any], name: str) -> int | None:
     return int(value) if value.isdigit() and int(value) > 0 else None
 
 
-def _rows(result: grpcclient.InferResult, request: _Request) -> np.ndarray:
+def _rows(result: grpcclient.InferResult, request: _Request) -> _Rows:
     embeddings = result.as_numpy(contract.EMBEDDINGS_OUTPUT)
     # Order is kept by position, so a response of the wrong size must not be stitched in.
     if embeddings is None or embeddings.ndim != 2 or embeddings.shape[0] != len(request.texts):
         shape = None if embeddings is None else list(embeddings.shape)
         raise EmbeddingError(f"the server answered {request.describe()} with {contract.EMBEDDINGS_OUTPUT} of shape {shape}")
-    return embeddings
+    counts, truncated = result.as_numpy(contract.TOKEN_COUNTS_OUTPUT), result.as_numpy(contract.TRUNCATED_OUTPUT)
+    if counts is None or truncated is None:  # a server without usage outputs
+        counts, truncated = np.full(len(request.texts), -1, dtype=np.int32), np.zeros(len(request.texts), dtype=bool)
+    return _Rows(embeddings, counts.reshape(-1), truncated.reshape(-1))
+
+
+def _with_usage(rows: list[_Rows]) -> EmbeddingsWithUsage:
+    if not rows:
+        return EmbeddingsWithUsage(np.empty((0, 0), np.float32), np.empty(0, np.int32), np.empty(0, bool))
+    fields = ("embeddings", "token_counts", "truncated")
+    return EmbeddingsWithUsage(*(np.concatenate([getattr(r, field) for r in rows]) for field in fields))
 
 
 def _assemble(
@@ -240,19 +289,34 @@ class EmbeddingClient(_ClientBase):
         convert_to_tensor: bool = False,
         normalize_embeddings: bool = True,
         prompt_name: str | None = None,
+        prompt: str | None = None,
+        truncate: str | None = None,
     ) -> EncodeOutput:
         """Embed a str (-> one vector) or a list of str (-> [n, D]; [] -> shape (0,)), in input order,
         as sentence-transformers does: a numpy array, one torch tensor with convert_to_tensor, a list
         of tensors with convert_to_numpy=False. prompt_name "query" adds the server's query
         instruction; None and "document" embed the texts as documents. The server's embeddings are
-        already unit length: normalize_embeddings=False returns them as they are, True renormalises."""
+        already unit length: normalize_embeddings=False returns them as they are, True renormalises.
+        prompt: this call's own instruction instead of the server's (as sentence-transformers'
+        `prompt`); truncate: END (default), START or NONE for texts over the server's max_length."""
+        rows, single = self._embed(sentences, batch_size, show_progress_bar, prompt_name, prompt, truncate)
+        return _assemble([r.embeddings for r in rows], single, convert_to_numpy, convert_to_tensor, normalize_embeddings)
+
+    def embed_with_usage(
+        self, texts: Sequence[str], *, prompt_name: str | None = None, prompt: str | None = None,
+        truncate: str | None = None, batch_size: int = 32,
+    ) -> EmbeddingsWithUsage:  # fmt: skip
+        """encode's embeddings ([n, D] numpy) with the server's token counts and truncation flags."""
+        return _with_usage(self._embed(_document_list(texts), batch_size, False, prompt_name, prompt, truncate)[0])
+
+    def _embed(self, sentences, batch_size, show_progress_bar, prompt_name, prompt, truncate) -> tuple[list[_Rows], bool]:
         texts, single = _check_arguments(sentences, batch_size, prompt_name)
         if texts and not self._limits_read:
             self._read_limits(self._call("reading the model config", self._read_config))
-        requests = _plan_requests(texts, prompt_name, self._chunk_size(batch_size), self._max_request_bytes)
+        options = _options(prompt, truncate)
+        requests = _plan_requests(texts, prompt_name, self._chunk_size(batch_size), self._max_request_bytes, options)
         with tqdm(total=len(texts), unit="text", disable=not show_progress_bar) as progress:
-            chunks = self._run(requests, progress)
-        return _assemble(chunks, single, convert_to_numpy, convert_to_tensor, normalize_embeddings)
+            return self._run(requests, progress), single
 
     def embed_query(self, text: str) -> list[float]:
         """LangChain's query embedding: one vector, with the query instruction."""
@@ -275,7 +339,7 @@ class EmbeddingClient(_ClientBase):
     def _read_config(self) -> dict[str, Any]:
         return self._client.get_model_config(self.model, as_json=True, client_timeout=self.timeout_s)
 
-    def _run(self, requests: list[_Request], progress: tqdm) -> list[np.ndarray]:
+    def _run(self, requests: list[_Request], progress: tqdm) -> list[_Rows]:
         futures = {self._pool.submit(self._infer, request): request for request in requests}
         try:
             for future in as_completed(futures):
@@ -287,11 +351,13 @@ class EmbeddingClient(_ClientBase):
             raise
         return [future.result() for future in futures]
 
-    def _infer(self, request: _Request) -> np.ndarray:
-        output = [grpcclient.InferRequestedOutput(contract.EMBEDDINGS_OUTPUT)]
+    def _infer(self, request: _Request) -> _Rows:
+        outputs = [grpcclient.InferRequestedOutput(name) for name in OUTPUTS]
         result = self._call(
             request.describe(),
-            lambda: self._client.infer(self.model, request.inputs(), outputs=output, client_timeout=self.timeout_s),
+            lambda: self._client.infer(
+                self.model, request.inputs(), outputs=outputs, client_timeout=self.timeout_s, parameters=request.parameters
+            ),
         )
         return _rows(result, request)
 
@@ -332,15 +398,28 @@ class AsyncEmbeddingClient(_ClientBase):
         convert_to_tensor: bool = False,
         normalize_embeddings: bool = True,
         prompt_name: str | None = None,
+        prompt: str | None = None,
+        truncate: str | None = None,
     ) -> EncodeOutput:
         """EmbeddingClient.encode, awaitable."""
+        rows, single = await self._embed(sentences, batch_size, show_progress_bar, prompt_name, prompt, truncate)
+        return _assemble([r.embeddings for r in rows], single, convert_to_numpy, convert_to_tensor, normalize_embeddings)
+
+    async def embed_with_usage(
+        self, texts: Sequence[str], *, prompt_name: str | None = None, prompt: str | None = None,
+        truncate: str | None = None, batch_size: int = 32,
+    ) -> EmbeddingsWithUsage:  # fmt: skip
+        """EmbeddingClient.embed_with_usage, awaitable."""
+        return _with_usage((await self._embed(_document_list(texts), batch_size, False, prompt_name, prompt, truncate))[0])
+
+    async def _embed(self, sentences, batch_size, show_progress_bar, prompt_name, prompt, truncate) -> tuple[list[_Rows], bool]:
         texts, single = _check_arguments(sentences, batch_size, prompt_name)
         if texts and not self._limits_read:
             self._read_limits(await self._call("reading the model config", self._read_config))
-        requests = _plan_requests(texts, prompt_name, self._chunk_size(batch_size), self._max_request_bytes)
+        options = _options(prompt, truncate)
+        requests = _plan_requests(texts, prompt_name, self._chunk_size(batch_size), self._max_request_bytes, options)
         with tqdm(total=len(texts), unit="text", disable=not show_progress_bar) as progress:
-            chunks = await self._run(requests, progress)
-        return _assemble(chunks, single, convert_to_numpy, convert_to_tensor, normalize_embeddings)
+            return await self._run(requests, progress), single
 
     async def embed_query(self, text: str) -> list[float]:
         """LangChain's query embedding: one vector, with the query instruction."""
@@ -368,8 +447,8 @@ class AsyncEmbeddingClient(_ClientBase):
     async def _read_config(self) -> dict[str, Any]:
         return await self._grpc().get_model_config(self.model, as_json=True, client_timeout=self.timeout_s)
 
-    async def _run(self, requests: list[_Request], progress: tqdm) -> list[np.ndarray]:
-        async def send(request: _Request) -> np.ndarray:
+    async def _run(self, requests: list[_Request], progress: tqdm) -> list[_Rows]:
+        async def send(request: _Request) -> _Rows:
             async with self._slots:
                 rows = await self._infer(request)
             progress.update(len(request.texts))
@@ -384,11 +463,13 @@ class AsyncEmbeddingClient(_ClientBase):
                 task.cancel()  # the first failure ends the call; requests not yet sent are dropped
             raise
 
-    async def _infer(self, request: _Request) -> np.ndarray:
-        output = [grpcclient.InferRequestedOutput(contract.EMBEDDINGS_OUTPUT)]
+    async def _infer(self, request: _Request) -> _Rows:
+        outputs = [grpcclient.InferRequestedOutput(name) for name in OUTPUTS]
         result = await self._call(
             request.describe(),
-            lambda: self._grpc().infer(self.model, request.inputs(), outputs=output, client_timeout=self.timeout_s),
+            lambda: self._grpc().infer(
+                self.model, request.inputs(), outputs=outputs, client_timeout=self.timeout_s, parameters=request.parameters
+            ),
         )
         return _rows(result, request)
 

@@ -9,6 +9,10 @@ ENCODER_SUFFIX = "-encoder"
 QUERY_INPUT = "query"  # BYTES [1]
 DOCUMENTS_INPUT = "documents"  # BYTES [1, N]
 EMBEDDINGS_OUTPUT = "embeddings"  # FP32 [1, D] for a query, [N, D] for N documents
+# Usage, on request (a client that asks only for `embeddings` never sees them): per text, the
+# tokens it was embedded with and whether it was cut to max_length. [N] ([B, N] on the encoder).
+TOKEN_COUNTS_OUTPUT = "token_counts"  # INT32
+TRUNCATED_OUTPUT = "truncated"  # BOOL
 
 # Encoder model (max_batch_size > 0, dynamic batching): also callable directly by clients that
 # send a batch dimension.
@@ -16,6 +20,12 @@ TEXT_INPUT = "text"  # BYTES [B, N]
 PROMPT_NAME_INPUT = "prompt_name"  # optional BYTES [B, 1]: "query" or "document"
 INSTRUCTION_INPUT = "instruction"  # optional BYTES [B, 1]: an explicit prefix, wins over prompt_name
 # Encoder output: EMBEDDINGS_OUTPUT, FP32 [B, N, D].
+
+# Per-request options, as KServe request parameters (tritonclient: infer(..., parameters={...})).
+INSTRUCTION_PARAMETER = "instruction"  # public model: this request's instruction instead of the default
+TRUNCATE_PARAMETER = "truncate"  # both models: what happens to a text over max_length tokens
+TRUNCATE_END, TRUNCATE_START, TRUNCATE_NONE = "END", "START", "NONE"  # keep the start (default), the end, or refuse
+TRUNCATIONS = (TRUNCATE_END, TRUNCATE_START, TRUNCATE_NONE)
 
 QUERY_PROMPT = "query"
 DOCUMENT_PROMPT = "document"

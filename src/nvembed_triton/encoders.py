@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
@@ -15,6 +16,17 @@ from .settings import EncoderSettings, SettingsError
 KeepFilter = Callable[[list[int]], list[int]]
 
 
+@dataclass
+class Encoded:
+    """An encode call's result: the vectors and what it took to make them."""
+
+    embeddings: np.ndarray  # (N, D) unit FP32 rows; NaN rows for texts that `keep` dropped
+    token_counts: np.ndarray  # (N,) int32: the tokens each text was embedded with (special ones included)
+    truncated: np.ndarray  # (N,) bool: the text had more than max_length tokens and was cut
+    passes: int = 0  # forward passes run
+    padded_tokens: int = 0  # tokens those passes computed, padding included
+
+
 class TextEncoder(Protocol):
     architecture: str
     dimension: int
@@ -24,9 +36,13 @@ class TextEncoder(Protocol):
 
     def check_instruction(self, instruction: str) -> None: ...
 
-    def encode(self, texts: list[str], instructions: list[str], keep: KeepFilter | None = None) -> np.ndarray:
-        """(N, D) unit FP32 vectors. Before each forward pass, `keep` (if given) receives the
-        indices of the pass's texts and returns those still wanted; rows left out stay unset."""
+    def encode(
+        self, texts: list[str], instructions: list[str], keep: KeepFilter | None = None, truncations: list[str] | None = None
+    ) -> Encoded:
+        """Row i for texts[i] with instructions[i]. Before each forward pass, `keep` (if given)
+        receives the indices of the pass's texts and returns those still wanted. truncations: per
+        text, END (default), START or NONE; a text over max_length with NONE is not computed (its
+        row stays NaN, `truncated` marks it and `token_counts` holds its whole length)."""
         ...
 
 

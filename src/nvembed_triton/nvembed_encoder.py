@@ -10,7 +10,7 @@ import torch
 from .batching import plan_batches
 from .checkpoint import TOKENIZER_FILE, check_model_dir
 from .contract import DOCUMENT_PROMPT, QUERY_PROMPT, RETRIEVAL_TASK, nvembed_query_instruction
-from .encoders import KeepFilter
+from .encoders import Encoded, KeepFilter
 from .nvembed_model import load_nvembed
 from .tokenization import PAD_ID, NVEmbedTokenizer, TokenizedText
 
@@ -33,15 +33,24 @@ class NVEmbedEncoder:
     def check_instruction(self, instruction: str) -> None:
         self.tokenizer.check_instruction(instruction)
 
-    def encode(self, texts: list[str], instructions: list[str], keep: KeepFilter | None = None) -> np.ndarray:
-        """(N, D) unit FP32 vectors, row i for texts[i] with instructions[i]; see TextEncoder."""
-        tokenized = self.tokenizer.encode(texts, instructions)
-        embeddings = np.full((len(texts), self.dimension), np.nan, dtype=np.float32)
-        for batch in plan_batches([len(t.ids) for t in tokenized], self.max_batch_tokens):
+    def encode(
+        self, texts: list[str], instructions: list[str], keep: KeepFilter | None = None, truncations: list[str] | None = None
+    ) -> Encoded:
+        """See TextEncoder."""
+        tokenized = self.tokenizer.encode(texts, instructions, truncations)
+        counts = np.array([len(t.ids) for t in tokenized], dtype=np.int32)
+        result = Encoded(
+            np.full((len(texts), self.dimension), np.nan, dtype=np.float32), counts, np.array([t.truncated for t in tokenized])
+        )
+        wanted = [i for i, t in enumerate(tokenized) if len(t.ids) <= self.max_length]  # NONE leaves long ones whole
+        for batch in plan_batches(counts[wanted].tolist(), self.max_batch_tokens):
+            batch = [wanted[i] for i in batch]
             batch = keep(batch) if keep else batch
             if batch:
-                embeddings[batch] = self.embed_tokenized([tokenized[i] for i in batch])
-        return embeddings
+                result.embeddings[batch] = self.embed_tokenized([tokenized[i] for i in batch])
+                result.passes += 1
+                result.padded_tokens += len(batch) * int(counts[batch].max())
+        return result
 
     def embed_tokenized(self, batch: list[TokenizedText]) -> np.ndarray:
         """One forward pass over `batch`, right-padded to its longest member."""

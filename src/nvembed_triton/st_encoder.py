@@ -10,9 +10,10 @@ import torch
 from sentence_transformers import SentenceTransformer
 from tokenizers import Tokenizer
 
-from .contract import DOCUMENT_PROMPT, QUERY_PROMPT
-from .encoders import KeepFilter
+from .contract import DOCUMENT_PROMPT, QUERY_PROMPT, TRUNCATE_END, TRUNCATE_NONE, TRUNCATE_START
+from .encoders import Encoded, KeepFilter
 from .tokenization import TextCutter
+from .validation import InvalidInputError
 
 # Names under which sentence-transformers configs store their prompts (config_sentence_transformers.json).
 _PROMPT_ALIASES = {QUERY_PROMPT: ("query",), DOCUMENT_PROMPT: ("document", "passage", "corpus")}
@@ -49,23 +50,54 @@ class SentenceTransformerEncoder:
     def check_instruction(self, instruction: str) -> None:
         """sentence-transformers truncates prompt and text together; any instruction is accepted."""
 
-    def encode(self, texts: list[str], instructions: list[str], keep: KeepFilter | None = None) -> np.ndarray:
+    def encode(
+        self, texts: list[str], instructions: list[str], keep: KeepFilter | None = None, truncations: list[str] | None = None
+    ) -> Encoded:
         """See TextEncoder. Passes of `batch_size` texts sharing an instruction, so `keep` can drop
-        abandoned texts between passes."""
+        abandoned texts between passes. sentence-transformers truncates the end; for START the
+        text is cut here to the tokens that fit, so that the library keeps them all."""
+        truncations = truncations or [TRUNCATE_END] * len(texts)
+        from_end = [mode == TRUNCATE_START for mode in truncations]
         if self.cutter is not None:
-            texts = self.cutter.cut(texts, instructions)
-        embeddings = np.full((len(texts), self.dimension), np.nan, dtype=np.float32)
+            texts = self.cutter.cut(texts, instructions, from_end)
+        full_counts = self._token_counts(texts, instructions)
+        over = full_counts > self.max_length
+        texts = [
+            self._keep_end(text, prompt) if long and end else text
+            for text, prompt, long, end in zip(texts, instructions, over, from_end, strict=True)
+        ]
+        refused = over & np.array([mode == TRUNCATE_NONE for mode in truncations])
+        counts = np.where(refused, full_counts, np.minimum(full_counts, self.max_length)).astype(np.int32)
+        result = Encoded(np.full((len(texts), self.dimension), np.nan, dtype=np.float32), counts, over)
         for instruction in set(instructions):
-            rows = [i for i, each in enumerate(instructions) if each == instruction]
+            rows = [i for i, each in enumerate(instructions) if each == instruction and not refused[i]]
             for start in range(0, len(rows), self.batch_size):
                 batch = rows[start : start + self.batch_size]
                 batch = keep(batch) if keep else batch
                 if batch:
-                    embeddings[batch] = self.model.encode(
+                    result.passes += 1
+                    result.padded_tokens += len(batch) * int(counts[batch].max())
+                    result.embeddings[batch] = self.model.encode(
                         [texts[i] for i in batch],
                         prompt=instruction,
                         batch_size=self.batch_size,
                         normalize_embeddings=True,
                         convert_to_numpy=True,
                     ).astype(np.float32)
-        return embeddings
+        return result
+
+    def _keep_end(self, text: str, prompt: str) -> str:
+        """The end of `text` that fits in max_length tokens after the prompt and special tokens."""
+        tokenizer = self.cutter.tokenizer if self.cutter is not None else None
+        if tokenizer is None:
+            raise InvalidInputError("truncate START needs a model with a fast tokenizer")
+        room = self.max_length - len(tokenizer.encode(prompt).ids)  # the prompt with the special tokens
+        offsets = tokenizer.encode(text, add_special_tokens=False).offsets
+        return text[offsets[-room][0] :] if 0 < room < len(offsets) else text
+
+    def _token_counts(self, texts: list[str], instructions: list[str]) -> np.ndarray:
+        """Each prompt + text's length in tokens, special tokens included, before truncation."""
+        if self.cutter is not None:
+            encodings = self.cutter.tokenizer.encode_batch([p + t for p, t in zip(instructions, texts, strict=True)])
+            return np.array([len(e.ids) for e in encodings])
+        return np.array([len(self.model.tokenizer(p + t)["input_ids"]) for p, t in zip(instructions, texts, strict=True)])

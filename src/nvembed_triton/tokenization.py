@@ -13,6 +13,7 @@ from pathlib import Path
 
 from tokenizers import Encoding, Tokenizer
 
+from .contract import TRUNCATE_END, TRUNCATE_START
 from .validation import InvalidInputError
 
 EOS_TEXT = "</s>"
@@ -60,6 +61,16 @@ def cut_at_bytes(text: str, max_bytes: int) -> str:
     return head[:max_bytes].decode("utf-8", errors="ignore")  # drops only a split last character
 
 
+def cut_end_at_bytes(text: str, max_bytes: int) -> str:
+    """cut_at_bytes from the other end: text itself, or its longest suffix of at most max_bytes bytes."""
+    if len(text) * 4 <= max_bytes:
+        return text
+    tail = text[-(max_bytes + 1) :].encode("utf-8")
+    if len(tail) <= max_bytes:
+        return text
+    return tail[-max_bytes:].decode("utf-8", errors="ignore")  # drops only a split first character
+
+
 class TextCutter:
     """Cuts texts over max_text_bytes before tokenisation such that the first max_tokens ids of
     prefix + text + suffix stay those of the whole text. max_text_bytes = max_token_bytes *
@@ -73,25 +84,34 @@ class TextCutter:
         self.min_tokens = max_tokens + CUT_MARGIN_TOKENS
         self.max_text_bytes = max_token_bytes(tokenizer) * self.min_tokens
 
-    def encode(self, texts: list[str], prefixes: list[str], suffix: str = "") -> tuple[list[str], list[Encoding]]:
-        """The texts as cut, and the encodings of prefix + cut text + suffix."""
-        cut = [cut_at_bytes(text, self.max_text_bytes) for text in texts]
+    def encode(
+        self, texts: list[str], prefixes: list[str], suffix: str = "", from_end: list[bool] | None = None
+    ) -> tuple[list[str], list[Encoding]]:
+        """The texts as cut, and the encodings of prefix + cut text + suffix. A text with from_end
+        keeps its end instead (the last max_tokens ids stay those of the whole text)."""
+        from_end = from_end or [False] * len(texts)
+
+        def cut_text(i: int, max_bytes: int) -> str:
+            return (cut_end_at_bytes if from_end[i] else cut_at_bytes)(texts[i], max_bytes)
+
+        cut = [cut_text(i, self.max_text_bytes) for i in range(len(texts))]
         encodings = self.tokenizer.encode_batch([p + c + suffix for p, c in zip(prefixes, cut, strict=True)])
         max_bytes = self.max_text_bytes
         while short := [i for i, c in enumerate(cut) if len(c) < len(texts[i]) and len(encodings[i].ids) < self.min_tokens]:
             max_bytes *= 2
             for i in short:
-                cut[i] = cut_at_bytes(texts[i], max_bytes)
+                cut[i] = cut_text(i, max_bytes)
             for i, encoding in zip(
                 short, self.tokenizer.encode_batch([prefixes[i] + cut[i] + suffix for i in short]), strict=True
             ):
                 encodings[i] = encoding
         return cut, encodings
 
-    def cut(self, texts: list[str], prefixes: list[str]) -> list[str]:
+    def cut(self, texts: list[str], prefixes: list[str], from_end: list[bool] | None = None) -> list[str]:
         """The texts, those over max_text_bytes cut; only those are tokenised (to check their cut)."""
+        from_end = from_end or [False] * len(texts)
         long = [i for i, text in enumerate(texts) if cut_at_bytes(text, self.max_text_bytes) is not text]
-        cut, _ = self.encode([texts[i] for i in long], [prefixes[i] for i in long])
+        cut, _ = self.encode([texts[i] for i in long], [prefixes[i] for i in long], from_end=[from_end[i] for i in long])
         texts = list(texts)
         for i, text in zip(long, cut, strict=True):
             texts[i] = text
@@ -100,8 +120,9 @@ class TextCutter:
 
 @dataclass(frozen=True)
 class TokenizedText:
-    ids: list[int]
+    ids: list[int]  # truncated to max_length, except with truncate NONE
     pool_from: int  # positions before this one (BOS + instruction) are left out of the mean
+    truncated: bool  # the whole text had more than max_length tokens
 
 
 class NVEmbedTokenizer:
@@ -132,16 +153,25 @@ class NVEmbedTokenizer:
                 f"{self.max_length}; shorten the instruction or raise max_length"
             )
 
-    def encode(self, texts: list[str], instructions: list[str]) -> list[TokenizedText]:
-        _, encodings = self.cutter.encode(texts, instructions, EOS_TEXT)
+    def encode(self, texts: list[str], instructions: list[str], truncations: list[str] | None = None) -> list[TokenizedText]:
+        """truncations: per text, END (keep the start: the reference's), START (keep BOS, the
+        instruction and the end of the text) or NONE (ids left whole; the caller refuses them)."""
+        truncations = truncations or [TRUNCATE_END] * len(texts)
+        from_end = [mode == TRUNCATE_START for mode in truncations]
+        _, encodings = self.cutter.encode(texts, instructions, EOS_TEXT, from_end)
         tokenized = []
-        for position, (encoding, instruction) in enumerate(zip(encodings, instructions, strict=True)):
-            ids = encoding.ids[: self.max_length]
+        for position, (encoding, instruction, mode) in enumerate(zip(encodings, instructions, truncations, strict=True)):
             pool_from = self.instruction_length(instruction)
+            ids = encoding.ids
+            if len(ids) > self.max_length and mode == TRUNCATE_END:
+                ids = ids[: self.max_length]
+            elif len(ids) > self.max_length and mode == TRUNCATE_START:
+                head = 1 + pool_from  # BOS and the instruction's tokens
+                ids = ids[:head] + ids[head:][len(ids) - self.max_length :]
             if len(ids) <= pool_from:
                 raise InvalidInputError(
                     f"text {position}: max_length {self.max_length} leaves no token after the "
                     f"{pool_from}-token instruction; raise max_length or shorten the instruction"
                 )
-            tokenized.append(TokenizedText(ids, pool_from))
+            tokenized.append(TokenizedText(ids, pool_from, truncated=len(encoding.ids) > self.max_length))
         return tokenized

@@ -3,6 +3,7 @@ import this, and they must start fast and stay small."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -35,6 +36,25 @@ def decode_texts(array: np.ndarray, input_name: str) -> list[str]:
             raise InvalidInputError(f"{input_name}[{position}] is an empty string; every text needs at least one character")
         texts.append(text)
     return texts
+
+
+def request_options(parameters_json: str | None, allowed: tuple[str, ...]) -> dict[str, str]:
+    """A request's KServe parameters (the JSON the Python backend gives): only `allowed` names,
+    string values; `truncate` upper-cased and checked."""
+    from .contract import TRUNCATE_PARAMETER, TRUNCATIONS
+
+    options = json.loads(parameters_json or "{}")
+    for name, value in options.items():
+        if name not in allowed:
+            raise InvalidInputError(f"unknown request parameter {name!r}; this model takes {', '.join(map(repr, allowed))}")
+        if not isinstance(value, str):
+            raise InvalidInputError(f"request parameter {name!r} must be a string, got {value!r}")
+    if TRUNCATE_PARAMETER in options:
+        options[TRUNCATE_PARAMETER] = options[TRUNCATE_PARAMETER].upper()
+        if options[TRUNCATE_PARAMETER] not in TRUNCATIONS:
+            given = options[TRUNCATE_PARAMETER]
+            raise InvalidInputError(f"request parameter 'truncate' must be one of {', '.join(TRUNCATIONS)}, got {given!r}")
+    return options
 
 
 @dataclass(frozen=True)

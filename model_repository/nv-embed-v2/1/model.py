@@ -10,13 +10,24 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from nvembed_triton import contract
-from nvembed_triton.lifecycle import CANCEL_TOKEN_PARAMETER, CLOSED_MESSAGE, CancelBoard, ExecutingGauge, is_closed
+from nvembed_triton.lifecycle import (
+    CANCEL_TOKEN_PARAMETER,
+    CLOSED_MESSAGE,
+    REASON_CODES,
+    CancelBoard,
+    ExecutingGauge,
+    is_closed,
+    reason_of,
+)
+from nvembed_triton.metrics import ModelMetrics
 from nvembed_triton.settings import triton_parameters
-from nvembed_triton.validation import InvalidInputError, RequestLimits, decode_texts
+from nvembed_triton.validation import InvalidInputError, RequestLimits, decode_texts, request_options
 
 # How often a waiting instance asks whether its client is still there (one IPC call each time).
 CANCEL_POLL_S = 0.05
 CANCELLED_MESSAGE = "the client cancelled the request"
+OUTPUTS = (contract.EMBEDDINGS_OUTPUT, contract.TOKEN_COUNTS_OUTPUT, contract.TRUNCATED_OUTPUT)
+OPTIONS = (contract.INSTRUCTION_PARAMETER, contract.TRUNCATE_PARAMETER)
 TIMEOUT_MESSAGE = "the request's timeout passed before its embeddings were ready"
 
 
@@ -32,6 +43,7 @@ class TritonPythonModel:
         self.encoder_model = parameters.get("encoder_model") or contract.encoder_model_name(args["model_name"])
         self.executing = ExecutingGauge(args["model_name"])
         self.cancel_board = CancelBoard()
+        self.metrics = ModelMetrics(args["model_name"])
 
     def execute(self, requests):
         self.executing.add(len(requests))
@@ -41,46 +53,55 @@ class TritonPythonModel:
             self.executing.add(-len(requests))
 
     def _respond(self, request):
+        response = self._answer(request)
+        if response.has_error():
+            self.metrics.rejected(reason_of(response.error().message()))
+        return response
+
+    def _answer(self, request):
         if is_closed():  # a drain has served what was queued; this request came later
-            return _error(CLOSED_MESSAGE, pb_utils.TritonError.UNAVAILABLE)
+            return _refuse("shutting_down", CLOSED_MESSAGE)
         if request.is_cancelled():  # the client gave up while the request was queued
-            return _error(CANCELLED_MESSAGE, pb_utils.TritonError.CANCELLED)
+            return _refuse("cancelled", CANCELLED_MESSAGE)
         timeout_us = request.timeout()  # the request's own timeout (tritonclient's `timeout`), 0 if none
         deadline = time.monotonic() + timeout_us / 1e6 if timeout_us else None
         try:
+            options = request_options(request.parameters(), OPTIONS)
             texts, prompt_name = self._read_inputs(request)
         except InvalidInputError as error:
-            return _error(str(error), pb_utils.TritonError.INVALID_ARG)
+            return _refuse("invalid_input", str(error))
         inputs = [
             pb_utils.Tensor(contract.TEXT_INPUT, texts.reshape(1, -1)),
             pb_utils.Tensor(contract.PROMPT_NAME_INPUT, np.array([[prompt_name.encode()]], dtype=object)),
         ]
-        if self.instructions[prompt_name]:
-            instruction = np.array([[self.instructions[prompt_name].encode()]], dtype=object)
-            inputs.append(pb_utils.Tensor(contract.INSTRUCTION_INPUT, instruction))
-        response = self._forward(request, inputs, deadline)
+        # This request's instruction (even ""), else the configured one, else (none sent) the model's own.
+        instruction = options.get(contract.INSTRUCTION_PARAMETER, self.instructions[prompt_name])
+        if instruction or contract.INSTRUCTION_PARAMETER in options:
+            inputs.append(pb_utils.Tensor(contract.INSTRUCTION_INPUT, np.array([[instruction.encode()]], dtype=object)))
+        truncate = {k: v for k, v in options.items() if k == contract.TRUNCATE_PARAMETER}
+        response = self._forward(request, inputs, deadline, truncate)
         if isinstance(response, Exception):
-            return _error(f"forwarding to the encoder failed: {response}", pb_utils.TritonError.INTERNAL)
+            return _refuse("internal", f"forwarding to the encoder failed: {response}")
         if response is None:
-            return _error(CANCELLED_MESSAGE if deadline is None else TIMEOUT_MESSAGE, pb_utils.TritonError.CANCELLED)
-        if response.has_error():
-            error = response.error()
-            if "not healthy" in error.message():  # its stub died; the launcher is restarting the server
-                return _error(f"the encoder is restarting: {error.message()}", pb_utils.TritonError.UNAVAILABLE)
-            return pb_utils.InferenceResponse(error=error)  # keeps the encoder's message and code
-        embeddings = pb_utils.get_output_tensor_by_name(response, contract.EMBEDDINGS_OUTPUT).as_numpy()[0]
-        return pb_utils.InferenceResponse([pb_utils.Tensor(contract.EMBEDDINGS_OUTPUT, embeddings)])
+            return _refuse("cancelled", CANCELLED_MESSAGE if deadline is None else TIMEOUT_MESSAGE)
+        if response.has_error():  # the encoder's message, with the code BLS lost restored from it
+            message = response.error().message()
+            return _error(message, getattr(pb_utils.TritonError, REASON_CODES[reason_of(message)]))
+        # The encoder's [1, N, ...] outputs become the contract's [N, ...].
+        return pb_utils.InferenceResponse(
+            [pb_utils.Tensor(name, pb_utils.get_output_tensor_by_name(response, name).as_numpy()[0]) for name in OUTPUTS]
+        )
 
-    def _forward(self, request, inputs, deadline):
+    def _forward(self, request, inputs, deadline, parameters):
         """The encoder's response, or None once the client has cancelled or the deadline passed.
         The request goes out on a thread while this one watches the client: if it goes, the
         forwarded request is marked on the cancel board so the encoder skips the rest of its work."""
         token = self.cancel_board.new_token()
-        parameters = {CANCEL_TOKEN_PARAMETER: token} if token else {}
+        parameters = {**parameters, **({CANCEL_TOKEN_PARAMETER: token} if token else {})}
         forwarded = pb_utils.InferenceRequest(
             model_name=self.encoder_model,
             inputs=inputs,
-            requested_output_names=[contract.EMBEDDINGS_OUTPUT],
+            requested_output_names=list(OUTPUTS),
             parameters=parameters,
         )
         outcome = []
@@ -126,6 +147,11 @@ class TritonPythonModel:
         self.limits.check(texts, contract.DOCUMENTS_INPUT)
         decode_texts(texts, contract.DOCUMENTS_INPUT)
         return texts, contract.DOCUMENT_PROMPT
+
+
+def _refuse(reason, message):
+    """An error response whose message starts with its reason, as the encoder's do."""
+    return _error(f"{reason}: {message}", getattr(pb_utils.TritonError, REASON_CODES[reason]))
 
 
 def _error(message, code):

@@ -1,0 +1,45 @@
+"""The models' own Prometheus metrics on Triton's /metrics, through the Python backend's custom
+metrics API. Triton's counters know nothing of texts or tokens, and count a request refused with
+INVALID_ARGUMENT as a success. Only inside a Triton Python-backend stub."""
+
+from __future__ import annotations
+
+# name -> (help, label names besides `model`)
+COUNTERS = {
+    "nvembed_texts_total": ("Texts embedded, by prompt (query, document, custom)", ("prompt",)),
+    "nvembed_tokens_total": ("Tokens embedded, special and instruction tokens included, by prompt", ("prompt",)),
+    "nvembed_truncated_texts_total": ("Texts cut to max_length tokens", ()),
+    "nvembed_forward_passes_total": ("Forward passes run", ()),
+    "nvembed_padded_tokens_total": ("Tokens the forward passes computed, padding included", ()),
+    "nvembed_rejected_requests_total": (
+        "Requests answered with an error, by reason: invalid_input, over_capacity, cancelled, shutting_down, "
+        "unavailable, internal",
+        ("reason",),
+    ),
+}  # fmt: skip
+
+
+class ModelMetrics:
+    """Counters labelled with this model's name; every instance of a model adds to the same series."""
+
+    def __init__(self, model_name: str):
+        import triton_python_backend_utils as pb_utils
+
+        self.model_name = model_name
+        # Families must outlive their metrics, so both are kept.
+        self._families = {
+            name: pb_utils.MetricFamily(name=name, description=help_, kind=pb_utils.MetricFamily.COUNTER)
+            for name, (help_, _) in COUNTERS.items()
+        }
+        self._metrics = {}
+
+    def add(self, name: str, value: float, **labels: str) -> None:
+        if value <= 0:
+            return
+        key = (name, *sorted(labels.items()))
+        if key not in self._metrics:
+            self._metrics[key] = self._families[name].Metric(labels={"model": self.model_name, **labels})
+        self._metrics[key].increment(value)
+
+    def rejected(self, reason: str) -> None:
+        self.add("nvembed_rejected_requests_total", 1, reason=reason)
