@@ -239,3 +239,13 @@ def test_options_work_for_sentence_transformers_models(minilm_server):
         usage = client.embed_with_usage(["short text", long_text])
     assert cosine(end, start) < 0.9999  # START kept "the end", END did not
     assert usage.truncated.tolist() == [False, True] and usage.token_counts[1] == 256
+
+
+def test_the_encoders_direct_interface_takes_truncate_too(nvembed_server):
+    encoder = encoder_model_name(PUBLIC_MODEL)
+    tensor = bytes_input(contract.TEXT_INPUT, [[LONG_TEXT]], [1, 1])
+    with nvembed_server.client() as client:
+        direct = client.infer(encoder, [tensor], parameters={"truncate": "START"}).as_numpy(EMBEDDINGS_OUTPUT)[0]
+        with pytest.raises(InferenceServerException, match="truncate is NONE"):
+            client.infer(encoder, [tensor], parameters={"truncate": "NONE"})
+    assert cosine(direct, infer_with(nvembed_server, contract.DOCUMENTS_INPUT, [LONG_TEXT], truncate="START")) >= 0.99999

@@ -199,6 +199,15 @@ def test_oversized_requests_leave_memory_and_speed_as_they_were(nvembed_server):
 LARGE_REQUEST = [f"doc {i} " + "bread flour yeast water salt " * 60 for i in range(1024)]  # ~6 s of work here
 
 
+def assert_next_query_is_prompt(server, after: str) -> None:
+    with server.client() as client:
+        started = time.monotonic()
+        embed_query(client, PUBLIC_MODEL, "a normal query")
+        waited = time.monotonic() - started
+    print(f"a query after {after}: {waited:.2f} s")
+    assert waited < 10  # before: every abandoned request was computed (67 s for 20)
+
+
 def test_work_abandoned_by_its_clients_is_skipped(nvembed_server):
     """20 large requests whose clients time out after 50 ms: without cancellation the next query
     waits for all of them (minutes on this machine); with it, it is answered within seconds."""
@@ -209,12 +218,7 @@ def test_work_abandoned_by_its_clients_is_skipped(nvembed_server):
 
     with ThreadPoolExecutor(20) as pool:
         list(pool.map(abandon, range(20)))
-    with nvembed_server.client() as client:
-        started = time.monotonic()
-        embed_query(client, PUBLIC_MODEL, "a normal query")
-        waited = time.monotonic() - started
-    print(f"a query after 20 abandoned large requests: {waited:.2f} s")
-    assert waited < 10  # before: every abandoned request was computed (67 s for 20)
+    assert_next_query_is_prompt(nvembed_server, "20 abandoned large requests")
 
 
 def test_work_of_killed_clients_is_skipped(nvembed_server):
@@ -233,12 +237,7 @@ def test_work_of_killed_clients_is_skipped(nvembed_server):
         process.kill()
         process.wait()
     assert all(still_waiting), "a client finished before it was killed; make its request larger"
-    with nvembed_server.client() as client:
-        started = time.monotonic()
-        embed_query(client, PUBLIC_MODEL, "a normal query")
-        waited = time.monotonic() - started
-    print(f"a query after 8 killed clients: {waited:.2f} s")
-    assert waited < 10  # before: every abandoned request was computed (67 s for 20)
+    assert_next_query_is_prompt(nvembed_server, "8 killed clients")
 
 
 def test_a_request_timeout_stops_the_work(nvembed_server):
