@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 # A request of batch_size long documents on a busy server can take minutes; a deadline only
 # guards against a hung server. None waits forever.
 DEFAULT_TIMEOUT_S = 300.0
+MAX_GRPC_MESSAGE_BYTES = 2**31 - 1  # tritonclient's default; the server sets the real limits
 RETRY_BASE_DELAY_S = 0.1  # doubled after each failed attempt, up to RETRY_MAX_DELAY_S
 RETRY_MAX_DELAY_S = 2.0
 # 30 retries wait about 50 s: long enough for serve.sh to restart a broken tritonserver.
@@ -214,6 +215,23 @@ def _document_list(texts: Sequence[str]) -> list[str]:
     return list(texts)
 
 
+def _channel_args() -> list[tuple[str, Any]]:
+    """tritonclient's own channel defaults plus gRPC's round-robin balancing. With a target of
+    several addresses ("ipv4:10.0.0.1:8001,10.0.0.2:8001") or a headless Kubernetes Service
+    ("dns:///nvembed-triton-headless:8001"), gRPC spreads requests over every replica, not one
+    connection's worth, and stops sending to a replica that goes away."""
+    keepalive = grpcclient.KeepAliveOptions()
+    return [
+        ("grpc.max_send_message_length", MAX_GRPC_MESSAGE_BYTES),
+        ("grpc.max_receive_message_length", MAX_GRPC_MESSAGE_BYTES),
+        ("grpc.keepalive_time_ms", keepalive.keepalive_time_ms),
+        ("grpc.keepalive_timeout_ms", keepalive.keepalive_timeout_ms),
+        ("grpc.keepalive_permit_without_calls", keepalive.keepalive_permit_without_calls),
+        ("grpc.http2.max_pings_without_data", keepalive.http2_max_pings_without_data),
+        ("grpc.lb_policy_name", "round_robin"),
+    ]
+
+
 def _status(error: InferenceServerException) -> str | None:
     """The gRPC status name ("UNAVAILABLE"); tritonclient spells it "StatusCode.UNAVAILABLE"."""
     return (error.status() or "").removeprefix("StatusCode.") or None
@@ -277,7 +295,7 @@ class EmbeddingClient(_ClientBase):
     """Blocking client; thread-safe. At most `max_concurrency` requests are in flight, across all calls."""
 
     def _connect(self) -> None:
-        self._client = grpcclient.InferenceServerClient(self.url)
+        self._client = grpcclient.InferenceServerClient(self.url, channel_args=_channel_args())
         self._pool = ThreadPoolExecutor(self.max_concurrency, thread_name_prefix="nvembed-client")
 
     def encode(
@@ -385,7 +403,7 @@ class AsyncEmbeddingClient(_ClientBase):
     def _grpc(self) -> aio_grpcclient.InferenceServerClient:
         loop = asyncio.get_running_loop()
         if self._client is None or self._loop is not loop:
-            self._loop, self._client = loop, aio_grpcclient.InferenceServerClient(self.url)
+            self._loop, self._client = loop, aio_grpcclient.InferenceServerClient(self.url, channel_args=_channel_args())
             self._slots = asyncio.Semaphore(self.max_concurrency)
         return self._client
 
