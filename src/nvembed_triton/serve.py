@@ -32,6 +32,7 @@ EPILOG = """environment:
   TRITON_GRPC_PORT / TRITON_HTTP_PORT / TRITON_METRICS_PORT     default 8001 / 8000 / 8002
   TRITON_HOST           address the three ports bind to (default 127.0.0.1; 0.0.0.0 in the container image)
   NVEMBED_DRAIN_TIMEOUT_S   how long a stop may spend serving accepted requests (default 25)
+  NVEMBED_GPUS          e.g. 0,1: one encoder instance, with its own copy of the weights, per listed GPU
   NVEMBED_MODEL_REPOSITORY  the model repository (default: this checkout's model_repository)
 """
 
@@ -108,8 +109,11 @@ def server_settings(plan_: ServePlan, run_dir: Path, environ=os.environ) -> Serv
     }
     if plan_.device:
         overrides["NVEMBED_DEVICE"] = plan_.device
+    repository = layout_repository(plan_, run_dir)
+    if gpus := parse_gpus(environ.get("NVEMBED_GPUS", "")):
+        place_encoder_on_gpus(repository / encoder_model_name(plan_.name) / "config.pbtxt", gpus)
     return ServerSettings(
-        model_repository=layout_repository(plan_, run_dir),
+        model_repository=repository,
         models=(plan_.name, encoder_model_name(plan_.name)),
         run_dir=run_dir,
         grpc_port=int(environ.get("TRITON_GRPC_PORT", 8001)),
@@ -118,6 +122,29 @@ def server_settings(plan_: ServePlan, run_dir: Path, environ=os.environ) -> Serv
         host=environ.get("TRITON_HOST") or DEFAULT_HOST,
         environment=overrides,
     )
+
+
+def parse_gpus(value: str) -> list[int]:
+    """NVEMBED_GPUS: "0,1" -> [0, 1]; empty -> [] (the encoder config's own instance_group)."""
+    try:
+        gpus = [int(part) for part in value.replace(" ", "").split(",") if part]
+    except ValueError:
+        raise SettingsError(f"NVEMBED_GPUS must list GPU indices like 0,1; got {value!r}") from None
+    if any(gpu < 0 for gpu in gpus) or len(set(gpus)) != len(gpus):
+        raise SettingsError(f"NVEMBED_GPUS must list distinct GPU indices; got {value!r}")
+    return gpus
+
+
+def place_encoder_on_gpus(config_path: Path, gpus: list[int]) -> None:
+    """One encoder instance on each GPU, each with its own copy of the weights (Triton gives each
+    instance its device; the encoder loads on it). Dynamic batching spreads requests over them."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    config = text_format.Parse(config_path.read_text(), model_config_pb2.ModelConfig())
+    del config.instance_group[:]
+    config.instance_group.add(kind=model_config_pb2.ModelInstanceGroup.KIND_GPU, count=1, gpus=gpus)
+    config_path.write_text(text_format.MessageToString(config))
 
 
 def closed_flag(run_dir: Path) -> Path:
@@ -172,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = server_settings(plan_, run_dir, environ)
         check_ports_free(settings)
         return serve(plan_, settings, environ)
-    except ServerError as error:
+    except (ServerError, SettingsError) as error:
         print(f"serve.sh: {error}", file=sys.stderr)
         return 1
     finally:

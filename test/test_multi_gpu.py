@@ -1,0 +1,45 @@
+"""One encoder instance per GPU (NVEMBED_GPUS), checked without a GPU: the config Triton reads,
+and the device each instance then loads on."""
+
+import argparse
+
+import pytest
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2
+
+from nvembed_triton.contract import PUBLIC_MODEL, encoder_model_name
+from nvembed_triton.serve import plan, server_settings
+from nvembed_triton.settings import EncoderSettings, SettingsError
+
+
+def serve_plan(tiny_checkpoint):
+    args = argparse.Namespace(model_repository=None, name=None, demo=False, model_dir=str(tiny_checkpoint), device=None)
+    return plan(args, environ={})
+
+
+def encoder_config(settings) -> model_config_pb2.ModelConfig:
+    path = settings.model_repository / encoder_model_name(PUBLIC_MODEL) / "config.pbtxt"
+    return text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+
+
+def test_nvembed_gpus_gives_one_encoder_instance_per_gpu(tiny_checkpoint, tmp_path):
+    settings = server_settings(serve_plan(tiny_checkpoint), tmp_path, {"NVEMBED_GPUS": "0,1,3"})
+    config = encoder_config(settings)
+    assert len(config.instance_group) == 1
+    group = config.instance_group[0]
+    assert group.kind == model_config_pb2.ModelInstanceGroup.KIND_GPU and group.count == 1 and list(group.gpus) == [0, 1, 3]
+    assert config.dynamic_batching.default_queue_policy.max_queue_size == 64  # the rest of the config is kept
+    # Triton then starts instance i on gpus[i]; each loads its own copy of the weights there.
+    for gpu in (0, 1, 3):
+        assert EncoderSettings.from_parameters({"model_dir": "/m"}, "KIND_GPU", str(gpu)).device == f"cuda:{gpu}"
+
+
+def test_without_nvembed_gpus_the_shipped_instance_group_stays(tiny_checkpoint, tmp_path):
+    config = encoder_config(server_settings(serve_plan(tiny_checkpoint), tmp_path, {}))
+    assert [g.kind for g in config.instance_group] == [model_config_pb2.ModelInstanceGroup.KIND_CPU]
+
+
+@pytest.mark.parametrize("value", ["a,b", "0,0", "-1"])
+def test_bad_nvembed_gpus_is_refused(tiny_checkpoint, tmp_path, value):
+    with pytest.raises(SettingsError, match="NVEMBED_GPUS"):
+        server_settings(serve_plan(tiny_checkpoint), tmp_path, {"NVEMBED_GPUS": value})
