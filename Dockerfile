@@ -1,17 +1,35 @@
-# NV-Embed-v2 on Triton: NVIDIA's Triton server image (Triton 2.51, the release the tests run
-# against) with this package installed. Mount the Hugging Face snapshot at /models/NV-Embed-v2:
+# NV-Embed-v2 on Triton: NVIDIA's Triton image with this package installed. Mount the Hugging Face
+# snapshot at /models/NV-Embed-v2 (README "Deploy"):
 #   docker build -t nvembed-triton .
-#   docker run --gpus all -p 8001:8001 -v /path/to/NV-Embed-v2:/models/NV-Embed-v2:ro nvembed-triton
-FROM nvcr.io/nvidia/tritonserver:24.10-py3
+#   docker run --gpus all --shm-size=2g -p 8000-8002:8000-8002 -v /path/to/NV-Embed-v2:/models/NV-Embed-v2:ro nvembed-triton
+#
+# Base: 24.11-py3 is Triton 2.52.0 on Ubuntu 24.04 with Python 3.12 (the server repository's
+# TRITON_VERSION and qa/L0_backend_python on branch r24.11; NVIDIA's release notes and
+# compatibility matrix say "Ubuntu 24.04 including Python 3.12" from there on). It is the first
+# release whose Python fits the pins (transformers 5 needs >= 3.11); 24.10 has Python 3.10. Its
+# Python-backend stub is built for that Python and also reads BYTES with numpy 2 (python_backend
+# #384); the pins keep numpy < 2 for the 2.51 server the tests run against.
+FROM nvcr.io/nvidia/tritonserver:24.11-py3
+
+# The base image's Python, the one its backend stub embeds: test_packaging resolves the
+# dependencies for it.
+ARG IMAGE_PYTHON=3.12
 
 WORKDIR /opt/nvembed-triton
 
-# Dependencies first, so code changes do not re-download torch. PyPI's default torch wheel is
-# a CUDA build, which is what the GPU needs here.
+# Ubuntu 24.04 marks the system Python as externally managed; this image exists for this package.
+ENV PIP_BREAK_SYSTEM_PACKAGES=1
+
+# Dependencies first, from pyproject.toml and an empty package, so code changes reuse this layer.
+# PyPI's default torch is a CUDA 13 build (NVIDIA driver >= 580); for an older driver install the
+# matching build from PyTorch's index instead (README "Deploy").
 COPY pyproject.toml README.md ./
-COPY src ./src
+COPY src/nvembed_triton/__init__.py src/nvembed_triton/__init__.py
 RUN pip install --no-cache-dir "torch==2.13.0" \
     && pip install --no-cache-dir ".[langchain]"
+
+COPY src ./src
+RUN pip install --no-cache-dir --no-deps .
 
 COPY model_repository ./model_repository
 COPY serve.sh ./
@@ -27,4 +45,6 @@ EXPOSE 8000 8001 8002
 # While serve.sh restarts a broken tritonserver its ports are closed, so this turns unhealthy.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=600s \
     CMD ["curl", "-fsS", "http://localhost:8000/v2/models/nv-embed-v2/ready"]
+# SIGTERM drains (serve what was accepted, then exit) within NVEMBED_DRAIN_TIMEOUT_S.
+STOPSIGNAL SIGTERM
 ENTRYPOINT ["./serve.sh"]

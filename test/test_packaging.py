@@ -2,9 +2,11 @@
 serve.sh's early, explicit failures."""
 
 import os
+import re
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -18,10 +20,50 @@ def test_dockerfile_passes_hadolint():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_dockerfile_serves_the_repository_from_a_triton_image():
-    text = (ROOT / "Dockerfile").read_text()
-    assert "FROM nvcr.io/nvidia/tritonserver:" in text
-    assert 'ENTRYPOINT ["./serve.sh"]' in text
+def dockerfile_value(pattern: str) -> str:
+    match = re.search(pattern, (ROOT / "Dockerfile").read_text())
+    assert match, pattern
+    return match.group(1)
+
+
+def image_requirements() -> list[str]:
+    """What the Dockerfile's pip installs: torch at its pin, and the package with [langchain]."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    torch = dockerfile_value(r'"(torch==[^"]+)"')
+    return [torch, *project["dependencies"], *project["optional-dependencies"]["langchain"]]
+
+
+def resolve_for(python_version: str) -> subprocess.CompletedProcess:
+    """pip's resolver on the image's platform (Ubuntu 24.04: glibc 2.39, x86-64), from package
+    metadata only: nothing is installed and no CUDA wheel is downloaded."""
+    platforms = ["--platform=manylinux2014_x86_64"] + [f"--platform=manylinux_2_{minor}_x86_64" for minor in range(17, 40)]
+    return subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet", "--only-binary=:all:",
+         f"--python-version={python_version}", "--implementation=cp", f"--abi=cp{python_version.replace('.', '')}",
+         *platforms, "--target", str(ROOT / "build" / "none"),
+         *image_requirements()],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+
+
+def test_the_image_can_install_the_dependencies_for_its_python():
+    """The Dockerfile's pip step can succeed on the base image's Python; on 24.10's Python 3.10 it
+    could not (transformers 5 needs 3.11), which this check also sees."""
+    python = dockerfile_value(r"ARG IMAGE_PYTHON=(\S+)")
+    result = resolve_for(python)
+    assert result.returncode == 0, result.stderr[-3000:]
+    old = resolve_for("3.10")
+    assert old.returncode != 0 and "Requires-Python" in old.stderr + old.stdout
+
+
+def test_torch_is_pinned_alike_wherever_it_is_installed():
+    setup_pin = re.search(r'"(torch==[^"]+)"', (ROOT / "setup.sh").read_text()).group(1)
+    assert dockerfile_value(r'"(torch==[^"]+)"') == setup_pin
+
+
+def test_the_build_context_leaves_out_local_environments():
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert {".venv", ".git", "**/__pycache__"} <= set(ignored)
 
 
 def serve(*args, **env):
