@@ -12,4 +12,7 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   .venv/bin/python -m pip install --quiet "torch==2.13.0"
 fi
 .venv/bin/python -m pip install --quiet -e ".[test]"
+# checkov (deploy/kubernetes' policy scan in the tests) in a venv of its own: its pins would
+# downgrade packages torch relies on.
+[[ -x .venv/checkov/bin/checkov ]] || { "$python" -m venv .venv/checkov && .venv/checkov/bin/python -m pip install --quiet "checkov==3.3.30"; }
 echo "setup.sh: ready ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))"
