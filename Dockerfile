@@ -1,7 +1,7 @@
 # NV-Embed-v2 on Triton: NVIDIA's Triton image with this package installed. Mount the Hugging Face
 # snapshot at /models/NV-Embed-v2 (README "Deploy"):
 #   docker build -t nvembed-triton .
-#   docker run --gpus all --shm-size=2g -p 8000-8002:8000-8002 -v /path/to/NV-Embed-v2:/models/NV-Embed-v2:ro nvembed-triton
+#   docker run --gpus all --shm-size=2g -p 8000-8002:8000-8002 -p 8080:8080 -v /path/to/NV-Embed-v2:/models/NV-Embed-v2:ro nvembed-triton
 #
 # Base: 24.11-py3 is Triton 2.52.0 on Ubuntu 24.04 with Python 3.12 (the server repository's
 # TRITON_VERSION and qa/L0_backend_python on branch r24.11; NVIDIA's release notes and
@@ -39,9 +39,11 @@ COPY serve.sh ./
 ENV NVEMBED_MODEL_REPOSITORY=/opt/nvembed-triton/model_repository \
     NVEMBED_MODEL_DIR=/models/NV-Embed-v2 \
     TRITON_HOST=0.0.0.0 \
+    NVEMBED_OPENAI_PORT=8080 \
     HF_HUB_OFFLINE=1
 
-EXPOSE 8000 8001 8002
+# Triton HTTP, gRPC, metrics; the OpenAI/NIM-compatible embeddings API.
+EXPOSE 8000 8001 8002 8080
 # While serve.sh restarts a broken tritonserver its ports are closed, so this turns unhealthy.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=600s \
     CMD ["curl", "-fsS", "http://localhost:8000/v2/models/nv-embed-v2/ready"]

@@ -4,6 +4,8 @@ serve.sh on free ports (CPU). A server's log is printed when a test using it fai
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -16,7 +18,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 
 from nvembed_triton.contract import PUBLIC_MODEL, encoder_model_name
-from nvembed_triton.serve import DEMO_MODEL, demo_model_dir
+from nvembed_triton.serve import DEMO_MODEL, REPOSITORY, demo_model_dir
 from nvembed_triton.tiny_checkpoint import write_tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,6 +43,11 @@ class RunningServer:
     http_port: int
     metrics_port: int
     console_path: Path  # serve.sh's own output
+    openai_port: int  # the OpenAI/NIM-compatible API every test server also serves
+
+    @property
+    def openai_url(self) -> str:
+        return f"http://127.0.0.1:{self.openai_port}/v1"
 
     def client(self) -> grpcclient.InferenceServerClient:
         return grpcclient.InferenceServerClient(self.url)
@@ -55,12 +62,13 @@ class RunningServer:
 
 
 def start_server(tmp: Path, model: str, args: list[str], extra_env: dict[str, str]) -> RunningServer:
-    grpc_port, http_port, metrics_port = free_port(), free_port(), free_port()
+    grpc_port, http_port, metrics_port, openai_port = free_port(), free_port(), free_port(), free_port()
     env = {
         **os.environ,
         "TRITON_GRPC_PORT": str(grpc_port),
         "TRITON_HTTP_PORT": str(http_port),
         "TRITON_METRICS_PORT": str(metrics_port),
+        "NVEMBED_OPENAI_PORT": str(openai_port),
         "PYTHON": sys.executable,
         **extra_env,
     }
@@ -70,8 +78,9 @@ def start_server(tmp: Path, model: str, args: list[str], extra_env: dict[str, st
         [str(SERVE_SH), "--run-dir", str(run_dir), *args], env=env, stdout=console, stderr=subprocess.STDOUT
     )
     server = RunningServer(
-        model, f"127.0.0.1:{grpc_port}", run_dir / "tritonserver.log", process, http_port, metrics_port, tmp / "serve.out"
-    )
+        model, f"127.0.0.1:{grpc_port}", run_dir / "tritonserver.log", process, http_port, metrics_port, tmp / "serve.out",
+        openai_port,
+    )  # fmt: skip
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -110,6 +119,24 @@ def start_tiny_server(tmp: Path, tiny_checkpoint: Path) -> RunningServer:
 @pytest.fixture(scope="session")
 def nvembed_server(tmp_path_factory, tiny_checkpoint) -> RunningServer:
     server = start_tiny_server(tmp_path_factory.mktemp("nvembed-server"), tiny_checkpoint)
+    yield server
+    stop_server(server)
+
+
+SMALL_QUEUE = 4  # the public model's queue in small_queue_server
+
+
+@pytest.fixture(scope="session")
+def small_queue_server(tmp_path_factory, tiny_checkpoint) -> RunningServer:
+    """The shipped repository with the public model's queue cut to SMALL_QUEUE requests."""
+    tmp = tmp_path_factory.mktemp("small-queue")
+    repository = shutil.copytree(REPOSITORY, tmp / "repository", ignore=shutil.ignore_patterns("__pycache__"))
+    config = repository / PUBLIC_MODEL / "config.pbtxt"
+    text, replaced = re.subn(r"max_queue_size: \d+", f"max_queue_size: {SMALL_QUEUE}", config.read_text())
+    assert replaced == 1
+    config.write_text(text)
+    env = {"NVEMBED_MODEL_DIR": str(tiny_checkpoint), "NVEMBED_MAX_LENGTH": str(TEST_MAX_LENGTH)}
+    server = start_server(tmp, PUBLIC_MODEL, ["--device", "cpu", "--model-repository", str(repository)], env)
     yield server
     stop_server(server)
 

@@ -47,7 +47,7 @@ def test_the_deployment_fits_the_server():
     pod = found["Deployment/nvembed-triton"]["spec"]["template"]["spec"]
     container = pod["containers"][0]
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert ports == {"http": 8000, "grpc": 8001, "metrics": 8002}
+    assert ports == {"http": 8000, "grpc": 8001, "metrics": 8002, "openai": 8080}
     for probe in ("startupProbe", "readinessProbe"):
         assert container[probe]["httpGet"]["path"] == f"/v2/models/{PUBLIC_MODEL}/ready"
     startup = container["startupProbe"]

@@ -3,8 +3,6 @@ every response that asks for it, and metrics that count what happened."""
 
 from __future__ import annotations
 
-import re
-import shutil
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -12,7 +10,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
-from conftest import TEST_MAX_LENGTH, start_server, stop_server
+from conftest import SMALL_QUEUE as QUEUE
+from conftest import TEST_MAX_LENGTH
 from grpc_helpers import bytes_input, cosine, embed_documents, embed_query
 from nvembed_reference import ReferenceNVEmbed
 from prometheus_client.parser import text_string_to_metric_families
@@ -30,29 +29,8 @@ from nvembed_triton.contract import (
     encoder_model_name,
     nvembed_query_instruction,
 )
-from nvembed_triton.serve import REPOSITORY
 
-QUEUE = 4
 DOCUMENTS = [f"document {i} " + "bread flour yeast water salt " * 40 for i in range(64)]
-
-
-@pytest.fixture(scope="module")
-def small_queue_server(tmp_path_factory, tiny_checkpoint):
-    """The shipped repository with the public model's queue cut to QUEUE requests."""
-    tmp = tmp_path_factory.mktemp("small-queue")
-    repository = shutil.copytree(REPOSITORY, tmp / "repository", ignore=shutil.ignore_patterns("__pycache__"))
-    config = repository / PUBLIC_MODEL / "config.pbtxt"
-    text, replaced = re.subn(r"max_queue_size: \d+", f"max_queue_size: {QUEUE}", config.read_text())
-    assert replaced == 1
-    config.write_text(text)
-    server = start_server(
-        tmp,
-        PUBLIC_MODEL,
-        ["--device", "cpu", "--model-repository", str(repository)],
-        {"NVEMBED_MODEL_DIR": str(tiny_checkpoint), "NVEMBED_MAX_LENGTH": str(TEST_MAX_LENGTH)},
-    )
-    yield server
-    stop_server(server)
 
 
 def test_a_burst_over_capacity_is_refused_fast_and_the_rest_is_served(small_queue_server):

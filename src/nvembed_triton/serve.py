@@ -10,6 +10,7 @@ import signal
 import socket
 import sys
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +34,7 @@ EPILOG = """environment:
   TRITON_HOST           address the three ports bind to (default 127.0.0.1; 0.0.0.0 in the container image)
   NVEMBED_DRAIN_TIMEOUT_S   how long a stop may spend serving accepted requests (default 25)
   NVEMBED_GPUS          e.g. 0,1: one encoder instance, with its own copy of the weights, per listed GPU
+  NVEMBED_OPENAI_PORT   also serve the OpenAI/NIM-compatible HTTP API on this port (as --openai-port)
   NVEMBED_MODEL_REPOSITORY  the model repository (default: this checkout's model_repository)
 """
 
@@ -178,6 +180,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--demo", action="store_true", help=f"serve the small bundled all-MiniLM-L6-v2 as {DEMO_MODEL} on the CPU")
     p.add_argument("--model-repository", help="model repository to serve from (default: ./model_repository)")
     p.add_argument("--host", help=f"address the ports bind to (default: $TRITON_HOST, then {DEFAULT_HOST})")
+    p.add_argument("--openai-port", type=int, help="also serve the OpenAI/NIM-compatible embeddings API on this port")
     p.add_argument("--run-dir", help="where the server log and assembled files go (default: a temporary directory)")
     p.add_argument("--check", action="store_true", help="check the model directory and exit")
     return p
@@ -194,10 +197,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ok: {plan_.model_dir} can be served as {plan_.name}")
         return 0
     environ = {**os.environ, **({"TRITON_HOST": args.host} if args.host else {})}
+    if args.openai_port:
+        environ["NVEMBED_OPENAI_PORT"] = str(args.openai_port)
     run_dir = Path(args.run_dir or tempfile.mkdtemp(prefix="nvembed-triton-"))
     try:
         settings = server_settings(plan_, run_dir, environ)
-        check_ports_free(settings)
+        check_ports_free(settings, {"NVEMBED_OPENAI_PORT": openai_port(environ)})
         return serve(plan_, settings, environ)
     except (ServerError, SettingsError) as error:
         print(f"serve.sh: {error}", file=sys.stderr)
@@ -207,10 +212,18 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(run_dir, ignore_errors=True)
 
 
-def check_ports_free(settings: ServerSettings) -> None:
+def openai_port(environ) -> int | None:
+    value = environ.get("NVEMBED_OPENAI_PORT", "")
+    if value and not value.isdigit():
+        raise SettingsError(f"NVEMBED_OPENAI_PORT / --openai-port must be a port number, got {value!r}")
+    return int(value) if value else None
+
+
+def check_ports_free(settings: ServerSettings, extra: dict[str, int | None]) -> None:
     """Before minutes of weight loading, not after: a port in use is named with its variable."""
-    for variable, port in (("TRITON_GRPC_PORT", settings.grpc_port), ("TRITON_HTTP_PORT", settings.http_port),
-                           ("TRITON_METRICS_PORT", settings.metrics_port)):  # fmt: skip
+    ports = {"TRITON_GRPC_PORT": settings.grpc_port, "TRITON_HTTP_PORT": settings.http_port,
+             "TRITON_METRICS_PORT": settings.metrics_port, **extra}  # fmt: skip
+    for variable, port in ((variable, port) for variable, port in ports.items() if port):
         with socket.socket() as probe_socket:
             probe_socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers bind
             try:
@@ -229,10 +242,14 @@ def serve(plan_: ServePlan, settings: ServerSettings, environ) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):  # both drain: serve what was accepted, then exit
         signal.signal(signum, lambda *_: supervisor.stop.set())
     log(f"starting tritonserver for {plan_.name} ({plan_.model_dir}); log: {server.log_path}")
+    http_api = None
     try:
         server.start()
         server.wait_ready(abort=supervisor.stop)
         ports = f"grpc {settings.grpc_port}, http {settings.http_port}, metrics {settings.metrics_port}"
+        if port := openai_port(environ):
+            http_api = OpenAIServer(settings, plan_.name, port)
+            ports += f", OpenAI API {port}"
         log(f"{plan_.name} ready on {settings.host}: {ports}")
         code = supervisor.run()
         if code == 0:
@@ -240,7 +257,28 @@ def serve(plan_: ServePlan, settings: ServerSettings, environ) -> int:
         return code
     finally:
         supervisor.drain(float(environ.get("NVEMBED_DRAIN_TIMEOUT_S", DEFAULT_DRAIN_TIMEOUT_S)))
+        if http_api is not None:  # after the drain: its requests were Triton's too, and were served
+            http_api.stop()
         log("stopped")
+
+
+class OpenAIServer:
+    """The OpenAI/NIM-compatible API (openai_api.py) in a thread of the launcher, on the same host
+    setting as Triton; it answers 503 while Triton restarts."""
+
+    def __init__(self, settings: ServerSettings, model: str, port: int):
+        import uvicorn
+
+        from .openai_api import create_app
+
+        config = uvicorn.Config(create_app(settings.grpc_url, model), host=settings.host, port=port, log_level="warning")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, name="openai-api", daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
 
 
 def log(message: str) -> None:

@@ -1,0 +1,231 @@
+"""The OpenAI/NIM-compatible HTTP API, through clients nobody here wrote (the openai SDK,
+LangChain's OpenAIEmbeddings, NVIDIA's NVIDIAEmbeddings), against real servers: every vector equals
+the same text through the gRPC contract. Then every error, through raw HTTP."""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from conftest import TEST_MAX_LENGTH
+from grpc_helpers import cosine, embed_documents, embed_query
+from openai import OpenAI
+
+from nvembed_triton.contract import PUBLIC_MODEL
+from nvembed_triton.serve import DEMO_MODEL
+
+TEXTS = ["Neural networks learn through iterative training.", "Market prices follow supply and demand.", "x"]
+MATCH = 0.99999
+
+
+def wait_for_api(server, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{server.openai_port}/health", timeout=5) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError("the OpenAI API never answered /health")
+
+
+@pytest.fixture(scope="module")
+def api(nvembed_server):
+    wait_for_api(nvembed_server)
+    return nvembed_server
+
+
+@pytest.fixture(scope="module")
+def minilm_api(minilm_server):
+    wait_for_api(minilm_server)
+    return minilm_server
+
+
+def post(server, body: bytes | dict, path: str = "/embeddings") -> tuple[int, dict, dict]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    request = urllib.request.Request(server.openai_url + path, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read()), dict(response.headers)
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read()), dict(error.headers)
+
+
+# --- real clients --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("encoding_format", ["float", "base64", None])
+def test_the_openai_sdk_gets_the_contracts_vectors(api, encoding_format):
+    """None: the SDK asks for base64 itself and decodes it."""
+    client = OpenAI(base_url=api.openai_url, api_key="not-needed")
+    extra = {} if encoding_format is None else {"encoding_format": encoding_format}
+    response = client.embeddings.create(model=PUBLIC_MODEL, input=TEXTS, **extra)
+    vectors = [item.embedding for item in sorted(response.data, key=lambda item: item.index)]
+    if encoding_format == "base64":  # asked for explicitly, the SDK hands the string back
+        vectors = [np.frombuffer(base64.b64decode(v), dtype="<f4") for v in vectors]
+    with api.client() as grpc:
+        expected = embed_documents(grpc, PUBLIC_MODEL, TEXTS)
+    assert np.all(cosine(np.array(vectors, dtype=np.float32), expected) >= MATCH)
+    assert response.usage.prompt_tokens == response.usage.total_tokens > len(TEXTS)
+
+
+def test_langchains_openai_embeddings(api):
+    from langchain_openai import OpenAIEmbeddings
+
+    embeddings = OpenAIEmbeddings(
+        model=PUBLIC_MODEL, base_url=api.openai_url, api_key="not-needed", check_embedding_ctx_length=False
+    )
+    with api.client() as grpc:
+        expected = embed_documents(grpc, PUBLIC_MODEL, TEXTS)
+    assert np.all(cosine(np.array(embeddings.embed_documents(TEXTS)), expected) >= MATCH)
+    # OpenAI's dialect has no query type: a query is embedded as a passage.
+    assert cosine(np.array(embeddings.embed_query(TEXTS[0])), expected[0]) >= MATCH
+
+
+def test_nvidias_langchain_client_with_input_type_and_truncate(api):
+    from langchain_nvidia_ai_endpoints import NVIDIAEmbeddings
+
+    long_text = " ".join(f"word{i}" for i in range(TEST_MAX_LENGTH * 2))
+    embeddings = NVIDIAEmbeddings(base_url=api.openai_url, model=PUBLIC_MODEL, api_key="not-needed", truncate="END")
+    with api.client() as grpc:
+        query = embed_query(grpc, PUBLIC_MODEL, TEXTS[0])[0]  # input_type query: the query instruction
+        passages = embed_documents(grpc, PUBLIC_MODEL, TEXTS + [long_text])  # input_type passage: none
+    assert cosine(np.array(embeddings.embed_query(TEXTS[0])), query) >= MATCH
+    assert np.all(cosine(np.array(embeddings.embed_documents(TEXTS + [long_text])), passages) >= MATCH)
+    refusing = NVIDIAEmbeddings(base_url=api.openai_url, model=PUBLIC_MODEL, api_key="not-needed", truncate="NONE")
+    with pytest.raises(Exception, match="truncate is NONE"):
+        refusing.embed_documents([long_text])
+
+
+def test_a_sentence_transformers_model_through_the_openai_sdk(minilm_api):
+    client = OpenAI(base_url=minilm_api.openai_url, api_key="not-needed")
+    response = client.embeddings.create(model=DEMO_MODEL, input=TEXTS, encoding_format="float")
+    with minilm_api.client() as grpc:
+        expected = embed_documents(grpc, DEMO_MODEL, TEXTS)
+    assert np.all(cosine(np.array([item.embedding for item in response.data]), expected) >= MATCH)
+
+
+def test_models_and_health(api):
+    with urllib.request.urlopen(api.openai_url + "/models", timeout=10) as response:
+        assert [model["id"] for model in json.loads(response.read())["data"]] == [PUBLIC_MODEL]
+    for path in ("/v1/health/ready", "/health"):
+        with urllib.request.urlopen(f"http://127.0.0.1:{api.openai_port}{path}", timeout=10) as response:
+            assert response.status == 200
+
+
+def test_large_inputs_are_split_and_keep_their_order(api):
+    texts = [f"document number {i}" for i in range(1500)]  # over max_documents (1024)
+    status, body, _ = post(api, {"model": PUBLIC_MODEL, "input": texts})
+    assert status == 200 and [item["index"] for item in body["data"]] == list(range(1500))
+    with api.client() as grpc:
+        expected = embed_documents(grpc, PUBLIC_MODEL, texts[1000:1010])
+    assert np.all(cosine(np.array([item["embedding"] for item in body["data"][1000:1010]]), expected) >= MATCH)
+
+
+# --- errors --------------------------------------------------------------------------------------
+
+LONG = " ".join(f"word{i}" for i in range(TEST_MAX_LENGTH * 2))
+ERRORS = {
+    "invalid JSON": (b"{not json", 400, None),
+    "empty list": ({"model": PUBLIC_MODEL, "input": []}, 400, "input"),
+    "empty string": ({"model": PUBLIC_MODEL, "input": ["ok", ""]}, 400, "input"),
+    "non-string item": ({"model": PUBLIC_MODEL, "input": ["ok", 3.5]}, 400, "input"),
+    "token ids": ({"model": PUBLIC_MODEL, "input": [[1, 2, 3]]}, 400, "input"),
+    "too many inputs": ({"model": PUBLIC_MODEL, "input": ["t"] * 2049}, 400, "input"),
+    "unknown model": ({"model": "gpt-4", "input": "hello"}, 404, "model"),
+    "other dimensions": ({"model": PUBLIC_MODEL, "input": "hello", "dimensions": 128}, 400, "dimensions"),
+    "bad encoding_format": ({"model": PUBLIC_MODEL, "input": "hello", "encoding_format": "int8"}, 400, "encoding_format"),
+    "bad input_type": ({"model": PUBLIC_MODEL, "input": "hello", "input_type": "code"}, 400, "input_type"),
+    "bad truncate": ({"model": PUBLIC_MODEL, "input": "hello", "truncate": "MIDDLE"}, 400, "truncate"),
+    "over-long text, truncate NONE": ({"model": PUBLIC_MODEL, "input": [LONG], "truncate": "NONE"}, 400, "input"),
+}
+
+
+@pytest.mark.parametrize("case", ERRORS, ids=list(ERRORS))
+def test_client_mistakes_get_openais_error_shape_never_500(api, case):
+    body, status, param = ERRORS[case]
+    got, payload, _ = post(api, body)
+    assert got == status, payload
+    error = payload["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    assert error["param"] == param and error["type"] == "invalid_request_error"
+
+
+def test_a_body_over_the_limit_is_413_before_it_is_read(api):
+    """Only the headers are sent: the refusal comes from the declared size, before any body."""
+    import http.client
+
+    connection = http.client.HTTPConnection("127.0.0.1", api.openai_port, timeout=30)
+    connection.putrequest("POST", "/v1/embeddings")
+    connection.putheader("Content-Type", "application/json")
+    connection.putheader("Content-Length", str(40 * 2**20))  # > 2 x 16 MiB + 1 MiB
+    connection.endheaders()
+    response = connection.getresponse()
+    assert response.status == 413 and json.loads(response.read())["error"]["code"] == "body_too_large"
+    connection.close()
+
+
+def test_a_body_over_the_limit_without_a_declared_size_is_413(api):
+    chunks = (b'{"model": "nv-embed-v2", "input": ["' + b"y" * 2**20 + b'"' for _ in range(40))
+    request = urllib.request.Request(api.openai_url + "/embeddings", data=chunks, headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as raised:  # sent chunked: no Content-Length
+        urllib.request.urlopen(request, timeout=60)
+    assert raised.value.code == 413
+
+
+def test_over_capacity_is_429_with_retry_after(small_queue_server):
+    """A server with a public queue of 4, through HTTP: a burst gets 429s with Retry-After, never a
+    500, and what is served is right."""
+    wait_for_api(small_queue_server)
+    burst = {"model": PUBLIC_MODEL, "input": [f"document {i} " + "bread flour yeast " * 60 for i in range(64)]}
+    with ThreadPoolExecutor(64) as pool:
+        outcomes = list(pool.map(lambda _: post(small_queue_server, burst), range(64)))
+    refused = [(status, headers) for status, _, headers in outcomes if status != 200]
+    assert refused and all(status == 429 and headers.get("retry-after") for status, headers in refused)
+    served = [body for status, body, _ in outcomes if status == 200]
+    assert served, "nothing was served"
+    with small_queue_server.client() as grpc:
+        expected = embed_documents(grpc, PUBLIC_MODEL, burst["input"][:3])
+    assert all(np.all(cosine(np.array([d["embedding"] for d in body["data"][:3]]), expected) >= MATCH) for body in served)
+
+
+def test_triton_not_ready_is_503(tmp_path):
+    """The API alone, pointed at a Triton that is not there."""
+    import subprocess
+    import sys
+
+    from conftest import free_port
+
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "nvembed_triton.openai_api", "--triton-url", f"127.0.0.1:{free_port()}", "--port", str(port)]
+    )
+    try:
+
+        class Down:
+            openai_port = port
+            openai_url = f"http://127.0.0.1:{port}/v1"
+
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                status, payload, headers = post(Down, {"model": PUBLIC_MODEL, "input": "hello"})
+                break
+            except OSError:
+                assert time.monotonic() < deadline
+                time.sleep(0.2)
+        assert status == 503 and headers.get("retry-after") and payload["error"]["code"] == "model_not_ready"
+        with pytest.raises(urllib.error.HTTPError) as raised:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/health/ready", timeout=10)
+        assert raised.value.code == 503
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
