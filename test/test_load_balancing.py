@@ -44,9 +44,11 @@ def requests_served(server) -> float:
 
 
 def test_requests_are_spread_over_both_replicas(two_servers):
-    before = [requests_served(server) for server in two_servers]
     with EmbeddingClient(target(two_servers)) as client:
         expected = client.encode(TEXTS)
+        for _ in range(6):  # until gRPC has connected to both
+            client.encode(TEXTS)
+        before = [requests_served(server) for server in two_servers]
         results = [client.encode(TEXTS) for _ in range(40)]
     served = [requests_served(server) - start for server, start in zip(two_servers, before, strict=True)]
     print(f"requests served per replica: {served}")
@@ -59,10 +61,14 @@ def test_the_async_client_balances_too(two_servers):
 
     async def run():
         async with AsyncEmbeddingClient(target(two_servers)) as client:
-            return [await client.encode(TEXTS) for _ in range(20)]
+            for _ in range(6):  # until gRPC has connected to both
+                await client.encode(TEXTS)
+            before = [requests_served(server) for server in two_servers]
+            for _ in range(20):
+                await client.encode(TEXTS)
+            return before
 
-    before = [requests_served(server) for server in two_servers]
-    asyncio.run(run())
+    before = asyncio.run(run())
     served = [requests_served(server) - start for server, start in zip(two_servers, before, strict=True)]
     assert min(served) >= 5, served
 

@@ -18,6 +18,7 @@ import numpy as np
 import tritonclient.grpc.aio as aio_grpcclient
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from tritonclient.utils import InferenceServerException
 
 from . import contract
 from .client import AsyncEmbeddingClient, EmbeddingError, InvalidInputError, ServerUnavailableError
@@ -96,8 +97,11 @@ def create_app(triton_url: str, model: str) -> FastAPI:
     async def limits() -> tuple[int, int]:
         """The model's dimension and the largest body accepted, read once from Triton."""
         if "limits" not in state:
-            async with aio_grpcclient.InferenceServerClient(triton_url) as triton:
-                config = (await triton.get_model_config(model, as_json=True))["config"]
+            try:
+                async with aio_grpcclient.InferenceServerClient(triton_url) as triton:
+                    config = (await triton.get_model_config(model, as_json=True, client_timeout=10))["config"]
+            except InferenceServerException as error:
+                raise ServerUnavailableError(f"cannot read the model config: {error.message()}", "UNAVAILABLE") from None
             text_bytes = int(config.get("parameters", {}).get("max_request_bytes", {}).get("string_value") or 16 * 2**20)
             dimension = (await (await client()).encode(["dimension"])).shape[-1]
             state["limits"] = (dimension, text_bytes * BODY_BYTES_PER_TEXT_BYTE + 2**20)
@@ -109,6 +113,12 @@ def create_app(triton_url: str, model: str) -> FastAPI:
                 return await triton.is_model_ready(model, client_timeout=5)
         except Exception:  # not reachable: not ready
             return False
+
+    async def api_error_for(error: EmbeddingError) -> ApiError:
+        # Readiness is asked only on this failure path: asking on every request costs a round trip.
+        if isinstance(error, ServerUnavailableError) and not await triton_ready():
+            return ApiError(503, "the embedding model is not ready; retry shortly", code="model_not_ready")
+        return as_api_error(error)
 
     @app.exception_handler(ApiError)
     async def api_error(_request: Request, error: ApiError) -> JSONResponse:
@@ -135,12 +145,10 @@ def create_app(triton_url: str, model: str) -> FastAPI:
 
     @app.post("/v1/embeddings")
     async def embeddings(request: Request) -> JSONResponse:
-        if not await triton_ready():
-            raise ApiError(503, "the embedding model is not ready; retry shortly", code="model_not_ready")
         try:
             dimension, max_body = await limits()
         except EmbeddingError as error:
-            raise as_api_error(error) from None
+            raise await api_error_for(error) from None
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > max_body:
             raise ApiError(413, f"the request body is {declared} bytes; at most {max_body} are accepted", code="body_too_large")
@@ -172,7 +180,7 @@ def create_app(triton_url: str, model: str) -> FastAPI:
         try:
             result = await (await client()).embed_with_usage(texts, prompt_name=INPUT_TYPES[input_type], truncate=truncate)
         except EmbeddingError as error:
-            raise as_api_error(error) from None
+            raise await api_error_for(error) from None
         data = [
             {"object": "embedding", "index": i, "embedding": encode_vector(vector, encoding_format)}
             for i, vector in enumerate(result.embeddings)
