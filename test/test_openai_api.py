@@ -77,14 +77,14 @@ def test_the_openai_sdk_gets_the_contracts_vectors(api, encoding_format):
     assert response.usage.prompt_tokens == response.usage.total_tokens > len(TEXTS)
 
 
-def test_langchains_openai_embeddings(api):
+@pytest.mark.parametrize("which", [PUBLIC_MODEL, DEMO_MODEL])
+def test_langchains_openai_embeddings(request, which):
     from langchain_openai import OpenAIEmbeddings
 
-    embeddings = OpenAIEmbeddings(
-        model=PUBLIC_MODEL, base_url=api.openai_url, api_key="not-needed", check_embedding_ctx_length=False
-    )
+    api = request.getfixturevalue("api" if which == PUBLIC_MODEL else "minilm_api")
+    embeddings = OpenAIEmbeddings(model=which, base_url=api.openai_url, api_key="not-needed", check_embedding_ctx_length=False)
     with api.client() as grpc:
-        expected = embed_documents(grpc, PUBLIC_MODEL, TEXTS)
+        expected = embed_documents(grpc, which, TEXTS)
     assert np.all(cosine(np.array(embeddings.embed_documents(TEXTS)), expected) >= MATCH)
     # OpenAI's dialect has no query type: a query is embedded as a passage.
     assert cosine(np.array(embeddings.embed_query(TEXTS[0])), expected[0]) >= MATCH
