@@ -50,7 +50,7 @@ from nvembed_triton.tiny_checkpoint import LATENT_CONFIG as TINY_LATENT_CONFIG
 from nvembed_triton.tiny_checkpoint import TEXT_CONFIG as TINY_TEXT_CONFIG
 from nvembed_triton.tokenization import PAD_ID
 
-# The published text_config's architecture (shared/NVEMBED.md); mistral_config drops the sliding window.
+# The published text_config's architecture (docs/nv-embed-v2.md); mistral_config drops the sliding window.
 FULL_TEXT_CONFIG = {
     "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
     "num_attention_heads": 32, "num_key_value_heads": 8, "hidden_act": "silu", "rms_norm_eps": 1e-05,

@@ -1,4 +1,4 @@
-"""An independent fp32 NV-Embed-v2, written from shared/NVEMBED.md for the tests to compare the server
+"""An independent fp32 NV-Embed-v2, written from docs/nv-embed-v2.md for the tests to compare the server
 against. Deliberately plain: one text at a time, no padding, no batching, no transformers and nothing
 from the package under test -- RMSNorm, RoPE, grouped-query attention and the pooling head are all
 spelled out here.
@@ -96,7 +96,7 @@ class ReferenceNVEmbed:
         # then the last ids that fit.
         ids = self.tokenizer.encode(instruction + text + "</s>").ids
         # Instruction masking drops positions 0..n-1 where n counts the instruction's own tokens (no BOS):
-        # that is BOS plus the instruction, as NVEMBED.md describes. With no instruction, n = 0 and BOS stays.
+        # that is BOS plus the instruction, as docs/nv-embed-v2.md describes. With no instruction, n = 0 and BOS stays.
         n = len(self.tokenizer.encode(instruction, add_special_tokens=False).ids) if instruction else 0
         if keep_end and len(ids) > max_length:
             ids = ids[: 1 + n] + ids[len(ids) - (max_length - 1 - n) :]

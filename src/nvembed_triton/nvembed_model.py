@@ -1,5 +1,5 @@
 """NV-Embed-v2's forward pass without remote code: transformers' Mistral decoder made bidirectional,
-the latent-attention pooling head, the masked mean and the L2 norm (see shared/NVEMBED.md)."""
+the latent-attention pooling head, the masked mean and the L2 norm (docs/nv-embed-v2.md)."""
 
 from __future__ import annotations
 
