@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Create ./.venv with everything needed to serve, test and run the demo. Safe to re-run.
-# A torch already in the venv is kept (install a CUDA build there first on a GPU machine);
-# otherwise the pinned torch release is installed.
+# A torch already in the venv is kept; otherwise the pinned release is installed: PyPI's build
+# (CUDA on Linux), or TORCH_INDEX_URL's (e.g. https://download.pytorch.org/whl/cpu on a CPU-only machine).
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 cd "$here"
@@ -9,7 +9,8 @@ python="${PYTHON:-python3}"
 [[ -x .venv/bin/python ]] || "$python" -m venv .venv
 .venv/bin/python -m pip install --quiet --upgrade pip
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
-  .venv/bin/python -m pip install --quiet "torch==2.13.0"
+  # TORCH_INDEX_URL picks another build of the same release, e.g. PyTorch's CPU-only index.
+  .venv/bin/python -m pip install --quiet "torch==2.13.0" ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
 fi
 .venv/bin/python -m pip install --quiet -e ".[test]"
 # checkov (deploy/kubernetes' policy scan in the tests) in a venv of its own: its pins would
