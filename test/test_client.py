@@ -145,3 +145,19 @@ def test_langchain_adapter(nvembed_server, client):
     assert isinstance(embeddings, Embeddings)
     assert cosine(np.array(embeddings.embed_query("q?")), np.array(client.embed_query("q?"))) >= 0.99999
     assert len(asyncio.run(embeddings.aembed_documents(TEXTS[:3]))) == 3
+
+
+def test_sentence_transformers_encode_query_and_encode_document(nvembed_server):
+    with EmbeddingClient(nvembed_server.url) as client:
+        assert np.all(cosine(client.encode_query(TEXTS[:3]), client.encode(TEXTS[:3], prompt_name="query")) >= 0.99999)
+        assert np.all(cosine(client.encode_document(TEXTS[:3]), client.encode(TEXTS[:3])) >= 0.99999)
+        assert np.all(cosine(client.encode_query(TEXTS[:3]), client.encode_document(TEXTS[:3])) < 0.9999)
+
+    async def both():
+        async with AsyncEmbeddingClient(nvembed_server.url) as client:
+            return await client.encode_query(TEXTS[:2]), await client.encode_document(TEXTS[:2])
+
+    query, document = asyncio.run(both())
+    with EmbeddingClient(nvembed_server.url) as client:
+        assert np.all(cosine(query, client.encode_query(TEXTS[:2])) >= 0.99999)
+        assert np.all(cosine(document, client.encode_document(TEXTS[:2])) >= 0.99999)

@@ -336,6 +336,14 @@ class EmbeddingClient(_ClientBase):
         with tqdm(total=len(texts), unit="text", disable=not show_progress_bar) as progress:
             return self._run(requests, progress), single
 
+    def encode_query(self, sentences: Texts, **kwargs: Any) -> EncodeOutput:
+        """sentence-transformers' encode_query: encode with the query prompt."""
+        return self.encode(sentences, prompt_name=contract.QUERY_PROMPT, **kwargs)
+
+    def encode_document(self, sentences: Texts, **kwargs: Any) -> EncodeOutput:
+        """sentence-transformers' encode_document: encode as documents."""
+        return self.encode(sentences, prompt_name=contract.DOCUMENT_PROMPT, **kwargs)
+
     def embed_query(self, text: str) -> list[float]:
         """LangChain's query embedding: one vector, with the query instruction."""
         return self.encode(text, prompt_name=contract.QUERY_PROMPT).tolist()
@@ -438,6 +446,14 @@ class AsyncEmbeddingClient(_ClientBase):
         requests = _plan_requests(texts, prompt_name, self._chunk_size(batch_size), self._max_request_bytes, options)
         with tqdm(total=len(texts), unit="text", disable=not show_progress_bar) as progress:
             return await self._run(requests, progress), single
+
+    async def encode_query(self, sentences: Texts, **kwargs: Any) -> EncodeOutput:
+        """EmbeddingClient.encode_query, awaitable."""
+        return await self.encode(sentences, prompt_name=contract.QUERY_PROMPT, **kwargs)
+
+    async def encode_document(self, sentences: Texts, **kwargs: Any) -> EncodeOutput:
+        """EmbeddingClient.encode_document, awaitable."""
+        return await self.encode(sentences, prompt_name=contract.DOCUMENT_PROMPT, **kwargs)
 
     async def embed_query(self, text: str) -> list[float]:
         """LangChain's query embedding: one vector, with the query instruction."""
