@@ -53,11 +53,35 @@ def test_a_burst_over_capacity_is_refused_fast_and_the_rest_is_served(small_queu
     print(f"burst of 64 (16 instances + queue {QUEUE}): {len(served)} served, {len(refused)} refused; "
           f"time to refuse p50 {reject_ms[len(reject_ms) // 2]:.0f} ms, max {reject_ms[-1]:.0f} ms")  # fmt: skip
     assert len(served) + len(refused) == 64 and len(refused) >= 64 - 16 - QUEUE - 8
-    assert all("UNAVAILABLE" in str(e.status()) and "maximum queue size" in e.message() for e, _ in refused)
+    reasons = {(str(e.status()), e.message()[:160]) for e, _ in refused}
+    assert all("UNAVAILABLE" in str(e.status()) and "maximum queue size" in e.message() for e, _ in refused), reasons
     assert reject_ms[-1] < 1000
     assert all(np.all(cosine(r, expected) >= 0.99999) for r in served)
     with small_queue_server.client() as client:
         assert embed_query(client, PUBLIC_MODEL, "healthy afterwards").shape[0] == 1
+
+
+def test_a_full_queue_is_not_mistaken_for_a_broken_server(small_queue_server):
+    """Overload for longer than serve.sh's probe interval: its probe meets the full queue, and
+    must not restart the server (which would drop the work it holds)."""
+    from nvembed_triton.supervisor import PROBE_INTERVAL_S
+
+    deadline = time.monotonic() + PROBE_INTERVAL_S * 1.6
+
+    def overload(_):
+        with small_queue_server.client() as client:
+            while time.monotonic() < deadline:
+                try:
+                    embed_documents(client, PUBLIC_MODEL, DOCUMENTS)
+                except InferenceServerException:
+                    pass
+
+    before = small_queue_server.console_path.read_text()
+    with ThreadPoolExecutor(48) as pool:
+        list(pool.map(overload, range(48)))
+    assert "restarting" not in small_queue_server.console_path.read_text()[len(before) :]
+    with small_queue_server.client() as client:
+        assert embed_query(client, PUBLIC_MODEL, "still the same server").shape[0] == 1
 
 
 def test_the_python_client_rides_out_a_full_queue(small_queue_server):
