@@ -1,6 +1,8 @@
 """The package's NV-Embed-v2 forward, in process, against the independent reference; plus guards
 on transformers internals that the bidirectional backbone relies on."""
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -97,3 +99,16 @@ def test_default_num_cross_heads_is_used_when_the_config_omits_it(encoder):
 def test_weights_load_in_the_requested_dtype(tiny_checkpoint):
     encoder = encoder_for(tiny_checkpoint, dtype="fp16")
     assert {p.dtype for p in encoder.model.parameters()} == {torch.float16}
+
+
+def test_the_snapshots_own_python_files_never_run(tiny_checkpoint, tmp_path, reference):
+    """The published snapshot ships modeling_nvembed.py and configuration_nvembed.py, named by its
+    config's auto_map. Here they leave a marker if imported: loading must not import them."""
+    snapshot = shutil.copytree(tiny_checkpoint, tmp_path / "snapshot")
+    marker = tmp_path / "remote-code-ran"
+    for module in ("modeling_nvembed.py", "configuration_nvembed.py"):
+        (snapshot / module).write_text(f"import pathlib\npathlib.Path({str(marker)!r}).write_text('ran')\n")
+    assert "auto_map" in (snapshot / "config.json").read_text()
+    ours = encoder_for(snapshot).encode(TEXTS, [""] * len(TEXTS)).embeddings
+    assert not marker.exists()
+    assert np.all(cosine(ours, np.stack([reference.embed(t) for t in TEXTS])) >= 0.99999)
