@@ -254,9 +254,12 @@ def main() -> None:
         "reference_batch_size": args.reference_batch_size, "repeats": args.repeats, "workloads": rows, "long_document": long,
     }  # fmt: skip
     print_markdown(result)
-    path = Path(args.json or f"bench/results/gpu{'-tiny' if args.tiny else ''}.json")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2))
+    write_json(result, args.json or f"bench/results/gpu{'-tiny' if args.tiny else ''}.json")
+
+
+def write_json(result: dict, path: str) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(result, indent=2))
     print(f"\nwrote {path}")
 
 

@@ -13,11 +13,9 @@ one 32k-token document in each dtype: time, peak memory above the weights, and w
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import random
 import statistics
-from pathlib import Path
 
 import torch
 from bench_gpu import (
@@ -29,6 +27,7 @@ from bench_gpu import (
     ours_forward,
     run,
     run_with_peak,
+    write_json,
 )
 
 from nvembed_triton.batching import padded_tokens, plan_batches
@@ -93,9 +92,7 @@ def main() -> None:
     result = {"gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU", "matmul_tflops": matmul_tflops,
               "cells": cells, "long_document": {"tokens": args.long_tokens, **long}}  # fmt: skip
     print_markdown(result)
-    path = Path(args.json or "bench/results/gpu-sweep.json")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2))
+    write_json(result, args.json or "bench/results/gpu-sweep.json")
 
 
 def print_markdown(r: dict) -> None:

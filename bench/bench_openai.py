@@ -13,7 +13,6 @@ import http.client
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -25,17 +24,14 @@ from pathlib import Path
 
 import numpy as np
 import tritonclient.grpc as grpcclient
+from bench_server import model_dir_or_tiny
+
+from nvembed_triton.server import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "nv-embed-v2"
 CLIENTS = (1, 16)
 TEXT = "How do neural networks learn patterns from examples?"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start(model_dir: Path, run_dir: Path) -> tuple[subprocess.Popen, int, int]:
@@ -102,12 +98,7 @@ def main() -> None:
     parser.add_argument("--json", default="bench/results/openai.json")
     args = parser.parse_args()
     scratch = Path(tempfile.mkdtemp(prefix="nvembed-bench-openai-"))
-    if args.model_dir:
-        model_dir = Path(args.model_dir)
-    else:
-        from nvembed_triton.tiny_checkpoint import write_tiny_checkpoint
-
-        model_dir = write_tiny_checkpoint(scratch / "tiny")
+    model_dir = model_dir_or_tiny(args.model_dir, scratch)
     process, grpc_port, openai_port = start(model_dir, scratch / "run")
     try:
         paths = {"grpc": (grpc_worker, grpc_port), "http": (http_worker, openai_port)}

@@ -23,17 +23,15 @@ error) on a few documents: where along the depth the difference grows.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import random
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from bench_gpu import FIRST_ORDINARY_ID, GIB, build_model, model_setup, pad
+from bench_gpu import FIRST_ORDINARY_ID, GIB, build_model, model_setup, pad, write_json
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from nvembed_triton.batching import plan_batches
@@ -193,10 +191,7 @@ def main() -> None:
         "rows": {name: summary(values) for name, values in rows.items()}, "layer_drift": drift, "peak_gib": peak,
     }  # fmt: skip
     print_markdown(result)
-    path = Path(args.json or f"bench/results/precision{'-tiny' if args.tiny else ''}.json")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2))
-    print(f"\nwrote {path}")
+    write_json(result, args.json or f"bench/results/precision{'-tiny' if args.tiny else ''}.json")
 
 
 def print_markdown(r: dict) -> None:

@@ -27,19 +27,20 @@ import tritonclient.grpc as grpcclient
 
 from nvembed_triton import contract
 from nvembed_triton.contract import PUBLIC_MODEL, encoder_model_name
-from nvembed_triton.server import ServerSettings, TritonServer
+from nvembed_triton.server import ServerSettings, TritonServer, free_port
 
 ENCODER = encoder_model_name(PUBLIC_MODEL)
 CONCURRENCY = (1, 4, 16, 64)
 WORDS = "the model learns patterns from examples while markets set prices by supply and demand".split()
 
 
-def free_port() -> int:
-    import socket
+def model_dir_or_tiny(model_dir: str | None, scratch: Path, **tiny_sizes) -> Path:
+    """--model-dir, else a tiny random NV-Embed-v2 generated into scratch."""
+    if model_dir:
+        return Path(model_dir)
+    from nvembed_triton.tiny_checkpoint import write_tiny_checkpoint
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return write_tiny_checkpoint(scratch / "tiny", **tiny_sizes)
 
 
 def text_of_tokens(rng: random.Random, tokens: int) -> str:
@@ -187,12 +188,7 @@ def main() -> int:
     args = parser.parse_args()
 
     scratch = Path(tempfile.mkdtemp(prefix="nvembed-bench-"))
-    if args.model_dir:
-        model_dir = Path(args.model_dir)
-    else:
-        from nvembed_triton.tiny_checkpoint import write_tiny_checkpoint
-
-        model_dir = write_tiny_checkpoint(scratch / "tiny", hidden=args.hidden, layers=args.layers)
+    model_dir = model_dir_or_tiny(args.model_dir, scratch, hidden=args.hidden, layers=args.layers)
     settings = ServerSettings(
         model_repository=Path(__file__).resolve().parents[1] / "model_repository",
         models=(PUBLIC_MODEL, ENCODER),

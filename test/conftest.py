@@ -7,7 +7,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ import tritonclient.grpc as grpcclient
 
 from nvembed_triton.contract import PUBLIC_MODEL, encoder_model_name
 from nvembed_triton.serve import DEMO_MODEL, REPOSITORY, demo_model_dir
+from nvembed_triton.server import free_port
 from nvembed_triton.tiny_checkpoint import write_tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,12 +26,6 @@ SERVE_SH = ROOT / "serve.sh"
 # The test server truncates at this many tokens, so truncation is tested without 32k-token inputs.
 TEST_MAX_LENGTH = 256
 STARTUP_TIMEOUT_S = 300
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass

@@ -4,7 +4,6 @@ CPU, run the user's three tests (test/test-nv-embed-v2.py) against it, stop the 
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -12,15 +11,9 @@ import time
 from pathlib import Path
 
 from .serve import DEMO_MODEL, OpenAIServer, parser, plan, server_settings
-from .server import ServerError, TritonServer
+from .server import ServerError, TritonServer, free_port
 
 TEST_SCRIPT = Path(__file__).resolve().parents[2] / "test" / "test-nv-embed-v2.py"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def main() -> int:

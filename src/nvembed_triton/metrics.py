@@ -4,6 +4,8 @@ INVALID_ARGUMENT as a success. Only inside a Triton Python-backend stub."""
 
 from __future__ import annotations
 
+# A gauge: requests inside a model's execute() now (serve.sh's drain waits for it to reach 0).
+EXECUTING_METRIC = "nvembed_requests_executing"
 # name -> (help, label names besides `model`)
 COUNTERS = {
     "nvembed_texts_total": ("Texts embedded, by prompt (query, document, custom)", ("prompt",)),
@@ -20,7 +22,8 @@ COUNTERS = {
 
 
 class ModelMetrics:
-    """Counters labelled with this model's name; every instance of a model adds to the same series."""
+    """Counters and the executing gauge, labelled with this model's name; every instance of a model
+    adds to the same series."""
 
     def __init__(self, model_name: str):
         import triton_python_backend_utils as pb_utils
@@ -32,6 +35,13 @@ class ModelMetrics:
             for name, (help_, _) in COUNTERS.items()
         }
         self._metrics = {}
+        self._executing_family = pb_utils.MetricFamily(
+            name=EXECUTING_METRIC, description="Requests inside the model's execute()", kind=pb_utils.MetricFamily.GAUGE
+        )
+        self._executing = self._executing_family.Metric(labels={"model": model_name})
+
+    def executing(self, change: int) -> None:
+        self._executing.increment(change)
 
     def add(self, name: str, value: float, **labels: str) -> None:
         if value <= 0:

@@ -7,6 +7,7 @@ import ctypes
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import sysconfig
@@ -71,6 +72,13 @@ def pytriton_installation(run_dir: Path) -> TritonInstallation:
             "LD_LIBRARY_PATH": os.pathsep.join([str(p) for p in libraries] + [os.environ.get("LD_LIBRARY_PATH", "")]),
         },
     )
+
+
+def free_port() -> int:
+    """A port nothing listens on now (for tests, benchmarks and the demo)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def find_installation(run_dir: Path) -> TritonInstallation:

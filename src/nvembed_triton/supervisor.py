@@ -17,7 +17,7 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
-from .lifecycle import EXECUTING_METRIC
+from .metrics import EXECUTING_METRIC
 from .server import ServerError, TritonServer
 
 STUB_CHECK_INTERVAL_S = 0.5

@@ -19,7 +19,7 @@ import triton_python_backend_utils as pb_utils  # noqa: E402
 
 from nvembed_triton import contract  # noqa: E402
 from nvembed_triton.encoders import load_encoder  # noqa: E402
-from nvembed_triton.lifecycle import CANCEL_TOKEN_PARAMETER, CancelBoard, ExecutingGauge  # noqa: E402
+from nvembed_triton.lifecycle import CANCEL_TOKEN_PARAMETER, CancelBoard  # noqa: E402
 from nvembed_triton.metrics import ModelMetrics  # noqa: E402
 from nvembed_triton.settings import EncoderSettings, check_served_name, overridden, triton_parameters  # noqa: E402
 from nvembed_triton.validation import (  # noqa: E402
@@ -31,6 +31,7 @@ from nvembed_triton.validation import (  # noqa: E402
 )
 
 OPTIONS = (contract.TRUNCATE_PARAMETER, CANCEL_TOKEN_PARAMETER)
+CANCEL_CHECK_INTERVAL_S = 0.05  # how stale a request's "is anyone still waiting" answer may be
 
 
 @dataclass
@@ -54,7 +55,6 @@ class TritonPythonModel:
         self.dtype = settings.dtype
         self.limits = RequestLimits.from_parameters(parameters)
         check_served_name(args["model_name"], self.encoder.architecture)
-        self.executing = ExecutingGauge(args["model_name"])
         self.cancel_board = CancelBoard()
         self.metrics = ModelMetrics(args["model_name"])
         pb_utils.Logger.log_info(
@@ -64,11 +64,11 @@ class TritonPythonModel:
         )
 
     def execute(self, requests):
-        self.executing.add(len(requests))
+        self.metrics.executing(len(requests))
         try:
             return self._execute(requests)
         finally:
-            self.executing.add(-len(requests))
+            self.metrics.executing(-len(requests))
 
     def _execute(self, requests):
         responses = [None] * len(requests)
@@ -127,10 +127,17 @@ class TritonPythonModel:
                 truncations += [job.truncate] * len(row)
                 owners += [position] * len(row)
         abandoned = set()  # positions in `jobs` whose client has gone
+        checked = dict.fromkeys(range(len(jobs)), time.monotonic())  # position -> when last asked
 
         def keep(batch):
-            """Before each forward pass: drop the texts of requests nobody waits for any more."""
+            """Before each forward pass: drop the texts of requests nobody waits for any more. Each
+            request is asked at most every CANCEL_CHECK_INTERVAL_S (is_cancelled() is an IPC call),
+            so a short call, as most are, asks nothing."""
+            now = time.monotonic()
             for position in {owners[i] for i in batch} - abandoned:
+                if now - checked[position] < CANCEL_CHECK_INTERVAL_S:
+                    continue
+                checked[position] = now
                 job = jobs[position]
                 if requests[job.index].is_cancelled() or self.cancel_board.is_marked(job.cancel_token):
                     abandoned.add(position)

@@ -15,7 +15,6 @@ from nvembed_triton.lifecycle import (
     CLOSED_MESSAGE,
     REASON_CODES,
     CancelBoard,
-    ExecutingGauge,
     is_closed,
     reason_of,
 )
@@ -41,16 +40,15 @@ class TritonPythonModel:
             contract.DOCUMENT_PROMPT: parameters.get("document_instruction", ""),
         }
         self.encoder_model = parameters.get("encoder_model") or contract.encoder_model_name(args["model_name"])
-        self.executing = ExecutingGauge(args["model_name"])
         self.cancel_board = CancelBoard()
         self.metrics = ModelMetrics(args["model_name"])
 
     def execute(self, requests):
-        self.executing.add(len(requests))
+        self.metrics.executing(len(requests))
         try:
             return [self._respond(request) for request in requests]
         finally:
-            self.executing.add(-len(requests))
+            self.metrics.executing(-len(requests))
 
     def _respond(self, request):
         response = self._answer(request)
