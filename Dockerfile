@@ -31,13 +31,11 @@ RUN pip install --no-cache-dir "torch==2.13.0" \
 COPY src ./src
 RUN pip install --no-cache-dir --no-deps .
 
-COPY model_repository ./model_repository
 COPY serve.sh ./
 
 # A container must listen on all its interfaces for published ports to reach it; on a plain machine
 # serve.sh binds to 127.0.0.1 unless told otherwise.
-ENV NVEMBED_MODEL_REPOSITORY=/opt/nvembed-triton/model_repository \
-    NVEMBED_MODEL_DIR=/models/NV-Embed-v2 \
+ENV NVEMBED_MODEL_DIR=/models/NV-Embed-v2 \
     TRITON_HOST=0.0.0.0 \
     NVEMBED_OPENAI_PORT=8080 \
     HF_HUB_OFFLINE=1

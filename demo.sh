@@ -4,4 +4,4 @@
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 "$here/setup.sh"
-exec "$here/.venv/bin/python" -m nvembed_triton.demo
+exec "$here/.venv/bin/python" "$here/tools/demo.py"

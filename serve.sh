@@ -18,5 +18,5 @@ if [[ -z "$python" ]] || ! "$python" -c "import nvembed_triton" 2>/dev/null; the
   exit 1
 fi
 
-export NVEMBED_MODEL_REPOSITORY="${NVEMBED_MODEL_REPOSITORY:-$here/model_repository}"
+
 exec "$python" -m nvembed_triton.serve "$@"

@@ -12,7 +12,7 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   # TORCH_INDEX_URL picks another build of the same release, e.g. PyTorch's CPU-only index.
   .venv/bin/python -m pip install --quiet "torch==2.13.0" ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
 fi
-.venv/bin/python -m pip install --quiet -e ".[test]"
+.venv/bin/python -m pip install --quiet -e ".[test,bench]"
 # checkov (deploy/kubernetes' policy scan in the tests) in a venv of its own: its pins would
 # downgrade packages torch relies on.
 [[ -x .venv/checkov/bin/checkov ]] || { "$python" -m venv .venv/checkov && .venv/checkov/bin/python -m pip install --quiet "checkov==3.3.30"; }

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import random
 import statistics
 import sys
@@ -42,13 +41,14 @@ import torch
 import torch.nn.functional as F
 import transformers
 from transformers import MistralModel
+from workloads import log_uniform_lengths
 
 from nvembed_triton.batching import padded_tokens, plan_batches
 from nvembed_triton.checkpoint import LatentAttentionSettings
+from nvembed_triton.nvembed_encoder import pad_right
 from nvembed_triton.nvembed_model import LatentAttentionPooling, NVEmbedModel, mistral_config
 from nvembed_triton.tiny_checkpoint import LATENT_CONFIG as TINY_LATENT_CONFIG
 from nvembed_triton.tiny_checkpoint import TEXT_CONFIG as TINY_TEXT_CONFIG
-from nvembed_triton.tokenization import PAD_ID
 
 # The published text_config's architecture (docs/nv-embed-v2.md); mistral_config drops the sliding window.
 FULL_TEXT_CONFIG = {
@@ -123,13 +123,7 @@ def reference_forward(model: NVEmbedModel, input_ids: torch.Tensor, valid: torch
 
 
 def pad(docs: list[torch.Tensor], batch: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    longest = max(len(docs[i]) for i in batch)
-    input_ids = torch.full((len(batch), longest), PAD_ID, dtype=torch.long)
-    valid = torch.zeros((len(batch), longest), dtype=torch.bool)
-    for row, i in enumerate(batch):
-        input_ids[row, : len(docs[i])] = docs[i]
-        valid[row, : len(docs[i])] = True
-    return input_ids, valid
+    return pad_right([docs[i] for i in batch])
 
 
 def run(forward, model: NVEmbedModel, docs: list[torch.Tensor], plan: list[list[int]], device: torch.device) -> float:
@@ -153,7 +147,7 @@ def run_with_peak(forward, model: NVEmbedModel, docs: list[torch.Tensor], plan: 
 
 def workloads(args: argparse.Namespace) -> dict[str, list[int]]:
     rng = random.Random(args.seed)
-    mixed = [int(math.exp(rng.uniform(math.log(16), math.log(2048)))) for _ in range(args.docs_mixed)]
+    mixed = log_uniform_lengths(rng, args.docs_mixed)
     fixed = {f"{n} tokens": [n] * count for n, count in ((128, args.docs_128), (512, args.docs_512), (4096, args.docs_4096))}
     return {**fixed, "mixed 16..2048": mixed}
 

@@ -13,7 +13,6 @@ one 32k-token document in each dtype: time, peak memory above the weights, and w
 from __future__ import annotations
 
 import argparse
-import math
 import random
 import statistics
 
@@ -29,6 +28,7 @@ from bench_gpu import (
     run_with_peak,
     write_json,
 )
+from workloads import log_uniform_lengths
 
 from nvembed_triton.batching import padded_tokens, plan_batches
 
@@ -56,7 +56,7 @@ def main() -> None:
     rng = random.Random(args.seed)
     workloads = {
         "128 tokens": [128] * args.docs_128,
-        "mixed 16..2048": [int(math.exp(rng.uniform(math.log(16), math.log(2048)))) for _ in range(args.docs_mixed)],
+        "mixed 16..2048": log_uniform_lengths(rng, args.docs_mixed),
     }
     cells = []
     for workload, lengths in workloads.items():

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import random
 import statistics
 import tempfile
@@ -20,6 +19,7 @@ import time
 from pathlib import Path
 
 import torch
+from workloads import log_uniform_lengths
 
 from nvembed_triton.batching import padded_tokens, plan_batches
 from nvembed_triton.encoders import load_encoder
@@ -30,7 +30,7 @@ WORDS = "the model learns patterns from examples while markets set prices by sup
 
 def mixed_documents(count: int, seed: int = 0) -> list[str]:
     rng = random.Random(seed)
-    lengths = [int(math.exp(rng.uniform(math.log(16), math.log(2048)))) for _ in range(count)]
+    lengths = log_uniform_lengths(rng, count)
     return [" ".join(rng.choice(WORDS) for _ in range(n)) for n in lengths]
 
 

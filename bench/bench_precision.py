@@ -23,7 +23,6 @@ error) on a few documents: where along the depth the difference grows.
 from __future__ import annotations
 
 import argparse
-import math
 import random
 import statistics
 import sys
@@ -33,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from bench_gpu import FIRST_ORDINARY_ID, GIB, build_model, model_setup, pad, write_json
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from workloads import log_uniform_lengths
 
 from nvembed_triton.batching import plan_batches
 from nvembed_triton.nvembed_model import NVEmbedModel
@@ -145,7 +145,7 @@ def main() -> None:
     torch.backends.cudnn.allow_tf32 = False
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
-    lengths = [int(math.exp(rng.uniform(math.log(16), math.log(2048)))) for _ in range(args.docs)] + args.long
+    lengths = log_uniform_lengths(rng, args.docs) + args.long
     docs = [torch.randint(FIRST_ORDINARY_ID, text_config["vocab_size"], (n,)) for n in lengths]
 
     fp32 = build_model(text_config, latent, device, torch.float32)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import math
 import random
 import statistics
 import sys
@@ -24,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import tritonclient.grpc as grpcclient
+from workloads import log_uniform_lengths
 
 from nvembed_triton import contract
 from nvembed_triton.contract import PUBLIC_MODEL, encoder_model_name
@@ -55,7 +55,7 @@ def workload(kind: str, requests: int, seed: int = 0) -> list[tuple[str, list[st
         if kind == "queries" or rng.random() < 0.4:
             out.append((contract.QUERY_INPUT, [text_of_tokens(rng, rng.randint(6, 24))]))
         else:
-            lengths = [int(math.exp(rng.uniform(math.log(16), math.log(2048)))) for _ in range(rng.randint(1, 8))]
+            lengths = log_uniform_lengths(rng, rng.randint(1, 8))
             out.append((contract.DOCUMENTS_INPUT, [text_of_tokens(rng, n) for n in lengths]))
     return out
 

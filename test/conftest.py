@@ -6,10 +6,8 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,8 +15,8 @@ import pytest
 import tritonclient.grpc as grpcclient
 
 from nvembed_triton.contract import PUBLIC_MODEL, encoder_model_name
-from nvembed_triton.serve import DEMO_MODEL, REPOSITORY, demo_model_dir
-from nvembed_triton.server import free_port
+from nvembed_triton.serve import DEMO_MODEL, PACKAGED_REPOSITORY, demo_model_dir
+from nvembed_triton.server import ServerError, free_port, interrupt, log_tail, wait_until_ready
 from nvembed_triton.tiny_checkpoint import write_tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,8 +45,7 @@ class RunningServer:
         return grpcclient.InferenceServerClient(self.url)
 
     def log_tail(self, lines: int = 80) -> str:
-        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-        return "\n".join(text.splitlines()[-lines:])
+        return log_tail(self.log_path, lines)
 
     def is_healthy(self) -> bool:
         with self.client() as client:
@@ -75,28 +72,16 @@ def start_server(tmp: Path, model: str, args: list[str], extra_env: dict[str, st
         model, f"127.0.0.1:{grpc_port}", run_dir / "tritonserver.log", process, http_port, metrics_port, tmp / "serve.out",
         openai_port,
     )  # fmt: skip
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"serve.sh exited ({process.returncode}):\n{(tmp / 'serve.out').read_text()}\n{server.log_tail()}")
-        try:
-            with server.client() as client:
-                if client.is_model_ready(model) and client.is_model_ready(encoder_model_name(model)):
-                    return server
-        except Exception:  # not listening yet
-            pass
-        time.sleep(0.5)
-    stop_server(server)
-    raise RuntimeError(f"server not ready after {STARTUP_TIMEOUT_S} s:\n{server.log_tail()}")
+    try:
+        wait_until_ready(server.url, (model, encoder_model_name(model)), process, server.log_path, STARTUP_TIMEOUT_S)
+    except ServerError as error:
+        stop_server(server)
+        raise RuntimeError(f"{error}\nserve.sh's output:\n{server.console_path.read_text()}") from None
+    return server
 
 
 def stop_server(server: RunningServer) -> None:
-    if server.process.poll() is None:
-        server.process.send_signal(signal.SIGINT)
-        try:
-            server.process.wait(60)
-        except subprocess.TimeoutExpired:
-            server.process.kill()
+    interrupt(server.process, grace_s=60)
 
 
 @pytest.fixture(scope="session")
@@ -124,7 +109,7 @@ SMALL_QUEUE = 4  # the public model's queue in small_queue_server
 def small_queue_server(tmp_path_factory, tiny_checkpoint) -> RunningServer:
     """The shipped repository with the public model's queue cut to SMALL_QUEUE requests."""
     tmp = tmp_path_factory.mktemp("small-queue")
-    repository = shutil.copytree(REPOSITORY, tmp / "repository", ignore=shutil.ignore_patterns("__pycache__"))
+    repository = shutil.copytree(PACKAGED_REPOSITORY, tmp / "repository", ignore=shutil.ignore_patterns("__pycache__"))
     config = repository / PUBLIC_MODEL / "config.pbtxt"
     text, replaced = re.subn(r"max_queue_size: \d+", f"max_queue_size: {SMALL_QUEUE}", config.read_text())
     assert replaced == 1

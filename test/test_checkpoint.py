@@ -12,8 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from nvembed_triton.checkpoint import (
-    NVEMBED,
-    SENTENCE_TRANSFORMERS,
+    Architecture,
     CheckpointError,
     LatentAttentionSettings,
     check_model_dir,
@@ -51,8 +50,8 @@ def test_tiny_checkpoint_has_the_published_layout(tiny_checkpoint):
 
 
 def test_architecture_is_detected(tiny_checkpoint):
-    assert check_model_dir(tiny_checkpoint) == NVEMBED
-    assert check_model_dir(demo_model_dir()) == SENTENCE_TRANSFORMERS
+    assert check_model_dir(tiny_checkpoint) is Architecture.NV_EMBED_V2
+    assert check_model_dir(demo_model_dir()) is Architecture.SENTENCE_TRANSFORMERS
 
 
 def test_missing_shard_is_named(tiny_checkpoint, tmp_path):
@@ -99,7 +98,7 @@ def assert_refused(model_dir: Path, shard: Path, problem: str) -> None:
 
 def test_intact_shards_pass_the_header_check(tiny_checkpoint):
     check_weight_files(tiny_checkpoint)  # raises on any damage
-    assert check_model_dir(tiny_checkpoint) == NVEMBED
+    assert check_model_dir(tiny_checkpoint) is Architecture.NV_EMBED_V2
 
 
 def test_truncated_shard_is_named(tiny_checkpoint, tmp_path):
@@ -179,7 +178,7 @@ def test_single_file_snapshot_is_checked(tiny_checkpoint, tmp_path):
     for shard in tiny_checkpoint.glob("model-*.safetensors"):
         weights.update(load_file(shard))
     save_file(weights, single / "model.safetensors", metadata={"format": "pt"})
-    assert check_model_dir(single) == NVEMBED
+    assert check_model_dir(single) is Architecture.NV_EMBED_V2
     os.truncate(single / "model.safetensors", (single / "model.safetensors").stat().st_size - 1)
     assert_refused(single, single / "model.safetensors", "is truncated")
 

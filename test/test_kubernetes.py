@@ -8,7 +8,7 @@ from pathlib import Path
 import yaml
 
 from nvembed_triton.contract import PUBLIC_MODEL
-from nvembed_triton.serve import DEFAULT_DRAIN_TIMEOUT_S
+from nvembed_triton.settings import launcher_setting
 
 ROOT = Path(__file__).resolve().parents[1]
 MANIFESTS = ROOT / "deploy" / "kubernetes"
@@ -53,7 +53,7 @@ def test_the_deployment_fits_the_server():
     startup = container["startupProbe"]
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 600  # a 16 GB load
     pause = int(container["lifecycle"]["preStop"]["exec"]["command"][-1])
-    assert pod["terminationGracePeriodSeconds"] >= DEFAULT_DRAIN_TIMEOUT_S + pause + 5
+    assert pod["terminationGracePeriodSeconds"] >= launcher_setting("drain_timeout_s", {}) + pause + 5
     volumes = {v["name"]: v for v in pod["volumes"]}
     assert volumes["shm"]["emptyDir"]["medium"] == "Memory"
     mounts = {m["mountPath"]: m for m in container["volumeMounts"]}

@@ -1,20 +1,17 @@
 """One encoder instance per GPU (NVEMBED_GPUS), checked without a GPU: the config Triton reads,
 and the device each instance then loads on."""
 
-import argparse
-
 import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
 from nvembed_triton.contract import PUBLIC_MODEL, encoder_model_name
-from nvembed_triton.serve import plan, server_settings
+from nvembed_triton.serve import parser, plan, server_settings
 from nvembed_triton.settings import EncoderSettings, SettingsError
 
 
 def serve_plan(tiny_checkpoint):
-    args = argparse.Namespace(model_repository=None, name=None, demo=False, model_dir=str(tiny_checkpoint), device=None)
-    return plan(args, environ={})
+    return plan(parser().parse_args(["--model-dir", str(tiny_checkpoint)]), environ={})
 
 
 def encoder_config(settings) -> model_config_pb2.ModelConfig:

@@ -70,7 +70,11 @@ def test_unpadded_and_padded_passes_agree(encoder):
 
 
 def test_no_kv_cache_is_built(encoder):
-    assert encoder.model.backbone.config.use_cache is False
+    """An embedding is one pass: a key/value cache would only hold memory. Called as transformers
+    callers do, without use_cache, the backbone must return none."""
+    with torch.inference_mode():
+        output = encoder.model.backbone(input_ids=torch.tensor([[1, 1318, 2245, 2]]))
+    assert output.past_key_values is None
 
 
 def test_padding_does_not_leak_into_the_embedding(encoder):

@@ -16,11 +16,12 @@ import pytest
 from conftest import TEST_MAX_LENGTH
 from grpc_helpers import cosine, embed_documents, embed_query
 from openai import OpenAI
+from texts import AWKWARD, DOCUMENTS
 
 from nvembed_triton.contract import PUBLIC_MODEL
 from nvembed_triton.serve import DEMO_MODEL
 
-TEXTS = ["Neural networks learn through iterative training.", "Market prices follow supply and demand.", "x"]
+TEXTS = [DOCUMENTS[0], DOCUMENTS[2], AWKWARD[1]]
 MATCH = 0.99999
 
 

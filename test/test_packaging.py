@@ -10,6 +10,9 @@ import tomllib
 from pathlib import Path
 
 import pytest
+import tritonclient.grpc as grpcclient
+
+from nvembed_triton.contract import PUBLIC_MODEL, encoder_model_name
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -61,9 +64,20 @@ def test_torch_is_pinned_alike_wherever_it_is_installed():
     assert dockerfile_value(r'"(torch==[^"]+)"') == setup_pin
 
 
-def test_the_build_context_leaves_out_local_environments():
-    ignored = (ROOT / ".dockerignore").read_text().split()
-    assert {".venv", ".git", "**/__pycache__"} <= set(ignored)
+def test_the_build_context_holds_what_the_image_copies_and_nothing_else():
+    """The context docker would send (docker-py's own .dockerignore matching): every COPY source
+    of the Dockerfile is in it; local environments, git and caches are not."""
+    from docker.utils.build import exclude_paths
+
+    patterns = [line for line in (ROOT / ".dockerignore").read_text().splitlines() if line and not line.startswith("#")]
+    context = exclude_paths(str(ROOT), patterns, "Dockerfile")
+    copied = [line.split()[1:-1] for line in (ROOT / "Dockerfile").read_text().splitlines() if line.startswith("COPY ")]
+    for source in (source for sources in copied for source in sources):
+        assert source in context or any(path.startswith(source.rstrip("/") + "/") for path in context), source
+    assert "src/nvembed_triton/model_repository/nv-embed-v2/1/model.py" in context
+    unwanted = [p for p in context if p.split("/")[0] in (".venv", ".git", "bench", "test") or "__pycache__" in p]
+    assert not unwanted, unwanted[:5]
+    assert sum((ROOT / p).stat().st_size for p in context if (ROOT / p).is_file()) < 2**21  # a few hundred KB of source
 
 
 def serve(*args, **env):
@@ -166,3 +180,48 @@ def test_a_temporary_run_directory_is_removed_on_exit(tiny_checkpoint):
     result = serve("--model-dir", str(tiny_checkpoint), "--device", "cuda:0", CUDA_VISIBLE_DEVICES="", **ports)
     assert result.returncode == 1  # started, failed to load, and cleaned up
     assert set(Path(tempfile.gettempdir()).glob("nvembed-triton-*")) == before
+
+
+def test_a_non_editable_install_serves_without_the_checkout(tiny_checkpoint, nvembed_server, tmp_path):
+    """The wheel as the Dockerfile installs it (`pip install .`, not editable), in a fresh venv
+    whose only link to this environment is its dependencies: its console script, run outside the
+    checkout, serves the tiny checkpoint from the model repository the wheel ships."""
+    from conftest import free_port
+    from grpc_helpers import cosine, embed_query
+
+    from nvembed_triton.server import interrupt, wait_until_ready
+
+    wheels, venv = tmp_path / "wheels", tmp_path / "venv"
+    build = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", wheels, ROOT]
+    subprocess.run(build, check=True, cwd=tmp_path)
+    subprocess.run([sys.executable, "-m", "venv", venv], check=True)
+    python = venv / "bin" / "python"
+
+    def run_python(code: str) -> str:
+        return subprocess.check_output([python, "-c", code], text=True, cwd=tmp_path).strip()
+
+    site = Path(run_python("import sysconfig; print(sysconfig.get_path('purelib'))"))
+    # The dependencies (torch & co.) from this environment, by path: its .pth files (the editable
+    # install's finder among them) are not run, so nvembed_triton can only come from the wheel.
+    dependencies = next(p for p in sys.path if p.endswith("site-packages") and Path(p, "torch").is_dir())
+    (site / "dependencies.pth").write_text(dependencies + "\n")
+    subprocess.run([python, "-m", "pip", "install", "-q", "--no-deps", "--no-index", next(wheels.glob("*.whl"))], check=True)
+    repository = run_python("from nvembed_triton.serve import PACKAGED_REPOSITORY as r; print(r if r.is_dir() else '')")
+    assert repository.startswith(str(site)), repository
+
+    ports = {f"TRITON_{kind}_PORT": str(free_port()) for kind in ("GRPC", "HTTP", "METRICS")}
+    environment = {**os.environ, **ports, "NVEMBED_MAX_LENGTH": "256", "PATH": f"{venv / 'bin'}:{os.environ['PATH']}"}
+    run_dir = tmp_path / "run"
+    command = [venv / "bin" / "nvembed-triton-serve", "--model-dir", tiny_checkpoint, "--device", "cpu", "--run-dir", run_dir]
+    with open(tmp_path / "serve.out", "wb") as console:
+        process = subprocess.Popen(command, cwd=tmp_path, env=environment, stdout=console, stderr=subprocess.STDOUT)
+    url = f"127.0.0.1:{ports['TRITON_GRPC_PORT']}"
+    try:
+        wait_until_ready(url, (PUBLIC_MODEL, encoder_model_name(PUBLIC_MODEL)), process, run_dir / "tritonserver.log")
+        with grpcclient.InferenceServerClient(url) as client:
+            served = embed_query(client, PUBLIC_MODEL, "installed, not checked out")
+        with nvembed_server.client() as client:
+            expected = embed_query(client, PUBLIC_MODEL, "installed, not checked out")
+        assert cosine(served, expected)[0] > 0.99999
+    finally:
+        assert interrupt(process, grace_s=60) == 0, (tmp_path / "serve.out").read_text()

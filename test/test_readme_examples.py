@@ -6,7 +6,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+from grpc_helpers import embed_documents, embed_query
+from texts import DOCUMENTS, QUERY
+
+from nvembed_triton.contract import PUBLIC_MODEL
 
 EXAMPLES = Path(__file__).parent / "readme_examples"
 TEST_SCRIPT = Path(__file__).parent / "test-nv-embed-v2.py"
@@ -36,10 +41,15 @@ def test_document_example(nvembed_server):
 
 
 def test_semantic_search_example(nvembed_server):
+    """The example's printed ranking is the one the server's embeddings give, computed here."""
     output = run_example("semantic_search.py", nvembed_server.url)
-    scores = [float(s) for s in re.findall(r"Score: (-?[0-9.]+)", output)]
-    assert len(scores) == 4 and scores == sorted(scores, reverse=True)
-    assert all(-1 <= s <= 1 for s in scores)
+    printed = [(float(score), text) for score, text in re.findall(r"\d+\. Score: (-?[0-9.]+) - (.*)\.\.\.", output)]
+    with nvembed_server.client() as client:
+        query = embed_query(client, PUBLIC_MODEL, QUERY)[0]
+        scores = embed_documents(client, PUBLIC_MODEL, DOCUMENTS) @ query
+    expected = [(float(scores[i]), DOCUMENTS[i][:80]) for i in np.argsort(-scores)]
+    assert [text for _, text in printed] == [text for _, text in expected]
+    assert [score for score, _ in printed] == pytest.approx([score for score, _ in expected], abs=1e-4)
 
 
 def test_user_test_script_passes(nvembed_server):

@@ -11,18 +11,14 @@ import pytest
 from grpc_helpers import cosine, embed_documents, embed_query
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.sentence_transformer import modules as models
+from texts import DOCUMENTS
 from transformers import BertConfig, BertModel, BertTokenizerFast, MPNetConfig, MPNetModel
 
 from nvembed_triton.encoders import load_encoder
 from nvembed_triton.serve import DEMO_MODEL, demo_model_dir
 from nvembed_triton.settings import EncoderSettings
 
-TEXTS = [
-    "Neural networks learn through iterative training.",
-    "Deep learning models adjust their weights through backpropagation.",
-    "Market prices are determined by supply and demand.",
-    "The recipe for chocolate chip cookies includes flour and sugar.",
-]
+TEXTS = DOCUMENTS
 
 
 @pytest.fixture(scope="module")

@@ -6,18 +6,13 @@ import pytest
 from conftest import TEST_MAX_LENGTH
 from grpc_helpers import cosine, embed_documents, embed_query
 from nvembed_reference import ReferenceNVEmbed
+from texts import AWKWARD
+from texts import DOCUMENTS as README_DOCUMENTS
 
 from nvembed_triton.contract import PUBLIC_MODEL, RETRIEVAL_TASK, nvembed_query_instruction
 
 QUERY_INSTRUCTION = nvembed_query_instruction(RETRIEVAL_TASK)
-DOCUMENTS = [
-    "Neural networks learn through iterative training.",
-    "Deep learning models adjust their weights through backpropagation.",
-    "Market prices are determined by supply and demand.",
-    "The recipe for chocolate chip cookies includes flour and sugar.",
-    "Ünïcödé, 中文, emoji 🙂 and\ttabs\nnewlines.",
-    "x",
-]
+DOCUMENTS = README_DOCUMENTS + AWKWARD
 MATCH = 0.99999
 
 

@@ -1,17 +1,45 @@
+"""Settings: each knob is declared once (settings.SETTINGS); the environment overrides, serve.sh's
+--help and the README table follow from the declaration."""
+
+import dataclasses
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
-from nvembed_triton.settings import EncoderSettings, SettingsError, check_served_name, overridden, resolve_device, resolve_dtype
+from nvembed_triton import serve, settings
+from nvembed_triton.checkpoint import Architecture, CheckpointError, check_served_name
+from nvembed_triton.settings import (
+    ENCODER,
+    LAUNCHER,
+    PUBLIC,
+    SETTINGS,
+    EncoderSettings,
+    Setting,
+    SettingsError,
+    launcher_setting,
+    model_settings,
+    positive_int,
+    readme_with_table,
+    resolve_device,
+    resolve_dtype,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_defaults():
-    settings = EncoderSettings.from_parameters({"model_dir": "/m"})
-    assert settings.device == "cuda:0"  # as in the user's README
-    assert settings.dtype == "float16"
-    assert settings.max_length == 32768
+    encoder = EncoderSettings.from_parameters({}, environ={})
+    assert encoder.model_dir == "/models/NV-Embed-v2"
+    assert encoder.device == "cuda:0"  # as in the user's README
+    assert encoder.dtype == "float16"
+    assert encoder.max_length == 32768
+    assert encoder.max_batch_tokens == 16384
 
 
 def test_cpu_defaults_to_float32():
-    assert EncoderSettings.from_parameters({"model_dir": "/m", "device": "cpu"}).dtype == "float32"
+    assert EncoderSettings.from_parameters({"device": "cpu"}, environ={}).dtype == "float32"
 
 
 @pytest.mark.parametrize("name,expected", [("bf16", "bfloat16"), ("fp16", "float16"), ("FP32", "float32"), ("auto", "float16")])
@@ -39,24 +67,111 @@ def test_malformed_device_is_refused(value):
         resolve_device(value, "CPU", "0")
 
 
-def test_environment_overrides_parameters():
-    merged = overridden({"device": "cuda:0", "model_dir": "/a"}, {"NVEMBED_DEVICE": "cpu", "NVEMBED_MODEL_DIR": "/b"})
-    assert merged == {"device": "cpu", "model_dir": "/b"}
+def test_environment_wins_over_config_which_wins_over_the_default():
+    values = model_settings(ENCODER, {"device": "cuda:1", "model_dir": "/a"}, {"NVEMBED_DEVICE": "cpu"})
+    assert values["device"] == "cpu"  # environment
+    assert values["model_dir"] == "/a"  # config.pbtxt
+    assert values["max_length"] == 32768  # default
 
 
 @pytest.mark.parametrize("value", ["0", "-5", "many"])
 def test_max_length_must_be_a_positive_integer(value):
-    with pytest.raises(SettingsError, match="max_length"):
-        EncoderSettings.from_parameters({"model_dir": "/m", "max_length": value})
+    with pytest.raises(SettingsError, match=r"max_length \(config.pbtxt\) must be a positive integer"):
+        EncoderSettings.from_parameters({"max_length": value}, environ={})
 
 
-def test_missing_model_dir_is_named():
-    with pytest.raises(SettingsError, match="NVEMBED_MODEL_DIR"):
-        EncoderSettings.from_parameters({})
+def test_a_bad_environment_value_names_its_variable():
+    with pytest.raises(SettingsError, match=r"max_batch_tokens \(NVEMBED_MAX_BATCH_TOKENS\)"):
+        model_settings(ENCODER, {}, {"NVEMBED_MAX_BATCH_TOKENS": "lots"})
+
+
+def test_a_misspelt_config_parameter_is_refused_not_ignored():
+    with pytest.raises(SettingsError, match="unknown config.pbtxt parameter.*max_lenght"):
+        model_settings(ENCODER, {"max_lenght": "512"}, {})
+    with pytest.raises(SettingsError, match="query_instruction"):  # a public-model setting on the encoder
+        model_settings(ENCODER, {"query_instruction": "q: "}, {})
+
+
+def test_request_limits_are_read_from_config_only():
+    """Clients read them from the model config, so an environment variable must not change them."""
+    values = model_settings(PUBLIC, {"max_documents": "8"}, {"NVEMBED_MAX_DOCUMENTS": "99"})
+    assert values["max_documents"] == 8
+
+
+def test_launcher_flag_wins_over_environment_over_default():
+    assert launcher_setting("host", {}) == "127.0.0.1"
+    assert launcher_setting("host", {"TRITON_HOST": "0.0.0.0"}) == "0.0.0.0"
+    assert launcher_setting("host", {"TRITON_HOST": "0.0.0.0"}, "::1") == "::1"
+    assert launcher_setting("gpus", {"NVEMBED_GPUS": "0, 2"}) == [0, 2]
+    with pytest.raises(SettingsError, match=r"openai_port \(--openai-port\) must be a port number"):
+        launcher_setting("openai_port", {}, "http")
+    with pytest.raises(SettingsError, match="distinct"):
+        launcher_setting("gpus", {"NVEMBED_GPUS": "1,1"})
+
+
+def test_every_setting_has_a_parser_that_accepts_its_default():
+    for setting in SETTINGS:
+        setting.value(setting.default, "default")
+
+
+def help_text() -> str:
+    return serve.parser().format_help()
+
+
+def test_help_and_readme_follow_the_declarations():
+    """Every declared setting is in serve.sh --help (variable and default) and the committed
+    README's table is exactly the one generated from the declarations."""
+    text = help_text()
+    for setting in SETTINGS:
+        if setting.variable:
+            assert setting.variable in text and f"default {setting.default or '(empty)'}" in text
+        if setting.flag:
+            assert setting.flag in text
+    readme = (ROOT / "README.md").read_text()
+    stale = "README table is stale: python -m nvembed_triton.settings --write-readme README.md"
+    assert readme_with_table(readme) == readme, stale
+
+
+def test_a_new_knob_is_one_declaration(monkeypatch):
+    """Adding a Setting is all it takes: the model reads it with its environment override, and
+    --help and the README table show it."""
+    knob = Setting("pooling_threads", "4", "threads for the pooling head", ENCODER, positive_int)
+    launcher_knob = Setting("probe_interval_s", "5", "seconds between health probes", LAUNCHER, settings.seconds,
+                            env="NVEMBED_PROBE_EVERY", flag="--probe-interval")  # fmt: skip
+    declared = (*SETTINGS, knob, launcher_knob)
+    monkeypatch.setattr(settings, "SETTINGS", declared)
+    monkeypatch.setattr(serve, "SETTINGS", declared)
+    monkeypatch.setattr(settings, "BY_KEY", {s.key: s for s in declared})
+    assert model_settings(ENCODER, {}, {})["pooling_threads"] == 4
+    assert model_settings(ENCODER, {"pooling_threads": "2"}, {})["pooling_threads"] == 2
+    assert model_settings(ENCODER, {"pooling_threads": "2"}, {"NVEMBED_POOLING_THREADS": "8"})["pooling_threads"] == 8
+    assert launcher_setting("probe_interval_s", {"NVEMBED_PROBE_EVERY": "2.5"}) == 2.5
+    text = help_text()
+    assert "NVEMBED_POOLING_THREADS  default 4" in text and "threads for the pooling head" in text
+    assert "--probe-interval" in text and "NVEMBED_PROBE_EVERY" in text
+    assert serve.parser().parse_args(["--probe-interval", "3"]).probe_interval_s == "3"
+    table = settings.markdown_table()
+    assert "| `pooling_threads` | `NVEMBED_POOLING_THREADS` | - | `4` | encoder |" in table
+    assert "| `probe_interval_s` | `NVEMBED_PROBE_EVERY` | `--probe-interval` | `5` | serve.sh |" in table
+
+
+def test_the_readme_table_is_rewritten_by_the_module(tmp_path):
+    stale = (ROOT / "README.md").read_text().replace("| `max_batch_tokens` |", "| `max_batch_tokenz` |")
+    path = tmp_path / "README.md"
+    path.write_text(stale)
+    subprocess.run([sys.executable, "-m", "nvembed_triton.settings", "--write-readme", str(path)], check=True)
+    assert path.read_text() == (ROOT / "README.md").read_text()
+
+
+def test_setting_keys_are_unique_and_variables_distinct():
+    assert len({s.key for s in SETTINGS}) == len(SETTINGS)
+    variables = [s.variable for s in SETTINGS if s.variable]
+    assert len(set(variables)) == len(variables)
+    assert all(dataclasses.is_dataclass(s) for s in SETTINGS)
 
 
 def test_another_model_cannot_answer_as_nv_embed_v2():
-    with pytest.raises(SettingsError, match="own name"):
-        check_served_name("nv-embed-v2", "BertModel")
-    check_served_name("all-minilm-l6-v2", "BertModel")
-    check_served_name("nv-embed-v2", "NV-Embed-v2")
+    with pytest.raises(CheckpointError, match="own name"):
+        check_served_name("nv-embed-v2", Architecture.SENTENCE_TRANSFORMERS)
+    check_served_name("all-minilm-l6-v2", Architecture.SENTENCE_TRANSFORMERS)
+    check_served_name("nv-embed-v2", Architecture.NV_EMBED_V2)

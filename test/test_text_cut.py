@@ -6,11 +6,11 @@ import time
 
 import numpy as np
 import pytest
-import torch
 from tokenizers import Tokenizer
 
 from nvembed_triton.contract import RETRIEVAL_TASK, nvembed_query_instruction
 from nvembed_triton.serve import demo_model_dir
+from nvembed_triton.settings import EncoderSettings
 from nvembed_triton.st_encoder import SentenceTransformerEncoder
 from nvembed_triton.tokenization import CUT_MARGIN_TOKENS, EOS_TEXT, NVEmbedTokenizer, cut_at_bytes, max_token_bytes
 
@@ -166,7 +166,7 @@ def st_raw():
 
 @pytest.fixture(scope="module")
 def st_encoders():
-    return {m: SentenceTransformerEncoder(demo_model_dir(), torch.device("cpu"), torch.float32, m, 4096) for m in MAX_LENGTHS}
+    return {m: SentenceTransformerEncoder(EncoderSettings(str(demo_model_dir()), "cpu", "float32", m, 4096)) for m in MAX_LENGTHS}
 
 
 @pytest.fixture(scope="module")

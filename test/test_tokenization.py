@@ -5,8 +5,8 @@ import pytest
 import sentencepiece
 
 from nvembed_triton.contract import RETRIEVAL_TASK, nvembed_query_instruction
+from nvembed_triton.errors import InvalidInputError
 from nvembed_triton.tokenization import NVEmbedTokenizer
-from nvembed_triton.validation import InvalidInputError
 
 TEXTS = [
     "x",

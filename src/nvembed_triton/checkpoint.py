@@ -1,8 +1,10 @@
 """What a local model directory holds: its architecture, its NV-Embed-v2 settings, and whether it
-is complete. No torch here: serve.sh and the front model use this before anything heavy loads."""
+is complete, and under which names it may be served. No torch here: serve.sh checks a directory
+with this before tritonserver starts, and the encoder before any weight loads."""
 
 from __future__ import annotations
 
+import enum
 import json
 import math
 import struct
@@ -11,8 +13,18 @@ from collections.abc import Collection
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-NVEMBED = "nvembed"
-SENTENCE_TRANSFORMERS = "sentence-transformers"
+from .contract import PUBLIC_MODEL
+
+
+class Architecture(enum.Enum):
+    """Which kind of model a directory holds: the one name for it everywhere."""
+
+    NV_EMBED_V2 = "NV-Embed-v2"
+    SENTENCE_TRANSFORMERS = "sentence-transformers"
+    STAND_IN = "constant stand-in (benchmark only)"  # settings' stand_in; see stand_in.py
+
+
+NVEMBED_MODEL_TYPE = "nvembed"  # config.json's model_type in an NV-Embed-v2 snapshot
 
 WEIGHTS_INDEX = "model.safetensors.index.json"
 SINGLE_WEIGHTS = "model.safetensors"
@@ -58,19 +70,18 @@ def read_json(path: Path) -> dict:
         return json.load(f)
 
 
-def detect_architecture(model_dir: str | Path) -> str:
-    """NVEMBED for an NV-Embed-v2 snapshot, SENTENCE_TRANSFORMERS for a sentence-transformers one."""
+def detect_architecture(model_dir: str | Path) -> Architecture:
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise CheckpointError(f"model directory {str(model_dir)!r} does not exist. {HOW_TO_GET_WEIGHTS}")
     config_path = model_dir / "config.json"
-    if config_path.is_file() and read_json(config_path).get("model_type") == NVEMBED:
-        return NVEMBED
+    if config_path.is_file() and read_json(config_path).get("model_type") == NVEMBED_MODEL_TYPE:
+        return Architecture.NV_EMBED_V2
     if (model_dir / "modules.json").is_file() or (model_dir / "config_sentence_transformers.json").is_file():
-        return SENTENCE_TRANSFORMERS
+        return Architecture.SENTENCE_TRANSFORMERS
     raise CheckpointError(
         f"{str(model_dir)!r} is neither an NV-Embed-v2 snapshot (config.json with model_type "
-        f"'nvembed') nor a sentence-transformers model (modules.json). {HOW_TO_GET_WEIGHTS}"
+        f"{NVEMBED_MODEL_TYPE!r}) nor a sentence-transformers model (modules.json). {HOW_TO_GET_WEIGHTS}"
     )
 
 
@@ -207,10 +218,10 @@ def missing_nvembed_files(model_dir: str | Path) -> list[str]:
     return [p.name for p in needed if not p.is_file()]
 
 
-def check_model_dir(model_dir: str | Path) -> str:
+def check_model_dir(model_dir: str | Path) -> Architecture:
     """The architecture of a servable directory, or CheckpointError naming what is missing or damaged."""
     architecture = detect_architecture(model_dir)
-    if architecture == NVEMBED:
+    if architecture is Architecture.NV_EMBED_V2:
         missing = missing_nvembed_files(model_dir)
         if missing:
             raise CheckpointError(
@@ -220,13 +231,22 @@ def check_model_dir(model_dir: str | Path) -> str:
     return architecture
 
 
+def check_served_name(model_name: str, architecture: Architecture) -> None:
+    """Clients trust the name: another model must never answer as nv-embed-v2."""
+    if model_name.startswith(PUBLIC_MODEL) and architecture is not Architecture.NV_EMBED_V2:
+        raise CheckpointError(
+            f"this is a {architecture.value} model, not NV-Embed-v2, so it cannot be served as "
+            f"{model_name!r}; serve it under its own name, e.g. ./serve.sh --name my-model --model-dir DIR"
+        )
+
+
 def main(argv: list[str]) -> int:
     """`python -m nvembed_triton.checkpoint DIR`: print the architecture, or why DIR can't be served."""
     if len(argv) != 1:
         print("usage: python -m nvembed_triton.checkpoint MODEL_DIR", file=sys.stderr)
         return 2
     try:
-        print(check_model_dir(argv[0]))
+        print(check_model_dir(argv[0]).value)
     except CheckpointError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

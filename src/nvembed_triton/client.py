@@ -7,9 +7,9 @@ Importing this module is cheap: torch is imported only when tensors are asked fo
 from __future__ import annotations
 
 import asyncio
-import time
+import functools
+import threading
 from collections.abc import Awaitable, Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
 
@@ -20,6 +20,8 @@ from tqdm.auto import tqdm
 from tritonclient.utils import InferenceServerException
 
 from nvembed_triton import contract
+from nvembed_triton.errors import EmbeddingError, InvalidInputError, ServerUnavailableError
+from nvembed_triton.settings import BY_KEY
 
 if TYPE_CHECKING:
     import torch
@@ -43,22 +45,6 @@ T = TypeVar("T")
 Texts: TypeAlias = str | Sequence[str] | np.ndarray
 # As sentence-transformers: an array by default, a tensor (convert_to_tensor), or a list of tensors.
 EncodeOutput: TypeAlias = "np.ndarray | torch.Tensor | list[torch.Tensor]"
-
-
-class EmbeddingError(Exception):
-    """The server did not embed the texts. `status` is the gRPC status name (e.g. "INTERNAL") or None."""
-
-    def __init__(self, message: str, status: str | None = None):
-        super().__init__(message)
-        self.status = status
-
-
-class InvalidInputError(EmbeddingError, ValueError):
-    """The input was rejected (gRPC INVALID_ARGUMENT); sending it again would fail again."""
-
-
-class ServerUnavailableError(EmbeddingError, ConnectionError):
-    """The server could not be reached, even after retries."""
 
 
 @dataclass(frozen=True)
@@ -165,11 +151,11 @@ def _utf8(text: str, position: int) -> bytes:
         raise InvalidInputError(f"texts[{position}] cannot be encoded as UTF-8 ({error.reason} at {error.start})") from None
 
 
-def _limit(config: dict[str, Any], name: str) -> int | None:
-    """One of the model's per-request limits (a positive integer parameter), or None if unset."""
+def _limit(config: dict[str, Any], name: str) -> int:
+    """One of the model's per-request limits: its config.pbtxt parameter, else the declared default."""
     parameters = config.get("config", config).get("parameters", {})
     value = parameters.get(name, {}).get("string_value", "")
-    return int(value) if value.isdigit() and int(value) > 0 else None
+    return int(value) if value.isdigit() and int(value) > 0 else int(BY_KEY[name].default)
 
 
 def _rows(result: grpcclient.InferResult, request: _Request) -> _Rows:
@@ -245,8 +231,9 @@ def _backoff_s(failures: int) -> float:
     return min(RETRY_BASE_DELAY_S * 2 ** (failures - 1), RETRY_MAX_DELAY_S)
 
 
-class _ClientBase:
-    """Settings and error mapping shared by the sync and the asyncio client."""
+class AsyncEmbeddingClient:
+    """asyncio client. At most `max_concurrency` requests are in flight, across all calls from one
+    event loop. EmbeddingClient is the same client, blocking."""
 
     def __init__(
         self,
@@ -261,148 +248,8 @@ class _ClientBase:
             raise ValueError(f"need max_retries >= 0 and max_concurrency >= 1, got {max_retries} and {max_concurrency}")
         self.url, self.model = url, model
         self.timeout_s, self.max_retries, self.max_concurrency = timeout_s, max_retries, max_concurrency
-        self._limits_read = False
-        self._max_documents: int | None = None
+        self._max_documents: int | None = None  # the server's limits, read on first use
         self._max_request_bytes: int | None = None
-        self._connect()
-
-    def _connect(self) -> None:
-        raise NotImplementedError
-
-    def _read_limits(self, config: dict[str, Any]) -> None:
-        self._max_documents = _limit(config, "max_documents")
-        self._max_request_bytes = _limit(config, "max_request_bytes")
-        self._limits_read = True
-
-    def _chunk_size(self, batch_size: int) -> int:
-        return min(batch_size, self._max_documents or batch_size)
-
-    def _retry_or_raise(self, error: InferenceServerException, what: str, failures: int) -> None:
-        """Returns if `error` may be retried once more, else raises the matching EmbeddingError."""
-        if _is_retryable(error) and failures <= self.max_retries:
-            return
-        status = _status(error)
-        message, where = error.message() or str(error), f"model {self.model!r} at {self.url}, {what}"
-        if status == "INVALID_ARGUMENT":
-            raise InvalidInputError(f"{message} ({where})", status) from error
-        if _is_retryable(error):
-            tries = f"{failures} attempt" + "s" * (failures > 1)
-            raise ServerUnavailableError(f"server unavailable after {tries}: {message} ({where})", status) from error
-        raise EmbeddingError(f"{status or 'error'}: {message} ({where})", status) from error
-
-
-class EmbeddingClient(_ClientBase):
-    """Blocking client; thread-safe. At most `max_concurrency` requests are in flight, across all calls."""
-
-    def _connect(self) -> None:
-        self._client = grpcclient.InferenceServerClient(self.url, channel_args=_channel_args())
-        self._pool = ThreadPoolExecutor(self.max_concurrency, thread_name_prefix="nvembed-client")
-
-    def encode(
-        self,
-        sentences: Texts,
-        batch_size: int = 32,
-        show_progress_bar: bool = False,
-        convert_to_numpy: bool = True,
-        convert_to_tensor: bool = False,
-        normalize_embeddings: bool = True,
-        prompt_name: str | None = None,
-        prompt: str | None = None,
-        truncate: str | None = None,
-    ) -> EncodeOutput:
-        """Embed a str (-> one vector) or a list of str (-> [n, D]; [] -> shape (0,)), in input order,
-        as sentence-transformers does: a numpy array, one torch tensor with convert_to_tensor, a list
-        of tensors with convert_to_numpy=False. prompt_name "query" adds the server's query
-        instruction; None and "document" embed the texts as documents. The server's embeddings are
-        already unit length: normalize_embeddings=False returns them as they are, True renormalises.
-        prompt: this call's own instruction instead of the server's (as sentence-transformers'
-        `prompt`); truncate: END (default), START or NONE for texts over the server's max_length."""
-        rows, single = self._embed(sentences, batch_size, show_progress_bar, prompt_name, prompt, truncate)
-        return _assemble([r.embeddings for r in rows], single, convert_to_numpy, convert_to_tensor, normalize_embeddings)
-
-    def embed_with_usage(
-        self, texts: Sequence[str], *, prompt_name: str | None = None, prompt: str | None = None,
-        truncate: str | None = None, batch_size: int = 32,
-    ) -> EmbeddingsWithUsage:  # fmt: skip
-        """encode's embeddings ([n, D] numpy) with the server's token counts and truncation flags."""
-        return _with_usage(self._embed(_document_list(texts), batch_size, False, prompt_name, prompt, truncate)[0])
-
-    def _embed(self, sentences, batch_size, show_progress_bar, prompt_name, prompt, truncate) -> tuple[list[_Rows], bool]:
-        texts, single = _check_arguments(sentences, batch_size, prompt_name)
-        if texts and not self._limits_read:
-            self._read_limits(self._call("reading the model config", self._read_config))
-        options = _options(prompt, truncate)
-        requests = _plan_requests(texts, prompt_name, self._chunk_size(batch_size), self._max_request_bytes, options)
-        with tqdm(total=len(texts), unit="text", disable=not show_progress_bar) as progress:
-            return self._run(requests, progress), single
-
-    def encode_query(self, sentences: Texts, **kwargs: Any) -> EncodeOutput:
-        """sentence-transformers' encode_query: encode with the query prompt."""
-        return self.encode(sentences, prompt_name=contract.QUERY_PROMPT, **kwargs)
-
-    def encode_document(self, sentences: Texts, **kwargs: Any) -> EncodeOutput:
-        """sentence-transformers' encode_document: encode as documents."""
-        return self.encode(sentences, prompt_name=contract.DOCUMENT_PROMPT, **kwargs)
-
-    def embed_query(self, text: str) -> list[float]:
-        """LangChain's query embedding: one vector, with the query instruction."""
-        return self.encode(text, prompt_name=contract.QUERY_PROMPT).tolist()
-
-    def embed_documents(self, texts: Sequence[str], *, batch_size: int = 32) -> list[list[float]]:
-        """LangChain's document embeddings: one vector per text, in order."""
-        return self.encode(_document_list(texts), batch_size, prompt_name=contract.DOCUMENT_PROMPT).tolist()
-
-    def close(self) -> None:
-        self._pool.shutdown(cancel_futures=True)
-        self._client.close()
-
-    def __enter__(self) -> EmbeddingClient:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-    def _read_config(self) -> dict[str, Any]:
-        return self._client.get_model_config(self.model, as_json=True, client_timeout=self.timeout_s)
-
-    def _run(self, requests: list[_Request], progress: tqdm) -> list[_Rows]:
-        futures = {self._pool.submit(self._infer, request): request for request in requests}
-        try:
-            for future in as_completed(futures):
-                future.result()  # the first failure ends the call
-                progress.update(len(futures[future].texts))
-        except BaseException:
-            for future in futures:
-                future.cancel()  # requests not yet sent are dropped
-            raise
-        return [future.result() for future in futures]
-
-    def _infer(self, request: _Request) -> _Rows:
-        outputs = [grpcclient.InferRequestedOutput(name) for name in OUTPUTS]
-        result = self._call(
-            request.describe(),
-            lambda: self._client.infer(
-                self.model, request.inputs(), outputs=outputs, client_timeout=self.timeout_s, parameters=request.parameters
-            ),
-        )
-        return _rows(result, request)
-
-    def _call(self, what: str, call: Callable[[], T]) -> T:
-        failures = 0
-        while True:
-            try:
-                return call()
-            except InferenceServerException as error:
-                failures += 1
-                self._retry_or_raise(error, what, failures)
-            time.sleep(_backoff_s(failures))
-
-
-class AsyncEmbeddingClient(_ClientBase):
-    """asyncio client with EmbeddingClient's methods as coroutines. At most `max_concurrency`
-    requests are in flight, across all calls from one event loop."""
-
-    def _connect(self) -> None:
         # A grpc.aio channel only works in the event loop that opened it, so it is opened on first
         # use, and again under a new loop (each asyncio.run has its own); the client can be made anywhere.
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -427,7 +274,13 @@ class AsyncEmbeddingClient(_ClientBase):
         prompt: str | None = None,
         truncate: str | None = None,
     ) -> EncodeOutput:
-        """EmbeddingClient.encode, awaitable."""
+        """Embed a str (-> one vector) or a list of str (-> [n, D]; [] -> shape (0,)), in input order,
+        as sentence-transformers does: a numpy array, one torch tensor with convert_to_tensor, a list
+        of tensors with convert_to_numpy=False. prompt_name "query" adds the server's query
+        instruction; None and "document" embed the texts as documents. The server's embeddings are
+        already unit length: normalize_embeddings=False returns them as they are, True renormalises.
+        prompt: this call's own instruction instead of the server's (as sentence-transformers'
+        `prompt`); truncate: END (default), START or NONE for texts over the server's max_length."""
         rows, single = await self._embed(sentences, batch_size, show_progress_bar, prompt_name, prompt, truncate)
         return _assemble([r.embeddings for r in rows], single, convert_to_numpy, convert_to_tensor, normalize_embeddings)
 
@@ -435,24 +288,15 @@ class AsyncEmbeddingClient(_ClientBase):
         self, texts: Sequence[str], *, prompt_name: str | None = None, prompt: str | None = None,
         truncate: str | None = None, batch_size: int = 32,
     ) -> EmbeddingsWithUsage:  # fmt: skip
-        """EmbeddingClient.embed_with_usage, awaitable."""
+        """encode's embeddings ([n, D] numpy) with the server's token counts and truncation flags."""
         return _with_usage((await self._embed(_document_list(texts), batch_size, False, prompt_name, prompt, truncate))[0])
 
-    async def _embed(self, sentences, batch_size, show_progress_bar, prompt_name, prompt, truncate) -> tuple[list[_Rows], bool]:
-        texts, single = _check_arguments(sentences, batch_size, prompt_name)
-        if texts and not self._limits_read:
-            self._read_limits(await self._call("reading the model config", self._read_config))
-        options = _options(prompt, truncate)
-        requests = _plan_requests(texts, prompt_name, self._chunk_size(batch_size), self._max_request_bytes, options)
-        with tqdm(total=len(texts), unit="text", disable=not show_progress_bar) as progress:
-            return await self._run(requests, progress), single
-
     async def encode_query(self, sentences: Texts, **kwargs: Any) -> EncodeOutput:
-        """EmbeddingClient.encode_query, awaitable."""
+        """sentence-transformers' encode_query: encode with the query prompt."""
         return await self.encode(sentences, prompt_name=contract.QUERY_PROMPT, **kwargs)
 
     async def encode_document(self, sentences: Texts, **kwargs: Any) -> EncodeOutput:
-        """EmbeddingClient.encode_document, awaitable."""
+        """sentence-transformers' encode_document: encode as documents."""
         return await self.encode(sentences, prompt_name=contract.DOCUMENT_PROMPT, **kwargs)
 
     async def embed_query(self, text: str) -> list[float]:
@@ -477,6 +321,17 @@ class AsyncEmbeddingClient(_ClientBase):
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
+
+    async def _embed(self, sentences, batch_size, show_progress_bar, prompt_name, prompt, truncate) -> tuple[list[_Rows], bool]:
+        texts, single = _check_arguments(sentences, batch_size, prompt_name)
+        if texts and self._max_documents is None:
+            config = await self._call("reading the model config", self._read_config)
+            self._max_documents, self._max_request_bytes = _limit(config, "max_documents"), _limit(config, "max_request_bytes")
+        options = _options(prompt, truncate)
+        chunk_size = min(batch_size, self._max_documents or batch_size)
+        requests = _plan_requests(texts, prompt_name, chunk_size, self._max_request_bytes, options)
+        with tqdm(total=len(texts), unit="text", disable=not show_progress_bar) as progress:
+            return await self._run(requests, progress), single
 
     async def _read_config(self) -> dict[str, Any]:
         return await self._grpc().get_model_config(self.model, as_json=True, client_timeout=self.timeout_s)
@@ -516,3 +371,67 @@ class AsyncEmbeddingClient(_ClientBase):
                 failures += 1
                 self._retry_or_raise(error, what, failures)
             await asyncio.sleep(_backoff_s(failures))
+
+    def _retry_or_raise(self, error: InferenceServerException, what: str, failures: int) -> None:
+        """Returns if `error` may be retried once more, else raises the matching EmbeddingError."""
+        if _is_retryable(error) and failures <= self.max_retries:
+            return
+        status = _status(error)
+        message, where = error.message() or str(error), f"model {self.model!r} at {self.url}, {what}"
+        if status == "INVALID_ARGUMENT":
+            raise InvalidInputError(f"{message} ({where})", status) from error
+        if _is_retryable(error):
+            tries = f"{failures} attempt" + "s" * (failures > 1)
+            raise ServerUnavailableError(f"server unavailable after {tries}: {message} ({where})", status) from error
+        raise EmbeddingError(f"{status or 'error'}: {message} ({where})", status) from error
+
+
+def _blocking(method: Callable[..., Awaitable[T]]) -> Callable[..., T]:
+    """AsyncEmbeddingClient's coroutine method as a blocking one (same name, signature and docs)."""
+
+    @functools.wraps(method)
+    def call(self: EmbeddingClient, *args: Any, **kwargs: Any) -> T:
+        return self._wait(method(self._async, *args, **kwargs))
+
+    return call
+
+
+class EmbeddingClient:
+    """Blocking client, thread-safe: AsyncEmbeddingClient on an event loop of its own thread, so
+    both clients behave alike. At most `max_concurrency` requests are in flight, across all calls."""
+
+    def __init__(self, url: str = "localhost:8001", model: str = contract.PUBLIC_MODEL, **options: Any):
+        self._async = AsyncEmbeddingClient(url, model, **options)
+        self.url, self.model = url, model
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="nvembed-client", daemon=True)
+        self._thread.start()
+
+    def _wait(self, coroutine: Awaitable[T]) -> T:
+        future = asyncio.run_coroutine_threadsafe(coroutine, self._loop)
+        try:
+            return future.result()
+        except BaseException:
+            future.cancel()  # e.g. KeyboardInterrupt: the call's requests not yet sent are dropped
+            raise
+
+    encode = _blocking(AsyncEmbeddingClient.encode)
+    embed_with_usage = _blocking(AsyncEmbeddingClient.embed_with_usage)
+    encode_query = _blocking(AsyncEmbeddingClient.encode_query)
+    encode_document = _blocking(AsyncEmbeddingClient.encode_document)
+    embed_query = _blocking(AsyncEmbeddingClient.embed_query)
+    embed_documents = _blocking(AsyncEmbeddingClient.embed_documents)
+
+    def close(self) -> None:
+        if self._loop.is_closed():
+            return
+        self._wait(self._async.close())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+        self._loop.close()
+
+    def __enter__(self) -> EmbeddingClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

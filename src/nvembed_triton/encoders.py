@@ -9,7 +9,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from .checkpoint import NVEMBED, check_model_dir
+from .checkpoint import Architecture, check_model_dir
 from .settings import EncoderSettings, SettingsError
 
 # Indices of texts about to be computed -> those still wanted (their clients have not gone).
@@ -28,7 +28,7 @@ class Encoded:
 
 
 class TextEncoder(Protocol):
-    architecture: str
+    architecture: Architecture
     dimension: int
     max_length: int
 
@@ -63,17 +63,14 @@ def check_device_available(device: str) -> None:
 def load_encoder(settings: EncoderSettings) -> TextEncoder:
     check_device_available(settings.device)
     architecture = check_model_dir(settings.model_dir)
-    args = (
-        settings.model_dir,
-        torch.device(settings.device),
-        getattr(torch, settings.dtype),
-        settings.max_length,
-        settings.max_batch_tokens,
-    )
-    if architecture == NVEMBED:
+    if settings.stand_in:  # benchmarks only: NV-Embed-v2's tokenizer, no network
+        from .stand_in import ConstantEncoder
+
+        return ConstantEncoder(settings)
+    if architecture is Architecture.NV_EMBED_V2:
         from .nvembed_encoder import NVEmbedEncoder
 
-        return NVEmbedEncoder(*args)
+        return NVEmbedEncoder(settings)
     from .st_encoder import SentenceTransformerEncoder  # sentence-transformers is imported only when needed
 
-    return SentenceTransformerEncoder(*args)
+    return SentenceTransformerEncoder(settings)

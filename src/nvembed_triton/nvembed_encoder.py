@@ -2,29 +2,31 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from .batching import plan_batches
-from .checkpoint import TOKENIZER_FILE, check_model_dir
+from .checkpoint import TOKENIZER_FILE, Architecture
 from .contract import DOCUMENT_PROMPT, QUERY_PROMPT, RETRIEVAL_TASK, nvembed_query_instruction
 from .encoders import Encoded, KeepFilter
 from .nvembed_model import load_nvembed
+from .settings import EncoderSettings
 from .tokenization import PAD_ID, NVEmbedTokenizer, TokenizedText
 
 
 class NVEmbedEncoder:
-    architecture = "NV-Embed-v2"
+    architecture = Architecture.NV_EMBED_V2
 
-    def __init__(self, model_dir: str | Path, device: torch.device, dtype: torch.dtype, max_length: int, max_batch_tokens: int):
-        check_model_dir(model_dir)
-        self.device = device
-        self.max_length = max_length
-        self.max_batch_tokens = max_batch_tokens
-        self.tokenizer = NVEmbedTokenizer(Path(model_dir) / TOKENIZER_FILE, max_length)
-        self.model = load_nvembed(model_dir, device, dtype)
+    def __init__(self, settings: EncoderSettings):
+        """`settings.model_dir` must have passed checkpoint.check_model_dir (load_encoder does that)."""
+        self.device = torch.device(settings.device)
+        self.max_length = settings.max_length
+        self.max_batch_tokens = settings.max_batch_tokens
+        self.tokenizer = NVEmbedTokenizer(Path(settings.model_dir) / TOKENIZER_FILE, self.max_length)
+        self.model = load_nvembed(settings.model_dir, self.device, getattr(torch, settings.dtype))
         self.dimension = self.model.dimension
 
     def default_instruction(self, prompt_name: str) -> str:
@@ -54,12 +56,18 @@ class NVEmbedEncoder:
 
     def embed_tokenized(self, batch: list[TokenizedText]) -> np.ndarray:
         """One forward pass over `batch`, right-padded to its longest member."""
-        longest = max(len(t.ids) for t in batch)
-        input_ids = torch.full((len(batch), longest), PAD_ID, dtype=torch.long)
-        valid = torch.zeros((len(batch), longest), dtype=torch.bool)
-        for row, text in enumerate(batch):
-            input_ids[row, : len(text.ids)] = torch.tensor(text.ids)
-            valid[row, : len(text.ids)] = True
+        input_ids, valid = pad_right([t.ids for t in batch])
         pool_from = torch.tensor([t.pool_from for t in batch])
         to = dict(device=self.device, non_blocking=True)
         return self.model.embed(input_ids.to(**to), valid.to(**to), pool_from.to(**to)).cpu().numpy()
+
+
+def pad_right(sequences: Sequence[Sequence[int] | torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id rows padded on the right to the longest: (input_ids, valid) [rows, longest]."""
+    longest = max(len(ids) for ids in sequences)
+    input_ids = torch.full((len(sequences), longest), PAD_ID, dtype=torch.long)
+    valid = torch.zeros((len(sequences), longest), dtype=torch.bool)
+    for row, ids in enumerate(sequences):
+        input_ids[row, : len(ids)] = torch.as_tensor(ids)
+        valid[row, : len(ids)] = True
+    return input_ids, valid

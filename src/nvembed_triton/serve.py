@@ -14,29 +14,17 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from .checkpoint import NVEMBED, CheckpointError, check_model_dir
+from .checkpoint import Architecture, CheckpointError, check_model_dir, check_served_name
 from .contract import EMBEDDINGS_OUTPUT, PUBLIC_MODEL, QUERY_INPUT, encoder_model_name
 from .lifecycle import CANCEL_DIR_ENV, CLOSED_FLAG_ENV
 from .server import ServerError, ServerSettings, TritonServer
-from .settings import SettingsError, check_served_name, resolve_device
+from .settings import BY_KEY, LAUNCHER, SETTINGS, SettingsError, environment_help, launcher_setting, resolve_device
 from .supervisor import Supervisor
 
-REPOSITORY = Path(__file__).resolve().parents[2] / "model_repository"
+# Installed with the package (package data), so an installed package serves without a checkout.
+PACKAGED_REPOSITORY = Path(__file__).resolve().parent / "model_repository"
 DEMO_MODEL = "all-minilm-l6-v2"
-DEFAULT_HOST = "127.0.0.1"  # a plain machine serves itself; the container image sets 0.0.0.0
-DEFAULT_DRAIN_TIMEOUT_S = 25.0  # inside Kubernetes' default 30 s grace period
 PROBE_TIMEOUT_S = 60.0  # a probe queues behind real work; only a hung server takes this long
-EPILOG = """environment:
-  NVEMBED_MODEL_DIR     model directory (overrides the encoder's model_dir parameter)
-  NVEMBED_DEVICE        cpu | cuda | cuda:N (overrides the device parameter)
-  NVEMBED_DTYPE, NVEMBED_MAX_LENGTH, NVEMBED_MAX_BATCH_TOKENS   override those parameters
-  TRITON_GRPC_PORT / TRITON_HTTP_PORT / TRITON_METRICS_PORT     default 8001 / 8000 / 8002
-  TRITON_HOST           address the three ports bind to (default 127.0.0.1; 0.0.0.0 in the container image)
-  NVEMBED_DRAIN_TIMEOUT_S   how long a stop may spend serving accepted requests (default 25)
-  NVEMBED_GPUS          e.g. 0,1: one encoder instance, with its own copy of the weights, per listed GPU
-  NVEMBED_OPENAI_PORT   also serve the OpenAI/NIM-compatible HTTP API on this port (as --openai-port)
-  NVEMBED_MODEL_REPOSITORY  the model repository (default: this checkout's model_repository)
-"""
 
 
 @dataclass(frozen=True)
@@ -45,6 +33,8 @@ class ServePlan:
     model_dir: Path
     device: str | None
     repository: Path
+    host: str
+    openai_port: int | None
 
 
 def demo_model_dir() -> Path:
@@ -69,20 +59,27 @@ def configured_parameter(repository: Path, model: str, key: str) -> str:
 
 def plan(args: argparse.Namespace, environ=os.environ) -> ServePlan:
     """Where the weights are and under which name they are served; errors say what to fix."""
-    repository = Path(args.model_repository or environ.get("NVEMBED_MODEL_REPOSITORY") or REPOSITORY).resolve()
+    repository = Path(launcher_setting("model_repository", environ, args.model_repository) or PACKAGED_REPOSITORY).resolve()
     name = args.name or (DEMO_MODEL if args.demo else PUBLIC_MODEL)
-    model_dir = args.model_dir or environ.get("NVEMBED_MODEL_DIR")
+    model_dir = args.model_dir or environ.get(BY_KEY["model_dir"].variable)
     if args.demo and not model_dir:
         model_dir = demo_model_dir()
     if not model_dir:
         model_dir = configured_parameter(repository, encoder_model_name(name), "model_dir")
         model_dir = model_dir or configured_parameter(repository, encoder_model_name(PUBLIC_MODEL), "model_dir")
+        model_dir = model_dir or BY_KEY["model_dir"].default
     architecture = check_model_dir(model_dir)
-    check_served_name(name, "NV-Embed-v2" if architecture == NVEMBED else "sentence-transformers")
-    device = args.device or environ.get("NVEMBED_DEVICE") or ("cpu" if args.demo else None)
+    if launcher_setting("stand_in", environ):  # benchmarks only; refused here, before anything starts
+        architecture = Architecture.STAND_IN
+    check_served_name(name, architecture)
+    device = args.device or environ.get(BY_KEY["device"].variable) or ("cpu" if args.demo else None)
     if device:
         resolve_device(device, "", "0")  # rejects a malformed value before the server starts
-    return ServePlan(name, Path(model_dir).resolve(), device, repository)
+    return ServePlan(
+        name, Path(model_dir).resolve(), device, repository,
+        host=launcher_setting("host", environ, args.host),
+        openai_port=launcher_setting("openai_port", environ, args.openai_port),
+    )  # fmt: skip
 
 
 def layout_repository(plan_: ServePlan, run_dir: Path) -> Path:
@@ -105,36 +102,25 @@ def server_settings(plan_: ServePlan, run_dir: Path, environ=os.environ) -> Serv
     cancel_board = run_dir / "cancelled"
     cancel_board.mkdir(parents=True, exist_ok=True)
     overrides = {
-        "NVEMBED_MODEL_DIR": str(plan_.model_dir),
+        BY_KEY["model_dir"].variable: str(plan_.model_dir),
         CLOSED_FLAG_ENV: str(closed_flag(run_dir)),
         CANCEL_DIR_ENV: str(cancel_board),
     }
     if plan_.device:
-        overrides["NVEMBED_DEVICE"] = plan_.device
+        overrides[BY_KEY["device"].variable] = plan_.device
     repository = layout_repository(plan_, run_dir)
-    if gpus := parse_gpus(environ.get("NVEMBED_GPUS", "")):
+    if gpus := launcher_setting("gpus", environ):
         place_encoder_on_gpus(repository / encoder_model_name(plan_.name) / "config.pbtxt", gpus)
     return ServerSettings(
         model_repository=repository,
         models=(plan_.name, encoder_model_name(plan_.name)),
         run_dir=run_dir,
-        grpc_port=int(environ.get("TRITON_GRPC_PORT", 8001)),
-        http_port=int(environ.get("TRITON_HTTP_PORT", 8000)),
-        metrics_port=int(environ.get("TRITON_METRICS_PORT", 8002)),
-        host=environ.get("TRITON_HOST") or DEFAULT_HOST,
+        grpc_port=launcher_setting("grpc_port", environ),
+        http_port=launcher_setting("http_port", environ),
+        metrics_port=launcher_setting("metrics_port", environ),
+        host=plan_.host,
         environment=overrides,
     )
-
-
-def parse_gpus(value: str) -> list[int]:
-    """NVEMBED_GPUS: "0,1" -> [0, 1]; empty -> [] (the encoder config's own instance_group)."""
-    try:
-        gpus = [int(part) for part in value.replace(" ", "").split(",") if part]
-    except ValueError:
-        raise SettingsError(f"NVEMBED_GPUS must list GPU indices like 0,1; got {value!r}") from None
-    if any(gpu < 0 for gpu in gpus) or len(set(gpus)) != len(gpus):
-        raise SettingsError(f"NVEMBED_GPUS must list distinct GPU indices; got {value!r}")
-    return gpus
 
 
 def place_encoder_on_gpus(config_path: Path, gpus: list[int]) -> None:
@@ -178,16 +164,15 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="serve.sh",
         description="Serve NV-Embed-v2 (or a sentence-transformers model) with Triton over gRPC.",
-        epilog=EPILOG,
+        epilog=environment_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--model-dir", help="local model snapshot (default: $NVEMBED_MODEL_DIR, then config.pbtxt)")
+    for setting in (s for s in SETTINGS if s.flag):  # declared in settings.py, with their variables
+        config = "" if setting.scope == LAUNCHER else "config.pbtxt, then "
+        default = f"${setting.variable}, then {config}{setting.default or 'empty'}"
+        p.add_argument(setting.flag, dest=setting.key, help=f"{setting.help.replace('`', '')} (default: {default})")
     p.add_argument("--name", help=f"model name clients use (default: {PUBLIC_MODEL}; other models need their own name)")
-    p.add_argument("--device", help="cpu | cuda | cuda:N (default: $NVEMBED_DEVICE, then config.pbtxt)")
     p.add_argument("--demo", action="store_true", help=f"serve the small bundled all-MiniLM-L6-v2 as {DEMO_MODEL} on the CPU")
-    p.add_argument("--model-repository", help="model repository to serve from (default: ./model_repository)")
-    p.add_argument("--host", help=f"address the ports bind to (default: $TRITON_HOST, then {DEFAULT_HOST})")
-    p.add_argument("--openai-port", type=int, help="also serve the OpenAI/NIM-compatible embeddings API on this port")
     p.add_argument("--run-dir", help="where the server log and assembled files go (default: a temporary directory)")
     p.add_argument("--check", action="store_true", help="check the model directory and exit")
     return p
@@ -203,14 +188,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         print(f"ok: {plan_.model_dir} can be served as {plan_.name}")
         return 0
-    environ = {**os.environ, **({"TRITON_HOST": args.host} if args.host else {})}
-    if args.openai_port:
-        environ["NVEMBED_OPENAI_PORT"] = str(args.openai_port)
     run_dir = Path(args.run_dir or tempfile.mkdtemp(prefix="nvembed-triton-"))
     try:
-        settings = server_settings(plan_, run_dir, environ)
-        check_ports_free(settings, {"NVEMBED_OPENAI_PORT": openai_port(environ)})
-        return serve(plan_, settings, environ)
+        settings = server_settings(plan_, run_dir)
+        check_ports_free(settings, {BY_KEY["openai_port"].variable: plan_.openai_port})
+        return serve(plan_, settings)
     except (ServerError, SettingsError) as error:
         print(f"serve.sh: {error}", file=sys.stderr)
         return 1
@@ -219,17 +201,10 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(run_dir, ignore_errors=True)
 
 
-def openai_port(environ) -> int | None:
-    value = environ.get("NVEMBED_OPENAI_PORT", "")
-    if value and not value.isdigit():
-        raise SettingsError(f"NVEMBED_OPENAI_PORT / --openai-port must be a port number, got {value!r}")
-    return int(value) if value else None
-
-
 def check_ports_free(settings: ServerSettings, extra: dict[str, int | None]) -> None:
     """Before minutes of weight loading, not after: a port in use is named with its variable."""
-    ports = {"TRITON_GRPC_PORT": settings.grpc_port, "TRITON_HTTP_PORT": settings.http_port,
-             "TRITON_METRICS_PORT": settings.metrics_port, **extra}  # fmt: skip
+    ports = {BY_KEY["grpc_port"].variable: settings.grpc_port, BY_KEY["http_port"].variable: settings.http_port,
+             BY_KEY["metrics_port"].variable: settings.metrics_port, **extra}  # fmt: skip
     for variable, port in ((variable, port) for variable, port in ports.items() if port):
         with socket.socket() as probe_socket:
             probe_socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers bind
@@ -240,7 +215,7 @@ def check_ports_free(settings: ServerSettings, extra: dict[str, int | None]) -> 
                 raise ServerError(f"{reason}; set {variable} to another port") from None
 
 
-def serve(plan_: ServePlan, settings: ServerSettings, environ) -> int:
+def serve(plan_: ServePlan, settings: ServerSettings, environ=os.environ) -> int:
     """Runs tritonserver under the supervisor until SIGTERM or SIGINT, then drains."""
     run_dir = settings.run_dir
     closed_flag(run_dir).unlink(missing_ok=True)
@@ -254,16 +229,16 @@ def serve(plan_: ServePlan, settings: ServerSettings, environ) -> int:
         server.start()
         server.wait_ready(abort=supervisor.stop)
         ports = f"grpc {settings.grpc_port}, http {settings.http_port}, metrics {settings.metrics_port}"
-        if port := openai_port(environ):
-            http_api = OpenAIServer(settings, plan_.name, port)
-            ports += f", OpenAI API {port}"
+        if plan_.openai_port:
+            http_api = OpenAIServer(settings, plan_.name, plan_.openai_port)
+            ports += f", OpenAI API {plan_.openai_port}"
         log(f"{plan_.name} ready on {settings.host}: {ports}")
         code = supervisor.run()
         if code == 0:
             log("stopping: draining accepted requests")
         return code
     finally:
-        supervisor.drain(float(environ.get("NVEMBED_DRAIN_TIMEOUT_S", DEFAULT_DRAIN_TIMEOUT_S)))
+        supervisor.drain(launcher_setting("drain_timeout_s", environ))
         if http_api is not None:  # after the drain: its requests were Triton's too, and were served
             http_api.stop()
         log("stopped")

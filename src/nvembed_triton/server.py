@@ -13,6 +13,7 @@ import sys
 import sysconfig
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -159,6 +160,55 @@ def stubs_of(pid: int) -> list[Stub]:
     return stubs
 
 
+def log_tail(path: Path, lines: int = 60) -> str:
+    if not path.exists():
+        return "(no log)"
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def wait_until_ready(
+    grpc_url: str,
+    models: tuple[str, ...],
+    process: subprocess.Popen,
+    log_path: Path,
+    timeout_s: float = 300.0,
+    abort: threading.Event | None = None,
+) -> None:
+    """Until the server at `grpc_url` (run by `process`: tritonserver, or a launcher of it) says
+    every model is ready, or `abort` is set. If the process exits or time runs out: ServerError
+    with the log's tail."""
+    import tritonclient.grpc as grpcclient
+
+    deadline = time.monotonic() + timeout_s
+    with grpcclient.InferenceServerClient(grpc_url) as client:
+        while time.monotonic() < deadline and not (abort and abort.is_set()):
+            if process.poll() is not None:
+                program = Path(str(process.args[0])).name
+                raise ServerError(f"{program} exited with code {process.returncode}\n{log_tail(log_path)}")
+            try:
+                if client.is_server_ready() and all(client.is_model_ready(m) for m in models):
+                    return
+            except Exception:  # not listening yet
+                pass
+            time.sleep(0.5)
+    if abort and abort.is_set():
+        return
+    raise ServerError(f"the server at {grpc_url} was not ready after {timeout_s:.0f} s\n{log_tail(log_path)}")
+
+
+def interrupt(process: subprocess.Popen, grace_s: float, kill: Callable[[], None] | None = None) -> int | None:
+    """SIGINT (a drain, for tritonserver and serve.sh alike), then `kill` (default SIGKILL) if it
+    has not exited after grace_s. Returns the exit code."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            (kill or process.kill)()
+            process.wait()
+    return process.returncode
+
+
 class TritonServer:
     """A tritonserver child process. Use as a context manager, or start()/wait_ready()/stop()."""
 
@@ -202,22 +252,7 @@ class TritonServer:
     def wait_ready(self, timeout_s: float = 300.0, abort: threading.Event | None = None) -> None:
         """Until every model answers ready (or `abort` is set); a server that exits or times out
         raises with its log."""
-        import tritonclient.grpc as grpcclient
-
-        deadline = time.monotonic() + timeout_s
-        with grpcclient.InferenceServerClient(self.settings.grpc_url) as client:
-            while time.monotonic() < deadline and not (abort and abort.is_set()):
-                if self._process.poll() is not None:
-                    raise ServerError(f"tritonserver exited with code {self._process.returncode}\n{self.log_tail()}")
-                try:
-                    if client.is_server_ready() and all(client.is_model_ready(m) for m in self.settings.models):
-                        return
-                except Exception:  # not listening yet
-                    pass
-                time.sleep(0.5)
-        if abort and abort.is_set():
-            return
-        raise ServerError(f"tritonserver not ready after {timeout_s:.0f} s\n{self.log_tail()}")
+        wait_until_ready(self.settings.grpc_url, self.settings.models, self._process, self.log_path, timeout_s, abort)
 
     def is_running(self) -> bool:
         return self._process is not None and self._process.poll() is None
@@ -247,23 +282,13 @@ class TritonServer:
     def stop(self, grace_s: float = 45.0) -> int | None:
         """SIGINT lets Triton unload models cleanly (the 16 front instances take ~20 s on 2 cores);
         a kill follows after the grace period."""
-        if self._process is None:
-            return None
-        if self._process.poll() is None:
-            self._process.send_signal(signal.SIGINT)
-            try:
-                self._process.wait(grace_s)
-            except subprocess.TimeoutExpired:
-                self.kill()
-        return self._process.returncode
+        return None if self._process is None else interrupt(self._process, grace_s, self.kill)
 
     def wait(self) -> int:
         return self._process.wait()
 
     def log_tail(self, lines: int = 60) -> str:
-        if not self.log_path.exists():
-            return "(no log)"
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        return log_tail(self.log_path, lines)
 
     def __enter__(self) -> TritonServer:
         self.start()

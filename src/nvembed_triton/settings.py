@@ -1,11 +1,27 @@
-"""Operator knobs: read once from config.pbtxt `parameters`, overridden by NVEMBED_* environment
-variables (what serve.sh sets), and checked before any weight is loaded."""
+"""Every operator knob, declared once (SETTINGS): its name, default, type, help and environment
+variable. The models read theirs from config.pbtxt `parameters` with NVEMBED_* environment
+overrides; serve.sh reads its own from flags and the environment. serve.sh's --help and the
+README's configuration table are generated from the same declarations (test_settings checks both).
+
+    python -m nvembed_triton.settings --write-readme README.md   # after adding or changing a knob
+"""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+import re
+import sys
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+# Which part of the stack reads a setting.
+ENCODER = "encoder"  # the encoder model's config.pbtxt (the model with the weights)
+PUBLIC = "public"  # the public model's config.pbtxt
+BOTH = "both models"  # both config.pbtxt files, each for its own requests
+LAUNCHER = "serve.sh"  # the launcher only: environment variable or flag
+MODEL_SCOPES = (ENCODER, PUBLIC, BOTH)
 
 DTYPE_NAMES = {
     "bf16": "bfloat16", "bfloat16": "bfloat16",
@@ -15,33 +31,154 @@ DTYPE_NAMES = {
 
 
 class SettingsError(ValueError):
-    """A configuration that cannot work; the model refuses to load and says why."""
+    """A configuration that cannot work; the model (or serve.sh) refuses to start and says why."""
+
+
+def text(raw: str) -> str:
+    return raw
+
+
+def number(convert: Callable[[str], float], smallest: float, what: str) -> Callable[[str], Any]:
+    """A parser of numbers of at least `smallest`, whose errors say `what` was expected."""
+
+    def parse(raw: str):
+        try:
+            value = convert(raw)
+        except ValueError:
+            raise SettingsError(f"must be {what}, got {raw!r}") from None
+        if value < smallest:
+            raise SettingsError(f"must be {what}, got {value}")
+        return value
+
+    return parse
+
+
+positive_int = number(int, 1, "a positive integer")
+seconds = number(float, 0, "a number of seconds >= 0")
+
+
+def stand_in_choice(raw: str) -> str:
+    if raw not in ("", "constant"):
+        raise SettingsError(f'must be empty (the real model) or "constant" (benchmarks only), got {raw!r}')
+    return raw
+
+
+def port(raw: str) -> int | None:
+    """A TCP port; empty means off (for the optional OpenAI API)."""
+    if not raw:
+        return None
+    if not raw.isdigit() or not 0 < int(raw) < 65536:
+        raise SettingsError(f"must be a port number, got {raw!r}")
+    return int(raw)
+
+
+def gpu_list(raw: str) -> list[int]:
+    """"0,1" -> [0, 1]; empty -> [] (the encoder config's own instance_group)."""
+    try:
+        gpus = [int(part) for part in raw.replace(" ", "").split(",") if part]
+    except ValueError:
+        raise SettingsError(f"must list GPU indices like 0,1; got {raw!r}") from None
+    if any(gpu < 0 for gpu in gpus) or len(set(gpus)) != len(gpus):
+        raise SettingsError(f"must list distinct GPU indices; got {raw!r}")
+    return gpus
+
+
+@dataclass(frozen=True)
+class Setting:
+    key: str  # the config.pbtxt parameter key (model settings) and the Python name
+    default: str  # as written in config.pbtxt or the environment
+    help: str
+    scope: str
+    parse: Callable[[str], Any] = text
+    env: str | None = ""  # "" -> NVEMBED_<KEY>; None -> config.pbtxt only (see the help)
+    flag: str | None = None  # serve.sh's command-line flag, which wins over the environment
+
+    @property
+    def variable(self) -> str | None:
+        return f"NVEMBED_{self.key.upper()}" if self.env == "" else self.env
+
+    def value(self, raw: str, source: str) -> Any:
+        try:
+            return self.parse(raw)
+        except SettingsError as error:
+            raise SettingsError(f"{self.key} ({source}) {error}") from None
+
+
+SETTINGS = (
+    Setting("model_dir", "/models/NV-Embed-v2", "the local model snapshot (NV-Embed-v2 or sentence-transformers)",
+            ENCODER, flag="--model-dir"),
+    Setting("device", "cuda:0", "`cpu`, `cuda` or `cuda:N`; an absent GPU is a load error, never a silent CPU "
+            "fallback. A KIND_GPU instance uses the GPU Triton gives it", ENCODER, flag="--device"),
+    Setting("dtype", "auto", "`auto` (fp16 on GPU: the checkpoint's own dtype, 100x closer to fp32 than bf16, "
+            "see bench/RESULTS.md; fp32 on CPU), `bf16`, `fp16` or `fp32`", ENCODER),
+    Setting("max_length", "32768", "tokens per text, instruction included; longer texts are truncated (or refused, "
+            "with the request's truncate NONE)", ENCODER, positive_int),
+    Setting("max_batch_tokens", "16384", "padded tokens per forward pass: bounds activation memory", ENCODER,
+            positive_int),
+    Setting("stand_in", "", "benchmarks only: `constant` replaces the network with a constant unit vector "
+            "(tokenisation and all the plumbing still run) to measure the serving stack's own ceiling; refused "
+            "under the name nv-embed-v2", ENCODER, stand_in_choice),
+    Setting("max_documents", "1024", "most texts per request. config.pbtxt only: clients read it from the "
+            "model config (the Python client splits its input by it)", BOTH, positive_int, env=None),
+    Setting("max_request_bytes", "16777216", "most UTF-8 bytes of text per request (16 MiB). config.pbtxt "
+            "only, as max_documents", BOTH, positive_int, env=None),
+    Setting("query_instruction", "", "the prefix queries get; empty: the model's own (NV-Embed-v2: its "
+            "retrieval instruction)", PUBLIC),
+    Setting("document_instruction", "", "the prefix documents get; empty: the model's own (NV-Embed-v2: none)",
+            PUBLIC),
+    Setting("encoder_model", "", "the model the public model forwards to; empty: its own name + `-encoder`",
+            PUBLIC),
+    Setting("model_repository", "", "the model repository to serve from; empty: the one installed with the "
+            "package", LAUNCHER, flag="--model-repository"),
+    Setting("host", "127.0.0.1", "the address all ports bind to (the container image sets 0.0.0.0)", LAUNCHER,
+            env="TRITON_HOST", flag="--host"),
+    Setting("grpc_port", "8001", "Triton's gRPC port", LAUNCHER, positive_int, env="TRITON_GRPC_PORT"),
+    Setting("http_port", "8000", "Triton's HTTP port", LAUNCHER, positive_int, env="TRITON_HTTP_PORT"),
+    Setting("metrics_port", "8002", "Triton's Prometheus metrics port", LAUNCHER, positive_int,
+            env="TRITON_METRICS_PORT"),
+    Setting("openai_port", "", "also serve the OpenAI/NIM-compatible embeddings API on this port; empty: off",
+            LAUNCHER, port, flag="--openai-port"),
+    Setting("gpus", "", "e.g. `0,1`: one encoder instance, with its own copy of the weights, per listed GPU; "
+            "empty: the encoder config's instance_group", LAUNCHER, gpu_list),
+    Setting("drain_timeout_s", "25", "how long a stop may spend serving accepted requests (inside "
+            "Kubernetes' default 30 s grace period)", LAUNCHER, seconds),
+)  # fmt: skip
+BY_KEY = {setting.key: setting for setting in SETTINGS}
+
+
+def model_settings(scope: str, parameters: Mapping[str, str], environ: Mapping[str, str] = os.environ) -> dict[str, Any]:
+    """A model's settings: the environment variable, else the config.pbtxt parameter, else the
+    default; parsed, with errors naming the setting and where its value came from. Parameters
+    that no setting declares are refused: a misspelt key must not be silently ignored."""
+    scopes = (scope, BOTH)
+    unknown = sorted(key for key in parameters if key not in BY_KEY or BY_KEY[key].scope not in scopes)
+    if unknown:
+        known = ", ".join(s.key for s in SETTINGS if s.scope in scopes)
+        raise SettingsError(f"unknown config.pbtxt parameter(s) {', '.join(unknown)}; this model takes {known}")
+    values = {}
+    for setting in (s for s in SETTINGS if s.scope in scopes):
+        if setting.variable and environ.get(setting.variable):
+            values[setting.key] = setting.value(environ[setting.variable], setting.variable)
+        elif parameters.get(setting.key):
+            values[setting.key] = setting.value(parameters[setting.key], "config.pbtxt")
+        else:
+            values[setting.key] = setting.value(setting.default, "default")
+    return values
+
+
+def launcher_setting(key: str, environ: Mapping[str, str] = os.environ, flag_value: Any = None) -> Any:
+    """A serve.sh setting: its flag, else its environment variable, else its default."""
+    setting = BY_KEY[key]
+    if flag_value not in (None, ""):
+        return setting.value(str(flag_value), setting.flag or "flag")
+    if setting.variable and environ.get(setting.variable):
+        return setting.value(environ[setting.variable], setting.variable)
+    return setting.value(setting.default, "default")
 
 
 def triton_parameters(model_config: Mapping) -> dict[str, str]:
     """config.pbtxt `parameters { key: K value { string_value: V } }` as a plain dict."""
     return {key: value["string_value"] for key, value in model_config.get("parameters", {}).items()}
-
-
-def overridden(parameters: Mapping[str, str], environ: Mapping[str, str] = os.environ) -> dict[str, str]:
-    """Parameters with NVEMBED_<KEY> environment variables applied (NVEMBED_DEVICE -> device)."""
-    merged = dict(parameters)
-    for key in set(parameters) | {"model_dir", "device", "dtype", "max_length", "max_batch_tokens"}:
-        value = environ.get(f"NVEMBED_{key.upper()}")
-        if value:
-            merged[key] = value
-    return merged
-
-
-def positive_int(parameters: Mapping[str, str], key: str, default: int) -> int:
-    raw = parameters.get(key, "") or str(default)
-    try:
-        value = int(raw)
-    except ValueError:
-        raise SettingsError(f"parameter {key} must be a positive integer, got {raw!r}") from None
-    if value < 1:
-        raise SettingsError(f"parameter {key} must be a positive integer, got {value}")
-    return value
 
 
 @dataclass(frozen=True)
@@ -51,21 +188,29 @@ class EncoderSettings:
     dtype: str  # a torch dtype name
     max_length: int
     max_batch_tokens: int
+    stand_in: str = ""  # "constant": benchmarks only (stand_in.py)
 
     @classmethod
     def from_parameters(
-        cls, parameters: Mapping[str, str], instance_kind: str = "", instance_device_id: str = "0"
+        cls,
+        parameters: Mapping[str, str],
+        instance_kind: str = "",
+        instance_device_id: str = "0",
+        environ: Mapping[str, str] = os.environ,
     ) -> EncoderSettings:
-        model_dir = parameters.get("model_dir", "")
-        if not model_dir:
-            raise SettingsError("no model directory: set parameter model_dir in config.pbtxt or NVEMBED_MODEL_DIR")
-        device = resolve_device(parameters.get("device", "") or "cuda:0", instance_kind, instance_device_id)
+        return cls.from_settings(model_settings(ENCODER, parameters, environ), instance_kind, instance_device_id)
+
+    @classmethod
+    def from_settings(cls, values: Mapping[str, Any], instance_kind: str = "", instance_device_id: str = "0") -> EncoderSettings:
+        """From the encoder's settings (model_settings(ENCODER, ...)) and the instance Triton made."""
+        device = resolve_device(values["device"], instance_kind, instance_device_id)
         return cls(
-            model_dir=model_dir,
+            model_dir=values["model_dir"],
             device=device,
-            dtype=resolve_dtype(parameters.get("dtype", "") or "auto", device),
-            max_length=positive_int(parameters, "max_length", 32768),
-            max_batch_tokens=positive_int(parameters, "max_batch_tokens", 16384),
+            dtype=resolve_dtype(values["dtype"], device),
+            max_length=values["max_length"],
+            max_batch_tokens=values["max_batch_tokens"],
+            stand_in=values["stand_in"],
         )
 
 
@@ -98,12 +243,52 @@ def resolve_dtype(requested: str, device: str) -> str:
     return DTYPE_NAMES[requested]
 
 
-def check_served_name(model_name: str, architecture: str, nvembed_architecture: str = "NV-Embed-v2") -> None:
-    """Clients trust the name: another model must never answer as nv-embed-v2."""
-    from .contract import PUBLIC_MODEL
+# ---- What is generated from SETTINGS: serve.sh --help and the README table ----
 
-    if model_name.startswith(PUBLIC_MODEL) and architecture != nvembed_architecture:
-        raise SettingsError(
-            f"the model directory holds a {architecture} model, not NV-Embed-v2, so it cannot be served as "
-            f"{model_name!r}; serve it under its own name, e.g. ./serve.sh --name my-model --model-dir DIR"
-        )
+
+def _shown_default(setting: Setting) -> str:
+    return setting.default or "(empty)"
+
+
+def environment_help() -> str:
+    """serve.sh --help's epilog: every environment variable, its default and meaning."""
+    lines = ["environment (flags win over these):"]
+    for setting in (s for s in SETTINGS if s.variable):
+        where = "" if setting.scope == LAUNCHER else f" [{setting.key} in the {setting.scope} config.pbtxt]"
+        lines.append(f"  {setting.variable}  default {_shown_default(setting)}{where}")
+        lines.append(f"      {setting.help.replace('`', '')}")
+    return "\n".join(lines)
+
+
+def markdown_table() -> str:
+    header = "| setting | environment | serve.sh flag | default | read by | meaning |\n|---|---|---|---|---|---|"
+    rows = [
+        f"| `{s.key}` | {f'`{s.variable}`' if s.variable else '-'} | {f'`{s.flag}`' if s.flag else '-'} | "
+        f"`{s.default}` | {s.scope} | {s.help} |".replace("``", "empty")
+        for s in SETTINGS
+    ]
+    return "\n".join([header, *rows])
+
+
+README_BEGIN = "<!-- settings table: generated by python -m nvembed_triton.settings --write-readme README.md -->"
+README_END = "<!-- end of settings table -->"
+_README_SECTION = re.compile(re.escape(README_BEGIN) + ".*?" + re.escape(README_END), re.S)
+
+
+def readme_with_table(readme: str) -> str:
+    if not _README_SECTION.search(readme):
+        raise SettingsError(f"the README has no settings table between {README_BEGIN!r} and {README_END!r}")
+    return _README_SECTION.sub(lambda _: f"{README_BEGIN}\n{markdown_table()}\n{README_END}", readme)
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) == 2 and argv[0] == "--write-readme":
+        path = Path(argv[1])
+        path.write_text(readme_with_table(path.read_text(encoding="utf-8")), encoding="utf-8")
+        return 0
+    print(markdown_table())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

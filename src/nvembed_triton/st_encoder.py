@@ -3,32 +3,34 @@ and normalisation, so every model it supports is served as its authors meant."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import torch
 from sentence_transformers import SentenceTransformer
 from tokenizers import Tokenizer
 
+from .checkpoint import Architecture
 from .contract import DOCUMENT_PROMPT, QUERY_PROMPT, TRUNCATE_END, TRUNCATE_NONE, TRUNCATE_START
 from .encoders import Encoded, KeepFilter
+from .errors import InvalidInputError
+from .settings import EncoderSettings
 from .tokenization import TextCutter
-from .validation import InvalidInputError
 
 # Names under which sentence-transformers configs store their prompts (config_sentence_transformers.json).
 _PROMPT_ALIASES = {QUERY_PROMPT: ("query",), DOCUMENT_PROMPT: ("document", "passage", "corpus")}
 
 
 class SentenceTransformerEncoder:
-    def __init__(self, model_dir: str | Path, device: torch.device, dtype: torch.dtype, max_length: int, max_batch_tokens: int):
-        self.model = SentenceTransformer(str(model_dir), device=str(device), local_files_only=True, model_kwargs={"dtype": dtype})
+    architecture = Architecture.SENTENCE_TRANSFORMERS
+
+    def __init__(self, settings: EncoderSettings):
+        options = {"device": settings.device, "local_files_only": True, "model_kwargs": {"dtype": getattr(torch, settings.dtype)}}
+        self.model = SentenceTransformer(settings.model_dir, **options)
         self.model.eval()
         # The model's own limit wins: beyond its position embeddings it cannot go.
-        self.max_length = min(max_length, self.model.max_seq_length or max_length)
+        self.max_length = min(settings.max_length, self.model.max_seq_length or settings.max_length)
         self.model.max_seq_length = self.max_length
         self.dimension = self.model.get_embedding_dimension()
-        self.architecture = type(self.model[0].auto_model).__name__
-        self.batch_size = max(1, max_batch_tokens // self.max_length)
+        self.batch_size = max(1, settings.max_batch_tokens // self.max_length)
         # Texts are cut before the library tokenises them all (it truncates only afterwards); the
         # check of a cut uses a copy of the model's fast tokenizer that never truncates or pads.
         backend = getattr(self.model.tokenizer, "backend_tokenizer", None)

@@ -110,7 +110,13 @@ def write_tokenizer(out: Path) -> None:
     layout: a Prepend("▁") + Replace(" ", "▁") normaliser and no pre-tokeniser."""
     from transformers import AutoTokenizer
 
-    spm_model = files("mistral_common") / "data" / "tokenizer.model.v1"
+    try:
+        spm_model = files("mistral_common") / "data" / "tokenizer.model.v1"
+    except ModuleNotFoundError:
+        raise SystemExit(
+            "the tiny checkpoint takes its tokenizer from mistral-common, which is not installed: "
+            "pip install 'nvembed-triton[demo]' (./setup.sh installs it)"
+        ) from None
     shutil.copyfile(str(spm_model), out / "tokenizer.model")
     (out / "tokenizer_config.json").write_text(json.dumps(TOKENIZER_CONFIG, indent=2))
     (out / "special_tokens_map.json").write_text(json.dumps(SPECIAL_TOKENS_MAP, indent=2))

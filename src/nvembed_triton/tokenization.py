@@ -14,7 +14,7 @@ from pathlib import Path
 from tokenizers import Encoding, Tokenizer
 
 from .contract import TRUNCATE_END, TRUNCATE_START
-from .validation import InvalidInputError
+from .errors import InvalidInputError
 
 EOS_TEXT = "</s>"
 PAD_ID = 2  # the reference pads with EOS; padded positions are masked out everywhere

@@ -6,16 +6,24 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
-from .settings import positive_int
+from .errors import InvalidInputError
 
 BYTE_ORDER_MARK = "\ufeff"  # an encoding artefact, not text: the reference tokenizer would embed it
 
 
-class InvalidInputError(ValueError):
-    """A request the client must fix; sent back as INVALID_ARGUMENT, the server carries on."""
+def decode_one(value: bytes | str, where: str) -> str:
+    """One BYTES element as a str; undecodable bytes are an error naming where they were."""
+    raw = value if isinstance(value, bytes) else str(value).encode("utf-8")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise InvalidInputError(
+            f"{where} is not valid UTF-8 ({error.reason} at byte {error.start}); texts must be UTF-8 encoded strings"
+        ) from None
 
 
 def decode_texts(array: np.ndarray, input_name: str) -> list[str]:
@@ -23,15 +31,7 @@ def decode_texts(array: np.ndarray, input_name: str) -> list[str]:
     name the input and the position, because silently embedding them would give garbage."""
     texts = []
     for position, value in enumerate(array.reshape(-1)):
-        raw = value if isinstance(value, bytes) else str(value).encode("utf-8")
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as error:
-            raise InvalidInputError(
-                f"{input_name}[{position}] is not valid UTF-8 ({error.reason} at byte {error.start}); "
-                "texts must be UTF-8 encoded strings"
-            ) from None
-        text = text.removeprefix(BYTE_ORDER_MARK)
+        text = decode_one(value, f"{input_name}[{position}]").removeprefix(BYTE_ORDER_MARK)
         if not text:
             raise InvalidInputError(f"{input_name}[{position}] is an empty string; every text needs at least one character")
         texts.append(text)
@@ -59,18 +59,15 @@ def request_options(parameters_json: str | None, allowed: tuple[str, ...]) -> di
 
 @dataclass(frozen=True)
 class RequestLimits:
-    """What one request may hold, on both models: config.pbtxt parameters, which clients read (the
-    Python client splits its input by them), so no environment override."""
+    """What one request may hold, on both models (settings max_documents and max_request_bytes)."""
 
-    max_documents: int = 1024
-    max_request_bytes: int = 16 * 2**20  # UTF-8 bytes of text; a 32k-token document is ~130 KB
+    max_documents: int
+    max_request_bytes: int  # UTF-8 bytes of text; a 32k-token document is ~130 KB
 
     @classmethod
-    def from_parameters(cls, parameters: Mapping[str, str]) -> RequestLimits:
-        return cls(
-            max_documents=positive_int(parameters, "max_documents", cls.max_documents),
-            max_request_bytes=positive_int(parameters, "max_request_bytes", cls.max_request_bytes),
-        )
+    def from_settings(cls, values: Mapping[str, Any]) -> RequestLimits:
+        """From a model's settings (settings.model_settings)."""
+        return cls(max_documents=values["max_documents"], max_request_bytes=values["max_request_bytes"])
 
     def check(self, array: np.ndarray, input_name: str) -> None:
         """Before anything is decoded: the number of texts and their total size in bytes."""
@@ -88,17 +85,3 @@ class RequestLimits:
                 f"{input_name} holds {size} bytes of text; at most {self.max_request_bytes} are allowed per request "
                 "(parameter max_request_bytes); split them over several requests"
             )
-
-
-def decode_single(array: np.ndarray | None, input_name: str) -> str | None:
-    """One optional string input (e.g. `prompt_name`), or None when absent."""
-    if array is None:
-        return None
-    if array.size != 1:
-        raise InvalidInputError(f"{input_name} must hold exactly one string, got shape {list(array.shape)}")
-    value = array.reshape(-1)[0]
-    raw = value if isinstance(value, bytes) else str(value).encode("utf-8")
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise InvalidInputError(f"{input_name} is not valid UTF-8") from None

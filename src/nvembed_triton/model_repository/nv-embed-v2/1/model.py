@@ -10,6 +10,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from nvembed_triton import contract
+from nvembed_triton.errors import InvalidInputError
 from nvembed_triton.lifecycle import (
     CANCEL_TOKEN_PARAMETER,
     CLOSED_MESSAGE,
@@ -19,27 +20,26 @@ from nvembed_triton.lifecycle import (
     reason_of,
 )
 from nvembed_triton.metrics import ModelMetrics
-from nvembed_triton.settings import triton_parameters
-from nvembed_triton.validation import InvalidInputError, RequestLimits, decode_texts, request_options
+from nvembed_triton.request_rules import encoder_model_for, public_request
+from nvembed_triton.settings import PUBLIC, model_settings, triton_parameters
+from nvembed_triton.validation import RequestLimits
 
 # How often a waiting instance asks whether its client is still there (one IPC call each time).
 CANCEL_POLL_S = 0.05
 CANCELLED_MESSAGE = "the client cancelled the request"
 OUTPUTS = (contract.EMBEDDINGS_OUTPUT, contract.TOKEN_COUNTS_OUTPUT, contract.TRUNCATED_OUTPUT)
-OPTIONS = (contract.INSTRUCTION_PARAMETER, contract.TRUNCATE_PARAMETER)
 TIMEOUT_MESSAGE = "the request's timeout passed before its embeddings were ready"
 
 
 class TritonPythonModel:
     def initialize(self, args):
-        parameters = triton_parameters(json.loads(args["model_config"]))
-        self.limits = RequestLimits.from_parameters(parameters)
-        # Empty: the model's own instruction for that prompt (NV-Embed-v2: the retrieval instruction).
+        values = model_settings(PUBLIC, triton_parameters(json.loads(args["model_config"])))
+        self.limits = RequestLimits.from_settings(values)
         self.instructions = {
-            contract.QUERY_PROMPT: parameters.get("query_instruction", ""),
-            contract.DOCUMENT_PROMPT: parameters.get("document_instruction", ""),
+            contract.QUERY_PROMPT: values["query_instruction"],
+            contract.DOCUMENT_PROMPT: values["document_instruction"],
         }
-        self.encoder_model = parameters.get("encoder_model") or contract.encoder_model_name(args["model_name"])
+        self.encoder_model = encoder_model_for(args["model_name"], values["encoder_model"])
         self.cancel_board = CancelBoard()
         self.metrics = ModelMetrics(args["model_name"])
 
@@ -63,21 +63,24 @@ class TritonPythonModel:
             return _refuse("cancelled", CANCELLED_MESSAGE)
         timeout_us = request.timeout()  # the request's own timeout (tritonclient's `timeout`), 0 if none
         deadline = time.monotonic() + timeout_us / 1e6 if timeout_us else None
+
+        def tensor(name):
+            found = pb_utils.get_input_tensor_by_name(request, name)
+            return None if found is None else found.as_numpy()
+
         try:
-            options = request_options(request.parameters(), OPTIONS)
-            texts, prompt_name = self._read_inputs(request)
+            query, documents = tensor(contract.QUERY_INPUT), tensor(contract.DOCUMENTS_INPUT)
+            forward = public_request(query, documents, request.parameters(), self.limits, self.instructions)
         except InvalidInputError as error:
             return _refuse("invalid_input", str(error))
         inputs = [
-            pb_utils.Tensor(contract.TEXT_INPUT, texts.reshape(1, -1)),
-            pb_utils.Tensor(contract.PROMPT_NAME_INPUT, np.array([[prompt_name.encode()]], dtype=object)),
+            pb_utils.Tensor(contract.TEXT_INPUT, forward.texts),
+            pb_utils.Tensor(contract.PROMPT_NAME_INPUT, np.array([[forward.prompt_name.encode()]], dtype=object)),
         ]
-        # This request's instruction (even ""), else the configured one, else (none sent) the model's own.
-        instruction = options.get(contract.INSTRUCTION_PARAMETER, self.instructions[prompt_name])
-        if instruction or contract.INSTRUCTION_PARAMETER in options:
-            inputs.append(pb_utils.Tensor(contract.INSTRUCTION_INPUT, np.array([[instruction.encode()]], dtype=object)))
-        truncate = {k: v for k, v in options.items() if k == contract.TRUNCATE_PARAMETER}
-        response = self._forward(request, inputs, deadline, truncate)
+        if forward.instruction is not None:
+            inputs.append(pb_utils.Tensor(contract.INSTRUCTION_INPUT, np.array([[forward.instruction.encode()]], dtype=object)))
+        options = {contract.TRUNCATE_PARAMETER: forward.truncate} if forward.truncate else {}
+        response = self._forward(request, inputs, deadline, options)
         if isinstance(response, Exception):
             return _refuse("internal", f"forwarding to the encoder failed: {response}")
         if response is None:
@@ -122,29 +125,6 @@ class TritonPythonModel:
                     self.cancel_board.clear(token)
                 return None
         return outcome[0]
-
-    def _read_inputs(self, request):
-        """The texts (checked, still as bytes) and the prompt they get."""
-        query = pb_utils.get_input_tensor_by_name(request, contract.QUERY_INPUT)
-        documents = pb_utils.get_input_tensor_by_name(request, contract.DOCUMENTS_INPUT)
-        if query is not None and documents is not None:
-            raise InvalidInputError("send either `query` or `documents`, not both in the same request")
-        if query is None and documents is None:
-            raise InvalidInputError(
-                "send one input: `query` (BYTES, shape [1]: one query text) or "
-                "`documents` (BYTES, shape [1, N]: N document texts)"
-            )
-        if query is not None:
-            texts = query.as_numpy()
-            if texts.size != 1:
-                raise InvalidInputError(f"`query` must hold exactly one text (shape [1]), got shape {list(texts.shape)}")
-            self.limits.check(texts, contract.QUERY_INPUT)
-            decode_texts(texts, contract.QUERY_INPUT)
-            return texts, contract.QUERY_PROMPT
-        texts = documents.as_numpy()
-        self.limits.check(texts, contract.DOCUMENTS_INPUT)
-        decode_texts(texts, contract.DOCUMENTS_INPUT)
-        return texts, contract.DOCUMENT_PROMPT
 
 
 def _refuse(reason, message):

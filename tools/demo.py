@@ -1,5 +1,6 @@
-"""The laptop demo: serve the small bundled all-MiniLM-L6-v2 through the same Triton stack on the
-CPU, run the user's three tests (test/test-nv-embed-v2.py) against it, stop the server."""
+"""The laptop demo (./demo.sh): serve the small bundled all-MiniLM-L6-v2 through the same Triton
+stack on the CPU, run the user's three tests (test/test-nv-embed-v2.py) against it, stop the
+server. A development tool of the checkout, not part of the installed package."""
 
 from __future__ import annotations
 
@@ -10,10 +11,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from .serve import DEMO_MODEL, OpenAIServer, parser, plan, server_settings
-from .server import ServerError, TritonServer, free_port
+from nvembed_triton.serve import DEMO_MODEL, OpenAIServer, parser, plan, server_settings
+from nvembed_triton.server import ServerError, TritonServer, free_port
 
-TEST_SCRIPT = Path(__file__).resolve().parents[2] / "test" / "test-nv-embed-v2.py"
+TEST_SCRIPT = Path(__file__).resolve().parents[1] / "test" / "test-nv-embed-v2.py"
 
 
 def main() -> int:

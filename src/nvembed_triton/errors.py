@@ -1,0 +1,22 @@
+"""The errors a caller sees, shared by the server side and the clients. Standard library only."""
+
+from __future__ import annotations
+
+
+class EmbeddingError(Exception):
+    """The texts were not embedded. `status` is the gRPC status name (e.g. "INTERNAL") when a
+    server said so, else None."""
+
+    def __init__(self, message: str, status: str | None = None):
+        super().__init__(message)
+        self.status = status
+
+
+class InvalidInputError(EmbeddingError, ValueError):
+    """A request the client must fix; sending it again would fail again. Raised by the models
+    (returned as INVALID_ARGUMENT, and the server carries on) and by the clients, before sending
+    or from the server's answer."""
+
+
+class ServerUnavailableError(EmbeddingError, ConnectionError):
+    """The server could not be reached, even after retries."""
