@@ -161,3 +161,21 @@ def test_sentence_transformers_encode_query_and_encode_document(nvembed_server):
     with EmbeddingClient(nvembed_server.url) as client:
         assert np.all(cosine(query, client.encode_query(TEXTS[:2])) >= 0.99999)
         assert np.all(cosine(document, client.encode_document(TEXTS[:2])) >= 0.99999)
+
+
+@pytest.mark.parametrize("flavour", ["EmbeddingClient", "AsyncEmbeddingClient"])
+def test_the_progress_bar_reaches_100_percent_once(nvembed_server, flavour):
+    """show_progress_bar: one bar, counting texts, that ends at 100% exactly once."""
+    import subprocess
+    import sys
+
+    call = "c.encode(texts, batch_size=5, show_progress_bar=True)"
+    code = (
+        f"import asyncio\nfrom nvembed_triton.client import {flavour}\ntexts = [f'text {{i}}' for i in range(40)]\n"
+        + (f"with EmbeddingClient('{nvembed_server.url}') as c: {call}\n" if flavour == "EmbeddingClient" else
+           f"async def main():\n    async with AsyncEmbeddingClient('{nvembed_server.url}') as c: await {call}\n"
+           "asyncio.run(main())\n")
+    )  # fmt: skip
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count("100%") == 1 and "40/40" in result.stderr, result.stderr

@@ -51,6 +51,7 @@ class TritonPythonModel:
         try:
             return self._execute(requests)
         finally:
+            self.metrics.flush()
             self.metrics.executing(-len(requests))
 
     def _execute(self, requests):

@@ -48,6 +48,7 @@ class TritonPythonModel:
         try:
             return [self._respond(request) for request in requests]
         finally:
+            self.metrics.flush()
             self.metrics.executing(-len(requests))
 
     def _respond(self, request):
