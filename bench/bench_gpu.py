@@ -30,18 +30,16 @@ as JSON (--json).
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 import transformers
+from shared import log_uniform_lengths, write_json
 from transformers import MistralModel
-from workloads import log_uniform_lengths
 
 from nvembed_triton.batching import padded_tokens, plan_batches
 from nvembed_triton.checkpoint import LatentAttentionSettings
@@ -249,12 +247,6 @@ def main() -> None:
     }  # fmt: skip
     print_markdown(result)
     write_json(result, args.json or f"bench/results/gpu{'-tiny' if args.tiny else ''}.json")
-
-
-def write_json(result: dict, path: str) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(result, indent=2))
-    print(f"\nwrote {path}")
 
 
 def gib(value: float | None) -> str:

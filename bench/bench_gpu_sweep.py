@@ -28,7 +28,7 @@ from bench_gpu import (
     run_with_peak,
     write_json,
 )
-from workloads import log_uniform_lengths
+from shared import log_uniform_lengths
 
 from nvembed_triton.batching import padded_tokens, plan_batches
 

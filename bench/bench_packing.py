@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import torch
-from workloads import log_uniform_lengths
+from shared import log_uniform_lengths
 
 from nvembed_triton.batching import padded_tokens, plan_batches
 from nvembed_triton.encoders import load_encoder

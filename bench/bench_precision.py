@@ -30,9 +30,9 @@ import time
 
 import torch
 import torch.nn.functional as F
-from bench_gpu import FIRST_ORDINARY_ID, GIB, build_model, model_setup, pad, write_json
+from bench_gpu import FIRST_ORDINARY_ID, GIB, build_model, model_setup, pad
+from shared import log_uniform_lengths, write_json
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from workloads import log_uniform_lengths
 
 from nvembed_triton.batching import plan_batches
 from nvembed_triton.nvembed_model import NVEmbedModel

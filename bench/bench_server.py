@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import tritonclient.grpc as grpcclient
-from workloads import log_uniform_lengths
+from shared import log_uniform_lengths
 
 from nvembed_triton import contract
 from nvembed_triton.contract import PUBLIC_MODEL, encoder_model_name

@@ -38,8 +38,10 @@ def test_defaults():
     assert encoder.max_batch_tokens == 16384
 
 
-def test_cpu_defaults_to_float32():
-    assert EncoderSettings.from_parameters({"device": "cpu"}, environ={}).dtype == "float32"
+def test_cpu_defaults_to_float32_and_smaller_passes():
+    encoder = EncoderSettings.from_parameters({"device": "cpu"}, environ={})
+    assert encoder.dtype == "float32" and encoder.max_batch_tokens == 4096
+    assert EncoderSettings.from_parameters({"device": "cpu", "max_batch_tokens": "8192"}, environ={}).max_batch_tokens == 8192
 
 
 @pytest.mark.parametrize("name,expected", [("bf16", "bfloat16"), ("fp16", "float16"), ("FP32", "float32"), ("auto", "float16")])

@@ -101,6 +101,9 @@ class ServerSettings:
     # load one whose uploaded model.py would run on the server. Benchmarks that reconfigure a model
     # turn it on, on loopback only; the launcher never does.
     allow_model_control: bool = False
+    # Triton's response cache, for benchmarks (bench_plumbing.py --response-cache): its key is the
+    # model and its inputs only, not request parameters, so the shipped models do not enable it.
+    response_cache_bytes: int = 0
 
     @property
     def local_host(self) -> str:
@@ -116,7 +119,7 @@ class ServerSettings:
         return f"http://{self.local_host}:{self.metrics_port}/metrics"
 
 
-def _own_group_dying_with_parent() -> None:
+def own_group_dying_with_parent() -> None:
     """Runs in the child: its own process group (so the server and its stubs can be ended together),
     and SIGTERM if the launching process dies (Linux)."""
     os.setpgrp()
@@ -161,9 +164,13 @@ def stubs_of(pid: int) -> list[Stub]:
 
 
 def log_tail(path: Path, lines: int = 60) -> str:
+    """The log's last lines, after the lines saying why a model failed to load (which the
+    unloading of many instances can push far from the end)."""
     if not path.exists():
         return "(no log)"
-    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    text = path.read_text(errors="replace").splitlines()
+    failures = [line for line in text if "failed to load '" in line and line.startswith("E")]
+    return "\n".join([*failures, *text[-lines:]])
 
 
 def wait_until_ready(
@@ -235,6 +242,7 @@ class TritonServer:
             f"--metrics-address={s.host}",
             f"--metrics-port={s.metrics_port}",
             f"--log-verbose={s.log_verbose}",
+            *([f"--cache-config=local,size={s.response_cache_bytes}"] if s.response_cache_bytes else []),
             "--exit-on-error=true",
         ]
 
@@ -245,7 +253,7 @@ class TritonServer:
         with open(self.log_path, "wb") as log:
             self._process = subprocess.Popen(
                 self.command(installation), stdout=log, stderr=subprocess.STDOUT, env=environment,
-                preexec_fn=_own_group_dying_with_parent if sys.platform == "linux" else None,
+                preexec_fn=own_group_dying_with_parent if sys.platform == "linux" else None,
             )  # fmt: skip
         return self
 
@@ -267,7 +275,7 @@ class TritonServer:
     def kill(self) -> None:
         """Ends tritonserver and its stubs at once and removes their shared-memory regions. Only
         for a server with nothing in flight (drained) or a broken one: Triton 2.51 unloads
-        Python-backend instances one after another, ~1.2 s each (19 s for the 16 front instances)."""
+        Python-backend instances one after another, ~1.2 s each (about 40 s for the 32 front instances)."""
         if self._process is None:
             return
         regions = [stub.shm_region for stub in self.stubs()]
@@ -280,7 +288,7 @@ class TritonServer:
             Path("/dev/shm", region).unlink(missing_ok=True)
 
     def stop(self, grace_s: float = 45.0) -> int | None:
-        """SIGINT lets Triton unload models cleanly (the 16 front instances take ~20 s on 2 cores);
+        """SIGINT lets Triton unload models cleanly (the 32 front instances take ~40 s on 2 cores);
         a kill follows after the grace period."""
         return None if self._process is None else interrupt(self._process, grace_s, self.kill)
 

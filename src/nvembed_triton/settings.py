@@ -30,6 +30,10 @@ DTYPE_NAMES = {
 }  # fmt: skip
 
 
+GPU_BATCH_TOKENS = 16384  # max_batch_tokens auto, by device (measured: bench/RESULTS.md)
+CPU_BATCH_TOKENS = 4096
+
+
 class SettingsError(ValueError):
     """A configuration that cannot work; the model (or serve.sh) refuses to start and says why."""
 
@@ -55,6 +59,10 @@ def number(convert: Callable[[str], float], smallest: float, what: str) -> Calla
 
 positive_int = number(int, 1, "a positive integer")
 seconds = number(float, 0, "a number of seconds >= 0")
+
+
+def auto_or_positive_int(raw: str) -> str | int:
+    return "auto" if raw.strip().lower() == "auto" else positive_int(raw)
 
 
 def stand_in_choice(raw: str) -> str:
@@ -113,8 +121,9 @@ SETTINGS = (
             "see bench/RESULTS.md; fp32 on CPU), `bf16`, `fp16` or `fp32`", ENCODER),
     Setting("max_length", "32768", "tokens per text, instruction included; longer texts are truncated (or refused, "
             "with the request's truncate NONE)", ENCODER, positive_int),
-    Setting("max_batch_tokens", "16384", "padded tokens per forward pass: bounds activation memory", ENCODER,
-            positive_int),
+    Setting("max_batch_tokens", "auto", "padded tokens per forward pass: bounds activation memory. `auto`: "
+            f"{GPU_BATCH_TOKENS} on GPU (throughput is flat from 8k to 64k on an H200), {CPU_BATCH_TOKENS} on CPU "
+            "(smaller passes run faster per text there); see bench/RESULTS.md", ENCODER, auto_or_positive_int),
     Setting("stand_in", "", "benchmarks only: `constant` replaces the network with a constant unit vector "
             "(tokenisation and all the plumbing still run) to measure the serving stack's own ceiling; refused "
             "under the name nv-embed-v2", ENCODER, stand_in_choice),
@@ -209,7 +218,7 @@ class EncoderSettings:
             device=device,
             dtype=resolve_dtype(values["dtype"], device),
             max_length=values["max_length"],
-            max_batch_tokens=values["max_batch_tokens"],
+            max_batch_tokens=resolve_batch_tokens(values["max_batch_tokens"], device),
             stand_in=values["stand_in"],
         )
 
@@ -229,6 +238,12 @@ def resolve_device(requested: str, instance_kind: str, instance_device_id: str) 
     if requested.startswith("cuda:") and requested[5:].isdigit():
         return requested
     raise SettingsError(f'parameter device must be "cpu", "cuda" or "cuda:N", got {requested!r}')
+
+
+def resolve_batch_tokens(requested: str | int, device: str) -> int:
+    if requested == "auto":
+        return CPU_BATCH_TOKENS if device == "cpu" else GPU_BATCH_TOKENS
+    return requested
 
 
 def resolve_dtype(requested: str, device: str) -> str:

@@ -25,6 +25,7 @@ PROBE_INTERVAL_S = 5.0
 # A restart that fails this many times in a row ends the launcher (exit 1): the fault is not transient.
 MAX_FAILED_RESTARTS = 3
 PENDING_METRIC = "nv_inference_pending_request_count"  # Triton's: requests queued, per model
+DRAIN_SETTLE_S = 0.5
 
 
 def scrape(url: str, names: set[str]) -> dict[tuple[str, str], float]:
@@ -105,19 +106,28 @@ class Supervisor:
         if self.server.is_running():
             queued = self._wait_until(lambda load: load[PENDING_METRIC] == 0, deadline)
             self.closed_flag.touch()
-            idle = queued and self._wait_until(lambda load: sum(load.values()) == 0, deadline)
+            # Idle must hold for DRAIN_SETTLE_S: a response is still being sent for a moment after
+            # its execute() returns, and a request is neither queued nor executing while Triton
+            # hands it to an instance.
+            idle = queued and self._wait_until(lambda load: sum(load.values()) == 0, deadline, settle_s=DRAIN_SETTLE_S)
             self.log("drained" if idle else f"drain timed out after {timeout_s:.0f} s; stopping anyway")
         self.server.kill()
 
-    def _wait_until(self, done: Callable[[dict[str, float]], bool], deadline: float) -> bool:
+    def _wait_until(self, done: Callable[[dict[str, float]], bool], deadline: float, settle_s: float = 0.0) -> bool:
+        """True once `done` holds for the server's load and has held for settle_s; False at the deadline."""
         names = {PENDING_METRIC, EXECUTING_METRIC}
+        held_since = None
         while time.monotonic() < deadline:
             try:
                 values = scrape(self.server.settings.metrics_url, names)
             except OSError:
                 return False  # the server is gone: nothing left to wait for
             load = {name: sum(v for (n, _), v in values.items() if n == name) for name in names}
-            if done(load):
+            if not done(load):
+                held_since = None
+            elif held_since is None:
+                held_since = time.monotonic()
+            if held_since is not None and time.monotonic() - held_since >= settle_s:
                 return True
             time.sleep(0.05)
         return False

@@ -5,6 +5,7 @@ concurrent requests and computes. CPU instances: many of them can wait on the en
 import json
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -26,6 +27,10 @@ from nvembed_triton.validation import RequestLimits
 
 # How often a waiting instance asks whether its client is still there (one IPC call each time).
 CANCEL_POLL_S = 0.05
+# Threads that send forwarded requests. Reused rather than one started per request (that cost ~15%
+# of an instance's CPU, bench/bench_plumbing.py); more than one, so a request whose client left,
+# and whose forwarded request still runs, never holds up the next.
+SENDER_THREADS = 4
 CANCELLED_MESSAGE = "the client cancelled the request"
 OUTPUTS = (contract.EMBEDDINGS_OUTPUT, contract.TOKEN_COUNTS_OUTPUT, contract.TRUNCATED_OUTPUT)
 TIMEOUT_MESSAGE = "the request's timeout passed before its embeddings were ready"
@@ -42,6 +47,10 @@ class TritonPythonModel:
         self.encoder_model = encoder_model_for(args["model_name"], values["encoder_model"])
         self.cancel_board = CancelBoard()
         self.metrics = ModelMetrics(args["model_name"])
+        self.senders = ThreadPoolExecutor(SENDER_THREADS, thread_name_prefix="forward")
+
+    def finalize(self):
+        self.senders.shutdown(wait=False, cancel_futures=True)
 
     def execute(self, requests):
         self.metrics.executing(len(requests))
@@ -96,7 +105,7 @@ class TritonPythonModel:
 
     def _forward(self, request, inputs, deadline, parameters):
         """The encoder's response, or None once the client has cancelled or the deadline passed.
-        The request goes out on a thread while this one watches the client: if it goes, the
+        The request goes out on a sender thread while this one watches the client: if it goes, the
         forwarded request is marked on the cancel board so the encoder skips the rest of its work."""
         token = self.cancel_board.new_token()
         parameters = {**parameters, **({CANCEL_TOKEN_PARAMETER: token} if token else {})}
@@ -118,7 +127,7 @@ class TritonPythonModel:
                 done.set()
                 self.cancel_board.clear(token)
 
-        threading.Thread(target=send, daemon=True).start()
+        self.senders.submit(send)
         while not done.wait(CANCEL_POLL_S):
             if request.is_cancelled() or (deadline is not None and time.monotonic() > deadline):
                 self.cancel_board.mark(token)
