@@ -130,6 +130,8 @@ def projection(row: dict, cores: int = 16) -> dict:
     """requests/s a `cores`-core host could sustain: the encoder stub is one process (one core at
     most); the rest spreads over every core."""
     encoder_s = row["encoder stub us/request"] / 1e6
+    if not encoder_s:  # every request answered without the encoder (response-cache hits)
+        return {}
     server_s = sum(row[f"{name} us/request"] for name in ("tritonserver", "public stubs", "encoder stub")) / 1e6
     return {
         "encoder_bound_requests_per_s": 1 / encoder_s,
@@ -148,11 +150,12 @@ def table(results: dict) -> str:
         cells = " | ".join(f"{row[f'{n} us/request']:.0f}" for n in names)
         lines.append(f"| {row['clients']} | {row['requests_per_s']:.0f} | {cells} |")
     best = results["projection"]
-    lines.append(
-        f"\nAt 64 clients: 1 / encoder CPU per request = {best['encoder_bound_requests_per_s']:.0f} requests/s per "
-        f"encoder core; 16 cores / all server CPU per request = {best['host_bound_requests_per_s']:.0f}; "
-        f"projected for a 16-core host: {best['projected_requests_per_s']:.0f} requests/s."
-    )
+    if best:
+        lines.append(
+            f"\nAt 64 clients: 1 / encoder CPU per request = {best['encoder_bound_requests_per_s']:.0f} requests/s per "
+            f"encoder core; 16 cores / all server CPU per request = {best['host_bound_requests_per_s']:.0f}; "
+            f"projected for a 16-core host: {best['projected_requests_per_s']:.0f} requests/s."
+        )
     return "\n".join(lines)
 
 

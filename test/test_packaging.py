@@ -225,3 +225,19 @@ def test_a_non_editable_install_serves_without_the_checkout(tiny_checkpoint, nve
         assert cosine(served, expected)[0] > 0.99999
     finally:
         assert interrupt(process, grace_s=60) == 0, (tmp_path / "serve.out").read_text()
+
+
+def test_the_response_cache_is_off_unless_a_benchmark_asks(tmp_path):
+    """Its key omits request parameters (README "Configuration"), so only bench_plumbing turns it on."""
+    from nvembed_triton.server import ServerSettings, TritonServer, pytriton_installation
+
+    installation = pytriton_installation(tmp_path)
+    plain = ServerSettings(model_repository=tmp_path, models=(), run_dir=tmp_path)
+    assert not [a for a in TritonServer(plain).command(installation) if a.startswith("--cache")]
+    cached = TritonServer(ServerSettings(model_repository=tmp_path, models=(), run_dir=tmp_path, response_cache_bytes=2**20))
+    command = cached.command(installation)
+    assert "--cache-config=local,size=1048576" in command
+    assert f"--cache-directory={installation.cache_directory}" in command
+    assert (installation.cache_directory / "local" / "libtritoncache_local.so").is_file()
+    shipped = (ROOT / "src/nvembed_triton/model_repository/nv-embed-v2/config.pbtxt").read_text()
+    assert "response_cache" not in shipped

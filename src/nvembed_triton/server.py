@@ -30,6 +30,7 @@ class TritonInstallation:
     binary: Path
     backend_directory: Path
     environment: dict[str, str] = field(default_factory=dict)  # extra variables the server needs
+    cache_directory: Path | None = None  # response-cache libraries, where not Triton's default place
 
 
 def container_installation() -> TritonInstallation | None:
@@ -72,6 +73,7 @@ def pytriton_installation(run_dir: Path) -> TritonInstallation:
             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
             "LD_LIBRARY_PATH": os.pathsep.join([str(p) for p in libraries] + [os.environ.get("LD_LIBRARY_PATH", "")]),
         },
+        wheel / "caches",
     )
 
 
@@ -242,9 +244,15 @@ class TritonServer:
             f"--metrics-address={s.host}",
             f"--metrics-port={s.metrics_port}",
             f"--log-verbose={s.log_verbose}",
-            *([f"--cache-config=local,size={s.response_cache_bytes}"] if s.response_cache_bytes else []),
+            *self.cache_arguments(installation),
             "--exit-on-error=true",
         ]
+
+    def cache_arguments(self, installation: TritonInstallation) -> list[str]:
+        if not self.settings.response_cache_bytes:
+            return []
+        where = [f"--cache-directory={installation.cache_directory}"] if installation.cache_directory else []
+        return [f"--cache-config=local,size={self.settings.response_cache_bytes}", *where]
 
     def start(self) -> TritonServer:
         self.settings.run_dir.mkdir(parents=True, exist_ok=True)
