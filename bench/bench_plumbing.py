@@ -37,7 +37,7 @@ from nvembed_triton.contract import PUBLIC_MODEL, QUERY_INPUT, encoder_model_nam
 from nvembed_triton.serve import PACKAGED_REPOSITORY, plan, server_settings
 from nvembed_triton.serve import parser as serve_parser
 from nvembed_triton.server import TritonServer, free_port
-from nvembed_triton.settings import BY_KEY
+from nvembed_triton.settings import BY_KEY, STAND_IN_CONSTANT
 
 MODEL = "plumbing"  # never nv-embed-v2: the stand-in is refused under that name
 CLIENTS = (1, 16, 64)
@@ -173,7 +173,7 @@ def arguments() -> argparse.Namespace:
 def start_settings(scratch: Path, response_cache: bool):
     """The stand-in served as MODEL on free ports; with response_cache, the public model caches."""
     model_dir = model_dir_or_tiny(None, scratch)  # only its tokenizer is used
-    environ = {**os.environ, BY_KEY["stand_in"].variable: "constant", "TRITON_GRPC_PORT": str(free_port()),
+    environ = {**os.environ, BY_KEY["stand_in"].variable: STAND_IN_CONSTANT, "TRITON_GRPC_PORT": str(free_port()),
                "TRITON_HTTP_PORT": str(free_port()), "TRITON_METRICS_PORT": str(free_port())}  # fmt: skip
     if response_cache:
         repository = Path(shutil.copytree(PACKAGED_REPOSITORY, scratch / "cached", ignore=shutil.ignore_patterns("__pycache__")))
@@ -184,7 +184,7 @@ def start_settings(scratch: Path, response_cache: bool):
     settings = server_settings(plan_, scratch / ("run-cached" if response_cache else "run"), environ)
     return dataclasses.replace(
         settings,
-        environment={**settings.environment, BY_KEY["stand_in"].variable: "constant"},
+        environment={**settings.environment, BY_KEY["stand_in"].variable: STAND_IN_CONSTANT},
         response_cache_bytes=2**28 if response_cache else 0,
     )
 

@@ -220,11 +220,12 @@ def test_a_non_editable_install_serves_without_the_checkout(tiny_checkpoint, nve
         wait_until_ready(url, (PUBLIC_MODEL, encoder_model_name(PUBLIC_MODEL)), process, run_dir / "tritonserver.log")
         with grpcclient.InferenceServerClient(url) as client:
             served = embed_query(client, PUBLIC_MODEL, "installed, not checked out")
-        with nvembed_server.client() as client:
-            expected = embed_query(client, PUBLIC_MODEL, "installed, not checked out")
-        assert cosine(served, expected)[0] > 0.99999
     finally:
-        assert interrupt(process, grace_s=60) == 0, (tmp_path / "serve.out").read_text()
+        code = interrupt(process, grace_s=60)
+    with nvembed_server.client() as client:
+        expected = embed_query(client, PUBLIC_MODEL, "installed, not checked out")
+    assert cosine(served, expected)[0] > 0.99999
+    assert code == 0, (tmp_path / "serve.out").read_text()  # and it stopped cleanly
 
 
 def test_the_response_cache_is_off_unless_a_benchmark_asks(tmp_path):

@@ -1,7 +1,6 @@
 """Settings: each knob is declared once (settings.SETTINGS); the environment overrides, serve.sh's
 --help and the README table follow from the declaration."""
 
-import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -169,7 +168,6 @@ def test_setting_keys_are_unique_and_variables_distinct():
     assert len({s.key for s in SETTINGS}) == len(SETTINGS)
     variables = [s.variable for s in SETTINGS if s.variable]
     assert len(set(variables)) == len(variables)
-    assert all(dataclasses.is_dataclass(s) for s in SETTINGS)
 
 
 def test_another_model_cannot_answer_as_nv_embed_v2():
@@ -177,3 +175,53 @@ def test_another_model_cannot_answer_as_nv_embed_v2():
         check_served_name("nv-embed-v2", Architecture.SENTENCE_TRANSFORMERS)
     check_served_name("all-minilm-l6-v2", Architecture.SENTENCE_TRANSFORMERS)
     check_served_name("nv-embed-v2", Architecture.NV_EMBED_V2)
+
+
+def test_the_python_backends_own_parameters_pass():
+    values = model_settings(ENCODER, {"FORCE_CPU_ONLY_INPUT_TENSORS": "no", "EXECUTION_ENV_PATH": "/env.tar.gz"}, {})
+    assert "FORCE_CPU_ONLY_INPUT_TENSORS" not in values and values["max_length"] == 32768
+
+
+def repository_with(tmp_path, **parameters_by_model) -> Path:
+    """A copy of the shipped repository with parameters added to the named models' configs."""
+    import shutil
+
+    repository = Path(shutil.copytree(serve.PACKAGED_REPOSITORY, tmp_path / "repository"))
+    for model, parameters in parameters_by_model.items():
+        with open(repository / model.replace("_", "-") / "config.pbtxt", "a") as config:
+            for key, value in parameters.items():
+                config.write(f'parameters {{ key: "{key}" value {{ string_value: "{value}" }} }}\n')
+    return repository
+
+
+def plan_for(tiny_checkpoint, repository, environ=None):
+    args = ["--model-dir", str(tiny_checkpoint), "--model-repository", str(repository)]
+    return serve.plan(serve.parser().parse_args(args), environ or {})
+
+
+def test_serve_refuses_limits_the_encoder_would_refuse(tiny_checkpoint, tmp_path):
+    repository = repository_with(tmp_path, nv_embed_v2={"max_documents": "4096"})
+    with pytest.raises(SettingsError, match="max_documents is 4096 on the public model but 1024 on the encoder"):
+        plan_for(tiny_checkpoint, repository)
+    both = {"max_documents": "4096"}
+    raised = repository_with(tmp_path / "both", nv_embed_v2=both, nv_embed_v2_encoder=both)
+    assert plan_for(tiny_checkpoint, raised).name == "nv-embed-v2"
+
+
+@pytest.mark.parametrize(
+    "environ,message",
+    [
+        ({"NVEMBED_MAX_LENGTH": "lots"}, r"max_length \(NVEMBED_MAX_LENGTH\)"),
+        ({"NVEMBED_DRAIN_TIMEOUT_S": "25s"}, r"drain_timeout_s \(NVEMBED_DRAIN_TIMEOUT_S\)"),
+        ({"NVEMBED_QUERY_INSTRUCTION": "q: ", "NVEMBED_DTYPE": "auto", "NVEMBED_STAND_IN": "zeros"}, "stand_in"),
+    ],
+)
+def test_serve_checks_every_setting_before_anything_starts(tiny_checkpoint, tmp_path, environ, message):
+    with pytest.raises(SettingsError, match=message):
+        plan_for(tiny_checkpoint, serve.PACKAGED_REPOSITORY, environ)
+
+
+def test_a_misspelt_config_parameter_stops_serve_before_it_starts(tiny_checkpoint, tmp_path):
+    repository = repository_with(tmp_path, nv_embed_v2_encoder={"max_lenght": "512"})
+    with pytest.raises(SettingsError, match="max_lenght"):
+        plan_for(tiny_checkpoint, repository)

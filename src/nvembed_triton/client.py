@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import threading
+import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
@@ -386,6 +387,17 @@ class AsyncEmbeddingClient:
         raise EmbeddingError(f"{status or 'error'}: {message} ({where})", status) from error
 
 
+def _stop_loop(loop: asyncio.AbstractEventLoop, thread: threading.Thread, client: AsyncEmbeddingClient) -> None:
+    """Closes the gRPC channel on its loop, then stops the loop and its thread (once)."""
+    if loop.is_closed():
+        return
+    if thread.is_alive():
+        asyncio.run_coroutine_threadsafe(client.close(), loop).result()
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join()
+    loop.close()
+
+
 def _blocking(method: Callable[..., Awaitable[T]]) -> Callable[..., T]:
     """AsyncEmbeddingClient's coroutine method as a blocking one (same name, signature and docs)."""
 
@@ -398,14 +410,22 @@ def _blocking(method: Callable[..., Awaitable[T]]) -> Callable[..., T]:
 
 class EmbeddingClient:
     """Blocking client, thread-safe: AsyncEmbeddingClient on an event loop of its own thread, so
-    both clients behave alike. At most `max_concurrency` requests are in flight, across all calls."""
+    both clients behave alike. At most `max_concurrency` requests are in flight, across all calls.
+    close() (or the with-block, or garbage collection) stops the thread. Make clients after a
+    fork(), not before: the loop thread does not exist in a forked child."""
 
     def __init__(self, url: str = "localhost:8001", model: str = contract.PUBLIC_MODEL, **options: Any):
         self._async = AsyncEmbeddingClient(url, model, **options)
-        self.url, self.model = url, model
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="nvembed-client", daemon=True)
         self._thread.start()
+        self._closer = weakref.finalize(self, _stop_loop, self._loop, self._thread, self._async)
+
+    def __getattr__(self, name: str) -> Any:
+        """The settings (url, model, timeout_s, max_retries, max_concurrency) are the async client's."""
+        if name in ("url", "model", "timeout_s", "max_retries", "max_concurrency"):
+            return getattr(self._async, name)
+        raise AttributeError(name)
 
     def _wait(self, coroutine: Awaitable[T]) -> T:
         future = asyncio.run_coroutine_threadsafe(coroutine, self._loop)
@@ -423,12 +443,7 @@ class EmbeddingClient:
     embed_documents = _blocking(AsyncEmbeddingClient.embed_documents)
 
     def close(self) -> None:
-        if self._loop.is_closed():
-            return
-        self._wait(self._async.close())
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join()
-        self._loop.close()
+        self._closer()
 
     def __enter__(self) -> EmbeddingClient:
         return self

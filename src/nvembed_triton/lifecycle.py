@@ -14,6 +14,7 @@ CLOSED_FLAG_ENV = "NVEMBED_CLOSED_FLAG"
 # The launcher's folder for CancelBoard, and the BLS request parameter that carries a token.
 CANCEL_DIR_ENV = "NVEMBED_CANCEL_DIR"
 CANCEL_TOKEN_PARAMETER = "cancel_token"
+CANCELLED_MESSAGE = "the client cancelled the request"
 CLOSED_MESSAGE = "the server is shutting down and takes no new requests; retry (another replica serves it)"
 
 

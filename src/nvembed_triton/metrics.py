@@ -53,12 +53,12 @@ class ModelMetrics:
 
     def flush(self) -> None:
         """Sends what add() collected: one update per counter and label set."""
-        for key, value in self._pending.items():
+        pending, self._pending = self._pending, {}  # taken first: a failed send is not counted twice
+        for key, value in pending.items():
             if key not in self._metrics:
                 name, *labels = key
                 self._metrics[key] = self._families[name].Metric(labels={"model": self.model_name, **dict(labels)})
             self._metrics[key].increment(value)
-        self._pending.clear()
 
     def rejected(self, reason: str) -> None:
         self.add("nvembed_rejected_requests_total", 1, reason=reason)

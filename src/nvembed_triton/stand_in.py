@@ -15,7 +15,6 @@ from .nvembed_encoder import NVEmbedEncoder
 from .settings import EncoderSettings
 from .tokenization import NVEmbedTokenizer, TokenizedText
 
-CONSTANT = "constant"  # the stand_in setting's one value
 DIMENSION = 4096  # NV-Embed-v2's, so responses are as large as the real ones
 
 

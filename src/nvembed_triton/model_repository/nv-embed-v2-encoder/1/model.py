@@ -54,8 +54,10 @@ class TritonPythonModel:
         try:
             return self._execute(requests)
         finally:
-            self.metrics.flush()
-            self.metrics.executing(-len(requests))
+            try:
+                self.metrics.flush()
+            finally:  # the drain waits on this gauge: it must come down whatever happens
+                self.metrics.executing(-len(requests))
 
     def _execute(self, requests):
         responses = [None] * len(requests)

@@ -14,6 +14,7 @@ from nvembed_triton import contract
 from nvembed_triton.errors import InvalidInputError
 from nvembed_triton.lifecycle import (
     CANCEL_TOKEN_PARAMETER,
+    CANCELLED_MESSAGE,
     CLOSED_MESSAGE,
     REASON_CODES,
     CancelBoard,
@@ -28,10 +29,10 @@ from nvembed_triton.validation import RequestLimits
 # How often a waiting instance asks whether its client is still there (one IPC call each time).
 CANCEL_POLL_S = 0.05
 # Threads that send forwarded requests. Reused rather than one started per request (that cost ~15%
-# of an instance's CPU, bench/bench_plumbing.py); more than one, so a request whose client left,
-# and whose forwarded request still runs, never holds up the next.
+# of an instance's CPU, bench/bench_plumbing.py); several, so the next request is not held up by
+# forwarded requests still running after their clients left (the encoder drops their remaining
+# work at its next pass) unless SENDER_THREADS of them are.
 SENDER_THREADS = 4
-CANCELLED_MESSAGE = "the client cancelled the request"
 OUTPUTS = (contract.EMBEDDINGS_OUTPUT, contract.TOKEN_COUNTS_OUTPUT, contract.TRUNCATED_OUTPUT)
 TIMEOUT_MESSAGE = "the request's timeout passed before its embeddings were ready"
 
@@ -57,8 +58,10 @@ class TritonPythonModel:
         try:
             return [self._respond(request) for request in requests]
         finally:
-            self.metrics.flush()
-            self.metrics.executing(-len(requests))
+            try:
+                self.metrics.flush()
+            finally:  # the drain waits on this gauge: it must come down whatever happens
+                self.metrics.executing(-len(requests))
 
     def _respond(self, request):
         response = self._answer(request)
