@@ -4,6 +4,8 @@ INVALID_ARGUMENT as a success. Only inside a Triton Python-backend stub."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 # A gauge: requests inside a model's execute() now (serve.sh's drain waits for it to reach 0).
 EXECUTING_METRIC = "nvembed_requests_executing"
 # name -> (help, label names besides `model`)
@@ -43,8 +45,18 @@ class ModelMetrics:
         )
         self._executing = self._executing_family.Metric(labels={"model": model_name})
 
-    def executing(self, change: int) -> None:
-        self._executing.increment(change)
+    @contextmanager
+    def executing(self, requests: int):
+        """Around an execute(): the gauge counts its requests while it runs; then the counters
+        collected meanwhile are sent, and the gauge comes down whatever happens (a drain waits on it)."""
+        self._executing.increment(requests)
+        try:
+            yield
+        finally:
+            try:
+                self.flush()
+            finally:
+                self._executing.increment(-requests)
 
     def add(self, name: str, value: float, **labels: str) -> None:
         if value > 0:

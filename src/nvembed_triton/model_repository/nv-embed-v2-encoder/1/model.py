@@ -50,14 +50,8 @@ class TritonPythonModel:
         )
 
     def execute(self, requests):
-        self.metrics.executing(len(requests))
-        try:
+        with self.metrics.executing(len(requests)):
             return self._execute(requests)
-        finally:
-            try:
-                self.metrics.flush()
-            finally:  # the drain waits on this gauge: it must come down whatever happens
-                self.metrics.executing(-len(requests))
 
     def _execute(self, requests):
         responses = [None] * len(requests)

@@ -54,14 +54,8 @@ class TritonPythonModel:
         self.senders.shutdown(wait=False, cancel_futures=True)
 
     def execute(self, requests):
-        self.metrics.executing(len(requests))
-        try:
+        with self.metrics.executing(len(requests)):
             return [self._respond(request) for request in requests]
-        finally:
-            try:
-                self.metrics.flush()
-            finally:  # the drain waits on this gauge: it must come down whatever happens
-                self.metrics.executing(-len(requests))
 
     def _respond(self, request):
         response = self._answer(request)
