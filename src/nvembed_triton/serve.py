@@ -83,8 +83,12 @@ def plan(args: argparse.Namespace, environ=os.environ) -> ServePlan:
     public_values = model_settings(PUBLIC, configured_parameters(repository, public), environ)
     encoder_values = model_settings(ENCODER, configured_parameters(repository, encoder), environ)
     check_limits(public_values, encoder_values)
-    model_dir = args.model_dir or (None if environ.get(BY_KEY["model_dir"].variable) or not args.demo else demo_model_dir())
-    model_dir = model_dir or encoder_values["model_dir"]
+    if args.model_dir:
+        model_dir = args.model_dir
+    elif args.demo and not environ.get(BY_KEY["model_dir"].variable):
+        model_dir = demo_model_dir()
+    else:
+        model_dir = encoder_values["model_dir"]  # its variable, else config.pbtxt, else the default
     architecture = check_model_dir(model_dir)
     if encoder_values["stand_in"]:  # benchmarks only; refused here, before anything starts
         architecture = Architecture.STAND_IN

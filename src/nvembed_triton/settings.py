@@ -38,10 +38,6 @@ class SettingsError(ValueError):
     """A configuration that cannot work; the model (or serve.sh) refuses to start and says why."""
 
 
-def text(raw: str) -> str:
-    return raw
-
-
 def number(convert: Callable[[str], float], smallest: float, what: str) -> Callable[[str], Any]:
     """A parser of numbers of at least `smallest`, whose errors say `what` was expected."""
 
@@ -97,7 +93,7 @@ class Setting:
     default: str  # as written in config.pbtxt or the environment
     help: str
     scope: str
-    parse: Callable[[str], Any] = text
+    parse: Callable[[str], Any] = str
     env: str | None = ""  # "" -> NVEMBED_<KEY>; None -> config.pbtxt only (see the help)
     flag: str | None = None  # serve.sh's command-line flag, which wins over the environment
 
