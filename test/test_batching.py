@@ -2,7 +2,7 @@ import random
 
 import pytest
 
-from nvembed_triton.batching import padded_tokens, plan_batches
+from nvembed_triton.batching import MIN_SPLIT_TOKENS, padded_tokens, plan_batches, split_for_workers
 
 
 def test_every_index_is_planned_exactly_once():
@@ -45,3 +45,25 @@ def test_padding_per_sequence_is_bounded():
 
 def test_similar_short_texts_share_one_pass():
     assert len(plan_batches([20, 12, 30, 25] * 16, 16384)) == 1
+
+
+def test_a_pass_is_split_for_workers_only_into_parts_worth_running_apart():
+    twenty_queries = [20] * 20  # 400 padded tokens
+    plan = plan_batches(twenty_queries, 4096)
+    assert len(plan) == 1
+    halves = split_for_workers(plan, twenty_queries, workers=2)
+    assert [len(part) for part in halves] == [10, 10]
+    assert sorted(i for part in halves for i in part) == list(range(20))
+    # 8 workers: a third split would leave parts of 100 tokens, under MIN_SPLIT_TOKENS
+    assert len(split_for_workers(plan, twenty_queries, workers=8)) == 2 and 100 < MIN_SPLIT_TOKENS
+    eight_queries = [18] * 8  # 144 tokens: halves of 72 would not pay for themselves
+    assert split_for_workers(plan_batches(eight_queries, 4096), eight_queries, workers=2) == plan_batches(eight_queries, 4096)
+    assert split_for_workers([[0]], [5000], workers=4) == [[0]]  # one text is never split
+    assert split_for_workers(plan, twenty_queries, workers=1) == plan
+
+
+def test_splitting_keeps_each_part_in_length_order_and_splits_the_largest_first():
+    lengths = [300, 290, 280, 270, 30, 30, 30, 30, 30, 30]
+    plan = plan_batches(lengths, 2048)  # the four long ones, then the short ones
+    parts = split_for_workers(plan, lengths, workers=3)
+    assert parts == [[0, 1], [2, 3], [4, 5, 6, 7, 8, 9]]

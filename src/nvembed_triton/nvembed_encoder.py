@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .batching import plan_batches
 from .checkpoint import TOKENIZER_FILE, Architecture
 from .contract import DOCUMENT_PROMPT, QUERY_PROMPT, RETRIEVAL_TASK, nvembed_query_instruction
 from .encoders import Encoded, KeepFilter
 from .nvembed_model import load_nvembed
+from .passes import PassRunner, workers_for
 from .settings import EncoderSettings
 from .tokenization import PAD_ID, NVEmbedTokenizer, TokenizedText
 
@@ -25,6 +25,7 @@ class NVEmbedEncoder:
         self.device = torch.device(settings.device)
         self.max_length = settings.max_length
         self.max_batch_tokens = settings.max_batch_tokens
+        self.passes = PassRunner(workers_for(settings.device))
         self.tokenizer = NVEmbedTokenizer(Path(settings.model_dir) / TOKENIZER_FILE, self.max_length)
         self.model = load_nvembed(settings.model_dir, self.device, getattr(torch, settings.dtype))
         self.dimension = self.model.dimension
@@ -45,13 +46,11 @@ class NVEmbedEncoder:
             np.full((len(texts), self.dimension), np.nan, dtype=np.float32), counts, np.array([t.truncated for t in tokenized])
         )
         wanted = [i for i, t in enumerate(tokenized) if len(t.ids) <= self.max_length]  # NONE leaves long ones whole
-        for batch in plan_batches(counts[wanted].tolist(), self.max_batch_tokens):
-            batch = [wanted[i] for i in batch]
-            batch = keep(batch) if keep else batch
-            if batch:
-                result.embeddings[batch] = self.embed_tokenized([tokenized[i] for i in batch])
-                result.passes += 1
-                result.padded_tokens += len(batch) * int(counts[batch].max())
+
+        def compute(batch: list[int]) -> None:
+            result.embeddings[batch] = self.embed_tokenized([tokenized[i] for i in batch])
+
+        result.passes, result.padded_tokens = self.passes.run(wanted, counts.tolist(), self.max_batch_tokens, compute, keep)
         return result
 
     def embed_tokenized(self, batch: list[TokenizedText]) -> np.ndarray:

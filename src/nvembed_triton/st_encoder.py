@@ -8,11 +8,11 @@ import torch
 from sentence_transformers import SentenceTransformer
 from tokenizers import Tokenizer
 
-from .batching import plan_batches
 from .checkpoint import Architecture
 from .contract import DOCUMENT_PROMPT, QUERY_PROMPT, TRUNCATE_END, TRUNCATE_NONE, TRUNCATE_START
 from .encoders import Encoded, KeepFilter
 from .errors import InvalidInputError
+from .passes import PassRunner, workers_for
 from .settings import EncoderSettings
 from .tokenization import TextCutter
 
@@ -32,6 +32,7 @@ class SentenceTransformerEncoder:
         self.model.max_seq_length = self.max_length
         self.dimension = self.model.get_embedding_dimension()
         self.max_batch_tokens = settings.max_batch_tokens
+        self.passes = PassRunner(workers_for(settings.device))
         # Texts are cut before the library tokenises them all (it truncates only afterwards); the
         # check of a cut uses a copy of the model's fast tokenizer that never truncates or pads.
         backend = getattr(self.model.tokenizer, "backend_tokenizer", None)
@@ -41,6 +42,9 @@ class SentenceTransformerEncoder:
             tokenizer.no_truncation()
             tokenizer.no_padding()
             self.cutter = TextCutter(tokenizer, self.max_length)
+        # One call before passes run side by side: the library sets its tokenizer's truncation and
+        # padding on the first call (a change while another thread tokenises fails), later ones match.
+        self.model.encode(["warm-up"], normalize_embeddings=True)
 
     def default_instruction(self, prompt_name: str) -> str:
         # sentence-transformers fills in empty "query"/"document" prompts, so the first non-empty
@@ -56,12 +60,12 @@ class SentenceTransformerEncoder:
     def encode(
         self, texts: list[str], instructions: list[str], keep: KeepFilter | None = None, truncations: list[str] | None = None
     ) -> Encoded:
-        """See TextEncoder. Passes share an instruction and are planned by token budget over the
-        texts' lengths (batching.plan_batches: sorted, padded only to their own longest), so `keep`
-        can drop abandoned texts between passes. Sorting matters on a CPU: 32 passages of 100-250
-        tokens embed 1.5x as fast sorted as in arrival order (bench/RESULTS.md). sentence-transformers
-        truncates the end; for START the text is cut here to the tokens that fit, so that the
-        library keeps them all."""
+        """See TextEncoder. Passes share an instruction, are planned by token budget over the texts'
+        lengths (batching.plan_batches: sorted, padded only to their own longest) and run by
+        passes.PassRunner (side by side on a CPU), so `keep` can drop abandoned texts between
+        passes. Sorting matters on a CPU: 32 passages of 100-250 tokens embed 1.5x as fast sorted
+        as in arrival order (bench/RESULTS.md). sentence-transformers truncates the end; for START
+        the text is cut here to the tokens that fit, so that the library keeps them all."""
         truncations = truncations or [TRUNCATE_END] * len(texts)
         from_end = [mode == TRUNCATE_START for mode in truncations]
         if self.cutter is not None:
@@ -77,19 +81,19 @@ class SentenceTransformerEncoder:
         result = Encoded(np.full((len(texts), self.dimension), np.nan, dtype=np.float32), counts, over)
         for instruction in set(instructions):
             rows = [i for i, each in enumerate(instructions) if each == instruction and not refused[i]]
-            for planned in plan_batches(counts[rows].tolist(), self.max_batch_tokens):
-                batch = [rows[i] for i in planned]
-                batch = keep(batch) if keep else batch
-                if batch:
-                    result.passes += 1
-                    result.padded_tokens += len(batch) * int(counts[batch].max())
-                    result.embeddings[batch] = self.model.encode(
-                        [texts[i] for i in batch],
-                        prompt=instruction,
-                        batch_size=len(batch),
-                        normalize_embeddings=True,
-                        convert_to_numpy=True,
-                    ).astype(np.float32)
+
+            def compute(batch: list[int], instruction: str = instruction) -> None:
+                result.embeddings[batch] = self.model.encode(
+                    [texts[i] for i in batch],
+                    prompt=instruction,
+                    batch_size=len(batch),
+                    normalize_embeddings=True,
+                    convert_to_numpy=True,
+                ).astype(np.float32)
+
+            passes, padded = self.passes.run(rows, counts.tolist(), self.max_batch_tokens, compute, keep)
+            result.passes += passes
+            result.padded_tokens += padded
         return result
 
     def _keep_end(self, text: str, prompt: str) -> str:

@@ -12,6 +12,7 @@ import numpy as np
 
 from .checkpoint import TOKENIZER_FILE, Architecture
 from .nvembed_encoder import NVEmbedEncoder
+from .passes import PassRunner
 from .settings import EncoderSettings
 from .tokenization import NVEmbedTokenizer, TokenizedText
 
@@ -24,6 +25,7 @@ class ConstantEncoder(NVEmbedEncoder):
     def __init__(self, settings: EncoderSettings):  # no weights are loaded
         self.max_length = settings.max_length
         self.max_batch_tokens = settings.max_batch_tokens
+        self.passes = PassRunner(workers=1)  # nothing to compute in parallel
         self.tokenizer = NVEmbedTokenizer(Path(settings.model_dir) / TOKENIZER_FILE, self.max_length)
         self.dimension = DIMENSION
         self._row = np.zeros(DIMENSION, dtype=np.float32)
