@@ -26,8 +26,13 @@ from nvembed_triton.request_rules import encoder_model_for, public_request
 from nvembed_triton.settings import PUBLIC, model_settings, triton_parameters
 from nvembed_triton.validation import RequestLimits
 
-# How often a waiting instance asks whether its client is still there (one IPC call each time).
-CANCEL_POLL_S = 0.05
+# When a waiting instance first asks whether its client is still there; each later ask comes after
+# twice the wait before it, at most CANCEL_POLL_MAX_S. Each ask is an IPC call through tritonserver:
+# asking every 50 ms took about a fifth of the instances' CPU at 64 clients, where queries wait ~150 ms
+# (bench/RESULTS.md). A client that leaves is noticed within about its own wait so far, and at most
+# CANCEL_POLL_MAX_S; a request's own timeout is kept to the millisecond without asking.
+CANCEL_POLL_FIRST_S = 0.2
+CANCEL_POLL_MAX_S = 1.0
 # Threads that send forwarded requests. Reused rather than one started per request (that cost ~15%
 # of an instance's CPU, bench/bench_plumbing.py); several, so the next request is not held up by
 # forwarded requests still running after their clients left (the encoder drops their remaining
@@ -125,13 +130,17 @@ class TritonPythonModel:
                 self.cancel_board.clear(token)
 
         self.senders.submit(send)
-        while not done.wait(CANCEL_POLL_S):
-            if request.is_cancelled() or (deadline is not None and time.monotonic() > deadline):
+        poll_s = CANCEL_POLL_FIRST_S
+        while True:
+            wait_s = poll_s if deadline is None else min(poll_s, max(0.0, deadline - time.monotonic()))
+            if done.wait(wait_s):
+                return outcome[0]
+            if (deadline is not None and time.monotonic() >= deadline) or request.is_cancelled():
                 self.cancel_board.mark(token)
                 if done.is_set():  # finished meanwhile: leave no mark behind
                     self.cancel_board.clear(token)
                 return None
-        return outcome[0]
+            poll_s = min(2 * poll_s, CANCEL_POLL_MAX_S)
 
 
 def _refuse(reason, message):
