@@ -15,6 +15,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from .metrics import EXECUTING_METRIC
@@ -48,6 +49,9 @@ class Supervisor:
         self.server, self.probe, self.closed_flag, self.log = server, probe, closed_flag, log
         self.stop = threading.Event()
         self.restarts = 0
+        # The probe runs on its own thread: it queues behind real work (up to serve.PROBE_TIMEOUT_S),
+        # and a stop must start the drain at once, not when the probe returns.
+        self._prober = ThreadPoolExecutor(1, thread_name_prefix="health-probe")
 
     def run(self) -> int:
         """Watches until `stop` is set; returns the exit code. The server must be ready."""
@@ -84,9 +88,11 @@ class Supervisor:
         if dead:
             return "the stub process of " + ", ".join(sorted(dead)) + " died"
         if probe_due:
-            try:
-                self.probe()
-            except Exception as error:  # any failure of a real inference is a failure
+            probing = self._prober.submit(self.probe)
+            while not probing.done():
+                if self.stop.wait(0.05):
+                    return None  # stopping: the drain serves the probe like any accepted request
+            if (error := probing.exception()) is not None:  # any failure of a real inference is a failure
                 return f"health probe failed: {error}"
         return None
 
