@@ -283,7 +283,7 @@ class TritonServer:
     def kill(self) -> None:
         """Ends tritonserver and its stubs at once and removes their shared-memory regions. Only
         for a server with nothing in flight (drained) or a broken one: Triton 2.51 unloads
-        Python-backend instances one after another, ~1.2 s each (about 40 s for the 32 front instances)."""
+        Python-backend instances one after another, ~1.2 s each (about a minute for the 48 front instances)."""
         if self._process is None:
             return
         regions = [stub.shm_region for stub in self.stubs()]
@@ -295,8 +295,8 @@ class TritonServer:
         for region in regions:  # what Triton would have unlinked on a clean unload
             Path("/dev/shm", region).unlink(missing_ok=True)
 
-    def stop(self, grace_s: float = 45.0) -> int | None:
-        """SIGINT lets Triton unload models cleanly (the 32 front instances take ~40 s on 2 cores);
+    def stop(self, grace_s: float = 75.0) -> int | None:
+        """SIGINT lets Triton unload models cleanly (the 48 front instances take ~1 min on 2 cores);
         a kill follows after the grace period."""
         return None if self._process is None else interrupt(self._process, grace_s, self.kill)
 
