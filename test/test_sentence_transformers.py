@@ -2,6 +2,7 @@
 model (all-MiniLM-L6-v2, shipped on PyPI) through the server, and tiny random models of the other
 architectures the user's documents name, in process."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -90,4 +91,19 @@ def test_other_architectures_load_and_use_their_own_prompts(tmp_path, architectu
     ours = encoder.encode(TEXTS, [query_prompt] * len(TEXTS)).embeddings
     expected = reference.encode(TEXTS, prompt=query_prompt, normalize_embeddings=True)
     assert np.all(cosine(ours, expected) >= 0.9999)
+    np.testing.assert_allclose(np.linalg.norm(ours, axis=1), 1, atol=1e-5)
+
+
+def test_python_files_in_a_sentence_transformers_directory_never_run(tmp_path):
+    """Models with custom code name it in config.json's auto_map. Here that file leaves a marker
+    if imported: the encoder loads the architecture natively and never imports it."""
+    directory = tiny_st_model(tmp_path, "bert", "mean", {})
+    marker = tmp_path / "remote-code-ran"
+    (directory / "modeling_custom.py").write_text(f"import pathlib\npathlib.Path({str(marker)!r}).write_text('ran')\n")
+    config = json.loads((directory / "config.json").read_text())
+    config["auto_map"] = {"AutoModel": "modeling_custom.CustomModel", "AutoConfig": "modeling_custom.CustomConfig"}
+    (directory / "config.json").write_text(json.dumps(config))
+    encoder = load_encoder(EncoderSettings.from_parameters({"model_dir": str(directory), "device": "cpu"}))
+    ours = encoder.encode(TEXTS, [""] * len(TEXTS)).embeddings
+    assert not marker.exists()
     np.testing.assert_allclose(np.linalg.norm(ours, axis=1), 1, atol=1e-5)

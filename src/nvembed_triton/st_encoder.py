@@ -24,7 +24,12 @@ class SentenceTransformerEncoder:
     architecture = Architecture.SENTENCE_TRANSFORMERS
 
     def __init__(self, settings: EncoderSettings):
-        options = {"device": settings.device, "local_files_only": True, "model_kwargs": {"dtype": getattr(torch, settings.dtype)}}
+        options = {
+            "device": settings.device,
+            "local_files_only": True,
+            "trust_remote_code": False,  # the library's default, stated: no code from the model directory runs
+            "model_kwargs": {"dtype": getattr(torch, settings.dtype)},
+        }
         self.model = SentenceTransformer(settings.model_dir, **options)
         self.model.eval()
         # The model's own limit wins: beyond its position embeddings it cannot go.
