@@ -3,14 +3,14 @@ CPU, several passes at once, one per core, each on its own thread with one intra
 batches of short texts, torch's intra-op threads scale poorly and wait on each other whenever
 another process (the public instances, tritonserver) takes a core. In-process on 2 cores,
 all-MiniLM-L6-v2: 20 queries in 2 parallel passes 367 queries/s vs 306 as one pass on 2 threads,
-32 passages 29.8 vs 24.9 passages/s; through the server at 64 clients the idle CPU fell from ~15%
-(bench/RESULTS.md). A lone pass, as for one query, keeps every intra-op thread."""
+32 passages 29.8 vs 24.9 passages/s; through the server at 64 clients the encoder's CPU per query
+fell from 5.5-5.8 to 5.2-5.4 ms (bench/RESULTS.md). A lone pass, as for one query, keeps every
+intra-op thread."""
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, as_completed, wait
 
 import torch
 
@@ -39,27 +39,27 @@ class PassRunner:
         (always from the calling thread: keep may make IPC calls). Returns (passes run, padded
         tokens computed). Raises the first error of a pass once the running ones have ended."""
         row_lengths = [lengths[row] for row in rows]
-        plan = split_for_workers(plan_batches(row_lengths, max_batch_tokens), row_lengths, self.workers)
-        waiting = deque([rows[i] for i in batch] for batch in plan)
-        parallel = self._pool is not None and len(waiting) > 1
-        passes, padded, running = 0, 0, set()
-        try:
-            while waiting or running:
-                while waiting and (len(running) < self.workers or not parallel):
-                    batch = waiting.popleft()
-                    batch = keep(batch) if keep else batch
-                    if not batch:
-                        continue
-                    passes += 1
-                    padded += padded_tokens(lengths, [batch])
-                    if parallel:
+        plan = [[rows[i] for i in batch] for batch in plan_batches(row_lengths, max_batch_tokens)]
+        plan = split_for_workers(plan, lengths, self.workers)
+        computed: list[list[int]] = []
+        if self._pool is None or len(plan) == 1:
+            for batch in plan:
+                if batch := keep(batch) if keep else batch:
+                    compute(batch)
+                    computed.append(batch)
+        else:
+            running: set = set()
+            try:
+                for batch in plan:
+                    if len(running) == self.workers:  # a free worker first, so keep is asked late
+                        done, running = wait(running, return_when=FIRST_COMPLETED)
+                        for future in done:
+                            future.result()
+                    if batch := keep(batch) if keep else batch:
                         running.add(self._pool.submit(compute, batch))
-                    else:
-                        compute(batch)
-                if running:
-                    done, running = wait(running, return_when=FIRST_COMPLETED)
-                    for future in done:
-                        future.result()
-        finally:
-            wait(running)  # no pass may still write into the caller's result after this returns
-        return passes, padded
+                        computed.append(batch)
+                for future in as_completed(running):
+                    future.result()
+            finally:
+                wait(running)  # no pass may still write into the caller's result after this returns
+        return len(computed), padded_tokens(lengths, computed)
