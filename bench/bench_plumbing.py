@@ -5,7 +5,7 @@ gRPC; for each, requests/s and the CPU microseconds each process spent per reque
 the public model's stubs, the encoder stub, this load generator). On a GPU the forward pass of a
 batched query takes well under a millisecond, so this is what keeps a GPU fed, or not.
 
-    .venv/bin/python bench/bench_plumbing.py [--seconds 10] [--repeats 3] [--profile 10]
+    .venv/bin/python bench/bench_plumbing.py [--seconds 10] [--repeats 3] [--profile 10] [--model-dir DIR]
 
 The encoder stub is one Python process: its CPU time per request bounds a server's requests/s at
 1 / (encoder CPU s per request) whatever the host. The other processes spread over cores. The
@@ -166,13 +166,14 @@ def arguments() -> argparse.Namespace:
     parser.add_argument("--profile", type=float, default=0.0, help="py-spy one stub of each model for this many seconds")
     parser.add_argument("--response-cache", action="store_true",
                         help="also measure Triton's response cache on the public model (hits: queries repeat)")
+    parser.add_argument("--model-dir", help="NV-Embed-v2 snapshot whose tokenizer is used (default: a generated tiny random one)")
     parser.add_argument("--json", default="bench/results/plumbing.json")
     return parser.parse_args()
 
 
-def start_settings(scratch: Path, response_cache: bool):
+def start_settings(scratch: Path, model_dir: str | None, response_cache: bool):
     """The stand-in served as MODEL on free ports; with response_cache, the public model caches."""
-    model_dir = model_dir_or_tiny(None, scratch)  # only its tokenizer is used
+    model_dir = model_dir_or_tiny(model_dir, scratch)  # only its tokenizer is used
     environ = {**os.environ, BY_KEY["stand_in"].variable: STAND_IN_CONSTANT, "TRITON_GRPC_PORT": str(free_port()),
                "TRITON_HTTP_PORT": str(free_port()), "TRITON_METRICS_PORT": str(free_port())}  # fmt: skip
     if response_cache:
@@ -213,14 +214,15 @@ def main() -> int:
     scratch = Path(tempfile.mkdtemp(prefix="nvembed-plumbing-"))
     rng = random.Random(0)
     queries = [text_of_tokens(rng, rng.randint(6, 24)) for _ in range(512)]
-    results = sweep(start_settings(scratch, False), queries, args, scratch / "profile.pyspy" if args.profile else None)
+    profile_into = scratch / "profile.pyspy" if args.profile else None
+    results = sweep(start_settings(scratch, args.model_dir, False), queries, args, profile_into)
     results["setup"] = {"seconds": args.seconds, "repeats": args.repeats, "cpus": os.cpu_count()}
     print(table(results))
     for group in ("encoder stub", "public stubs"):
         for frame, share in results.get(f"{group} profile", [])[:15]:
             print(f"{group}: {share:6.1%}  {frame}")
     if args.response_cache:
-        results["response_cache"] = sweep(start_settings(scratch, True), queries, args, None)
+        results["response_cache"] = sweep(start_settings(scratch, args.model_dir, True), queries, args, None)
         print("\nwith Triton's response cache on the public model (every query repeats, so all hits):")
         print(table(results["response_cache"]))
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
