@@ -11,7 +11,9 @@ The encoder stub is one Python process: its CPU time per request bounds a server
 1 / (encoder CPU s per request) whatever the host. The other processes spread over cores. The
 projection for a 16-core GPU host is min(1 / encoder, 16 / all processes) (bench/RESULTS.md).
 --profile S samples the encoder stub and one public stub with py-spy for S seconds at 64 clients
-and prints where their time goes. Run nothing else meanwhile: this 2-core machine is noisy; the table shows medians.
+and prints where their time goes. --real-network cuda serves the checkpoint's own network on the GPU
+instead (the tiny one by default: the production code path with next to no compute).
+Run nothing else meanwhile: this 2-core machine is noisy; the table shows medians.
 """
 
 from __future__ import annotations
@@ -167,25 +169,31 @@ def arguments() -> argparse.Namespace:
     parser.add_argument("--response-cache", action="store_true",
                         help="also measure Triton's response cache on the public model (hits: queries repeat)")
     parser.add_argument("--model-dir", help="NV-Embed-v2 snapshot whose tokenizer is used (default: a generated tiny random one)")
+    parser.add_argument("--real-network", metavar="DEVICE",
+                        help="serve the checkpoint's real network on DEVICE (cpu, cuda) instead of the stand-in: with the tiny "
+                             "checkpoint on a GPU, the whole production path (passes, host-device copies), negligible compute")
     parser.add_argument("--json", default="bench/results/plumbing.json")
     return parser.parse_args()
 
 
-def start_settings(scratch: Path, model_dir: str | None, response_cache: bool):
-    """The stand-in served as MODEL on free ports; with response_cache, the public model caches."""
-    model_dir = model_dir_or_tiny(model_dir, scratch)  # only its tokenizer is used
-    environ = {**os.environ, BY_KEY["stand_in"].variable: STAND_IN_CONSTANT, "TRITON_GRPC_PORT": str(free_port()),
+def start_settings(scratch: Path, model_dir: str | None, response_cache: bool, real_network: str | None = None):
+    """The stand-in (or, with real_network, the checkpoint's own network on that device) served as
+    MODEL on free ports; with response_cache, the public model caches."""
+    model_dir = model_dir_or_tiny(model_dir, scratch)  # the stand-in uses only its tokenizer
+    stand_in = {} if real_network else {BY_KEY["stand_in"].variable: STAND_IN_CONSTANT}
+    environ = {**os.environ, **stand_in, "TRITON_GRPC_PORT": str(free_port()),
                "TRITON_HTTP_PORT": str(free_port()), "TRITON_METRICS_PORT": str(free_port())}  # fmt: skip
     if response_cache:
         repository = Path(shutil.copytree(PACKAGED_REPOSITORY, scratch / "cached", ignore=shutil.ignore_patterns("__pycache__")))
         with open(repository / PUBLIC_MODEL / "config.pbtxt", "a") as config:
             config.write("response_cache { enable: true }\n")
         environ[BY_KEY["model_repository"].variable] = str(repository)
-    plan_ = plan(serve_parser().parse_args(["--model-dir", str(model_dir), "--device", "cpu", "--name", MODEL]), environ)
+    device = real_network or "cpu"
+    plan_ = plan(serve_parser().parse_args(["--model-dir", str(model_dir), "--device", device, "--name", MODEL]), environ)
     settings = server_settings(plan_, scratch / ("run-cached" if response_cache else "run"), environ)
     return dataclasses.replace(
         settings,
-        environment={**settings.environment, BY_KEY["stand_in"].variable: STAND_IN_CONSTANT},
+        environment={**settings.environment, **stand_in},
         response_cache_bytes=2**28 if response_cache else 0,
     )
 
@@ -215,14 +223,16 @@ def main() -> int:
     rng = random.Random(0)
     queries = [text_of_tokens(rng, rng.randint(6, 24)) for _ in range(512)]
     profile_into = scratch / "profile.pyspy" if args.profile else None
-    results = sweep(start_settings(scratch, args.model_dir, False), queries, args, profile_into)
-    results["setup"] = {"seconds": args.seconds, "repeats": args.repeats, "cpus": os.cpu_count()}
+    results = sweep(start_settings(scratch, args.model_dir, False, args.real_network), queries, args, profile_into)
+    network = f"real network on {args.real_network}" if args.real_network else "constant stand-in"
+    results["setup"] = {"seconds": args.seconds, "repeats": args.repeats, "cpus": os.cpu_count(), "network": network}
+    print(f"network: {network}")
     print(table(results))
     for group in ("encoder stub", "public stubs"):
         for frame, share in results.get(f"{group} profile", [])[:15]:
             print(f"{group}: {share:6.1%}  {frame}")
     if args.response_cache:
-        results["response_cache"] = sweep(start_settings(scratch, args.model_dir, True), queries, args, None)
+        results["response_cache"] = sweep(start_settings(scratch, args.model_dir, True, args.real_network), queries, args, None)
         print("\nwith Triton's response cache on the public model (every query repeats, so all hits):")
         print(table(results["response_cache"]))
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
