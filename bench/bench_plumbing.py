@@ -9,7 +9,8 @@ batched query takes well under a millisecond, so this is what keeps a GPU fed, o
 
 The encoder stub is one Python process: its CPU time per request bounds a server's requests/s at
 1 / (encoder CPU s per request) whatever the host. The other processes spread over cores. The
-projection for a 16-core GPU host is min(1 / encoder, 16 / all processes) (bench/RESULTS.md).
+projection for a 16-core GPU host is min(1 / encoder, 16 / all processes) (bench/RESULTS.md); on a
+real 16-core GPU host the measurement came in at half this machine's projection, so measure there.
 --profile S samples the encoder stub and one public stub with py-spy for S seconds at 64 clients
 and prints where their time goes. --real-network cuda serves the checkpoint's own network on the GPU
 instead (the tiny one by default: the production code path with next to no compute).

@@ -54,7 +54,7 @@ def test_a_pass_is_split_for_workers_only_into_parts_worth_running_apart():
     halves = split_for_workers(plan, twenty_queries, workers=2)
     assert [len(part) for part in halves] == [10, 10]
     assert sorted(i for part in halves for i in part) == list(range(20))
-    # 8 workers: four parts of 100 tokens, then a third split would leave parts of 50, under MIN_SPLIT_TOKENS
+    # 8 workers: four parts of 100 tokens; one more split would leave parts of 50, under MIN_SPLIT_TOKENS
     assert [len(part) for part in split_for_workers(plan, twenty_queries, workers=8)] == [5, 5, 5, 5]
     assert 50 < MIN_SPLIT_TOKENS <= 100
     four_queries = [18] * 4  # 72 tokens: halves of 36 would not pay for themselves
