@@ -26,6 +26,7 @@ from tritonclient.utils import InferenceServerException
 from nvembed_triton import contract
 from nvembed_triton.client import EmbeddingClient
 from nvembed_triton.contract import PUBLIC_MODEL, encoder_model_name
+from nvembed_triton.serve import closed_flag
 from nvembed_triton.server import stubs_of
 
 ENCODER = encoder_model_name(PUBLIC_MODEL)
@@ -338,6 +339,12 @@ def test_sigterm_serves_requests_in_flight_then_refuses_and_exits(tmp_path, tiny
             stopped = time.monotonic()
             results = [f.result(timeout=60) for f in futures]
         assert all(np.all(cosine(r, expected) >= 0.99999) for r in results)
+        # The door closes when the launcher sees the queue empty (a request arriving before that is
+        # still accepted, by design); our last response can reach us a moment before it looks.
+        door = closed_flag(server.log_path.parent)
+        while not door.exists() and time.monotonic() - stopped < 20:
+            time.sleep(0.01)
+        assert door.exists(), "the drain never stopped taking new requests"
         with pytest.raises(InferenceServerException) as refused, server.client() as client:
             embed_query(client, PUBLIC_MODEL, "too late")
         assert "UNAVAILABLE" in str(refused.value.status())
