@@ -19,7 +19,8 @@ What it measures, with both servers up the whole time (warmed up first):
   /embeddings). Each cell runs --seconds (or --requests); --repeats rounds alternate which server
   goes first. Reported: req/s and passages/s, median over repeats with min-max, project / Infinity.
   Then, with both servers stopped, the in-process ceiling: sentence-transformers encode in this
-  process (1 query per call, 64 queries per call, 32 passages per call).
+  process (1 query per call, 64 queries per call, 32 passages per call), with the library's own
+  kernels and with the linear layers packed for oneDNN as this project's encoder runs them.
   Fidelity: the same texts embedded by both servers and in-process; max abs difference, min cosine.
 
 Caveats: on this 2-core machine the client runs beside the server it measures and takes CPU from
@@ -76,6 +77,7 @@ SERVERS = ("project", "infinity")
 PASSAGES = 32  # per passage request
 QUERY_POOL, PASSAGE_POOL = 1024, 2048  # distinct texts each cell cycles through
 FIDELITY_QUERIES = 8
+KERNELS = ("torch kernels", "linear layers packed")  # in-process ceiling: the library's own, this project's encoder's
 
 
 @dataclass(frozen=True)
@@ -361,14 +363,19 @@ def fidelity(vectors: dict[str, np.ndarray]) -> dict:
 
 
 def in_process(model_dir: Path, requests: dict, seconds: float) -> tuple[dict, np.ndarray]:
-    """sentence-transformers in this process, servers stopped: the ceiling, and the reference vectors."""
+    """sentence-transformers in this process, servers stopped: the ceiling, with the library's own
+    eager kernels (what Infinity runs) and with the linear layers packed as this project's encoder
+    packs them (cpu_linear.py); and the reference vectors, from the library's own kernels."""
     import torch
     from sentence_transformers import SentenceTransformer
 
-    model = SentenceTransformer(str(model_dir), device="cpu", local_files_only=True)
+    from nvembed_triton.cpu_linear import pack_linears
 
-    def encode(texts: list[str]) -> np.ndarray:
-        return model.encode(texts, batch_size=len(texts), normalize_embeddings=True, convert_to_numpy=True)
+    models = {kernels: SentenceTransformer(str(model_dir), device="cpu", local_files_only=True) for kernels in KERNELS}
+    pack_linears(models[KERNELS[1]])
+
+    def encode(texts: list[str], kernels: str = KERNELS[0]) -> np.ndarray:
+        return models[kernels].encode(texts, batch_size=len(texts), normalize_embeddings=True, convert_to_numpy=True)
 
     queries, passages = fidelity_texts(requests)
     reference = np.vstack([encode([query]) for query in queries] + [encode(passages)])
@@ -379,11 +386,12 @@ def in_process(model_dir: Path, requests: dict, seconds: float) -> tuple[dict, n
         f"{PASSAGES} passages per call": (requests["passages"], PASSAGES),
     }
     ceiling = {}
-    for name, (calls, per_request) in cases.items():
-        encode(calls[0])  # warm up
+    for (case, (calls, per_request)), kernels in itertools.product(cases.items(), KERNELS):
+        name = f"{case}, {kernels}"
+        encode(calls[0], kernels)  # warm up
         done, texts, started = 0, 0, time.perf_counter()
         for batch in itertools.cycle(calls):
-            encode(batch)
+            encode(batch, kernels)
             done, texts = done + 1, texts + len(batch)
             if time.perf_counter() - started > seconds:
                 break

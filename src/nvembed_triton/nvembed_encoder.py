@@ -10,6 +10,7 @@ import torch
 
 from .checkpoint import TOKENIZER_FILE, Architecture
 from .contract import DOCUMENT_PROMPT, QUERY_PROMPT, RETRIEVAL_TASK, nvembed_query_instruction
+from .cpu_linear import prepare_linears
 from .encoders import Encoded, KeepFilter
 from .nvembed_model import load_nvembed
 from .passes import PassRunner, workers_for
@@ -28,6 +29,7 @@ class NVEmbedEncoder:
         self.passes = PassRunner(workers_for(settings.device))
         self.tokenizer = NVEmbedTokenizer(Path(settings.model_dir) / TOKENIZER_FILE, self.max_length)
         self.model = load_nvembed(settings.model_dir, self.device, getattr(torch, settings.dtype))
+        self.linear_kernels = prepare_linears(self.model, settings)
         self.dimension = self.model.dimension
 
     def default_instruction(self, prompt_name: str) -> str:

@@ -30,6 +30,9 @@ DTYPE_NAMES = {
 }  # fmt: skip
 
 
+# cpu_linear: how fp32 linear layers run on a CPU (cpu_linear.py).
+CPU_LINEAR_ONEDNN, CPU_LINEAR_TORCH = "onednn", "torch"
+
 GPU_BATCH_TOKENS = 16384  # max_batch_tokens auto, by device (measured: bench/RESULTS.md)
 CPU_BATCH_TOKENS = 4096
 
@@ -64,6 +67,12 @@ def auto_or_positive_int(raw: str) -> str | int:
 def stand_in_choice(raw: str) -> str:
     if raw not in ("", STAND_IN_CONSTANT):
         raise SettingsError(f'must be empty (the real model) or "constant" (benchmarks only), got {raw!r}')
+    return raw
+
+
+def cpu_linear_choice(raw: str) -> str:
+    if raw not in (CPU_LINEAR_ONEDNN, CPU_LINEAR_TORCH):
+        raise SettingsError(f'must be "{CPU_LINEAR_ONEDNN}" or "{CPU_LINEAR_TORCH}", got {raw!r}')
     return raw
 
 
@@ -120,6 +129,9 @@ SETTINGS = (
     Setting("max_batch_tokens", "auto", "padded tokens per forward pass: bounds activation memory. `auto`: "
             f"{GPU_BATCH_TOKENS} on GPU (throughput is flat from 8k to 64k on an H200), {CPU_BATCH_TOKENS} on CPU "
             "(smaller passes run faster per text there); see bench/RESULTS.md", ENCODER, auto_or_positive_int),
+    Setting("cpu_linear", CPU_LINEAR_ONEDNN, "on a CPU in fp32: `onednn` runs linear layers through oneDNN with "
+            "weights packed at load (each checked against torch's own at load; 1.6-2x the texts/s on the AMD EPYC "
+            "measured, bench/RESULTS.md), `torch` through torch's default kernels", ENCODER, cpu_linear_choice),
     Setting("stand_in", "", "benchmarks only: `constant` replaces the network with a constant unit vector "
             "(tokenisation and all the plumbing still run) to measure the serving stack's own ceiling; refused "
             "under the name nv-embed-v2", ENCODER, stand_in_choice),
@@ -196,6 +208,7 @@ class EncoderSettings:
     max_length: int
     max_batch_tokens: int
     stand_in: str = ""  # "constant": benchmarks only (stand_in.py)
+    cpu_linear: str = CPU_LINEAR_ONEDNN  # how fp32 linear layers run on a CPU (cpu_linear.py)
 
     @classmethod
     def from_parameters(
@@ -220,6 +233,7 @@ class EncoderSettings:
             max_length=values["max_length"],
             max_batch_tokens=resolve_batch_tokens(values["max_batch_tokens"], device),
             stand_in=values["stand_in"],
+            cpu_linear=values["cpu_linear"],
         )
 
 

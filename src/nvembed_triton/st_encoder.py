@@ -10,6 +10,7 @@ from tokenizers import Tokenizer
 
 from .checkpoint import Architecture
 from .contract import DOCUMENT_PROMPT, QUERY_PROMPT, TRUNCATE_END, TRUNCATE_NONE, TRUNCATE_START
+from .cpu_linear import prepare_linears
 from .encoders import Encoded, KeepFilter
 from .errors import InvalidInputError
 from .passes import PassRunner, workers_for
@@ -32,6 +33,7 @@ class SentenceTransformerEncoder:
         }
         self.model = SentenceTransformer(settings.model_dir, **options)
         self.model.eval()
+        self.linear_kernels = prepare_linears(self.model, settings)
         # The model's own limit wins: beyond its position embeddings it cannot go.
         self.max_length = min(settings.max_length, self.model.max_seq_length or settings.max_length)
         self.model.max_seq_length = self.max_length

@@ -45,8 +45,8 @@ class TritonPythonModel:
         self.metrics = ModelMetrics(args["model_name"])
         pb_utils.Logger.log_info(
             f"{args['model_name']}: {self.encoder.architecture.value} from {settings.model_dir} on {settings.device} "
-            f"({settings.dtype}), dimension {self.encoder.dimension}, max_length {self.encoder.max_length}, "
-            f"loaded in {time.monotonic() - started:.1f} s"
+            f"({settings.dtype}, linear layers: {self.encoder.linear_kernels}), dimension {self.encoder.dimension}, "
+            f"max_length {self.encoder.max_length}, loaded in {time.monotonic() - started:.1f} s"
         )
 
     def execute(self, requests):
