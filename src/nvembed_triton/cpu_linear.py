@@ -59,7 +59,11 @@ def pack_linears(model: nn.Module) -> int:
         return 0
     probe_seed = torch.Generator().manual_seed(0)
     packed_of: dict[int, OneDnnLinear] = {}  # a layer shared by two parents is packed once
-    for qualified_name, child in list(model.named_modules(remove_duplicate=False))[1:]:  # [0]: the model itself
+    # By name, each looked up when its turn comes, so an unpacked weight is freed as soon as its
+    # packed copy replaces it: memory peaks one layer above the model's, not twice its linears.
+    names = [name for name, _ in model.named_modules(remove_duplicate=False)][1:]  # [0]: the model itself
+    for qualified_name in names:
+        child = model.get_submodule(qualified_name)
         if id(child) not in packed_of and packs(child):
             packed = OneDnnLinear(child)
             probe = torch.randn(PROBE_ROWS, child.in_features, generator=probe_seed)
