@@ -15,7 +15,6 @@ from nvembed_triton.serve import demo_model_dir
 from nvembed_triton.settings import EncoderSettings
 
 
-
 def layer(in_features: int, out_features: int, bias: bool = True) -> nn.Linear:
     torch.manual_seed(in_features * 1000 + out_features)
     return nn.Linear(in_features, out_features, bias=bias).eval()
@@ -80,7 +79,8 @@ def test_a_layer_that_does_not_match_its_packed_form_stays_as_it_was():
 def test_prepare_packs_only_on_a_cpu_in_fp32_with_onednn_chosen():
     def kinds(**settings):
         model = nn.Sequential(layer(8, 8))
-        described = prepare_linears(model, EncoderSettings("unused", **{"device": "cpu", "dtype": "float32", "max_length": 8, "max_batch_tokens": 8, **settings}))
+        values = {"device": "cpu", "dtype": "float32", "max_length": 8, "max_batch_tokens": 8, **settings}
+        described = prepare_linears(model, EncoderSettings("unused", **values))
         return described, type(model[0]).__name__
 
     assert kinds() == ("oneDNN (1 packed)", "OneDnnLinear")
