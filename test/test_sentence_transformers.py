@@ -36,6 +36,7 @@ def test_minilm_through_the_server_equals_sentence_transformers(minilm_server, r
     assert np.all(cosine(documents, expected) >= 0.9999)
     expected_query = reference_minilm.encode(["How do neural networks learn patterns from examples?"], normalize_embeddings=True)
     assert cosine(query, expected_query) >= 0.9999
+    assert "linear layers: oneDNN (37 packed)" in minilm_server.log_path.read_text()  # 6 layers x 6, and the pooler
 
 
 def test_user_test_script_passes_against_minilm_with_ranking(minilm_server):
