@@ -11,7 +11,7 @@ from sentence_transformers import SentenceTransformer
 from texts import DOCUMENTS
 
 from nvembed_triton.nvembed_encoder import NVEmbedEncoder
-from nvembed_triton.passes import PassRunner, workers_for
+from nvembed_triton.passes import MIN_THREADED_PASS_TOKENS, PassRunner, workers_for
 from nvembed_triton.serve import demo_model_dir
 from nvembed_triton.settings import EncoderSettings
 from nvembed_triton.st_encoder import SentenceTransformerEncoder
@@ -39,10 +39,23 @@ def test_parallel_passes_run_on_their_own_threads_with_one_intra_op_thread_each(
     assert torch.get_num_threads() >= 1  # the caller's own setting is untouched by the pool's
 
 
-def test_a_lone_pass_runs_on_the_calling_thread_with_its_intra_op_threads():
+def test_a_large_lone_pass_runs_on_the_calling_thread_with_its_intra_op_threads():
     seen = []
-    PassRunner(workers=2).run([0], [12], 4096, lambda batch: seen.append((threading.current_thread(), torch.get_num_threads())))
+    one_text = [MIN_THREADED_PASS_TOKENS]  # a pass that cannot be split
+    PassRunner(workers=2).run([0], one_text, 4096, lambda _: seen.append((threading.current_thread(), torch.get_num_threads())))
     assert seen == [(threading.current_thread(), torch.get_num_threads())]
+
+
+@pytest.mark.parametrize("lengths", [[12], [20] * 3, [MIN_THREADED_PASS_TOKENS - 1]])
+def test_a_small_lone_pass_runs_on_a_pass_thread_with_one_intra_op_thread(lengths):
+    seen = []
+
+    def compute(batch):
+        seen.append((threading.current_thread().name, torch.get_num_threads()))
+
+    passes, _ = PassRunner(workers=2).run(list(range(len(lengths))), lengths, 4096, compute)
+    assert passes == 1 and len(seen) == 1
+    assert seen[0][0].startswith("pass") and seen[0][1] == 1
 
 
 def test_keep_is_asked_on_the_calling_thread_before_each_pass_and_dropped_rows_are_not_computed():

@@ -4,8 +4,8 @@ batches of short texts, torch's intra-op threads scale poorly and wait on each o
 another process (the public instances, tritonserver) takes a core. In-process on 2 cores,
 all-MiniLM-L6-v2: 20 queries in 2 parallel passes 367 queries/s vs 306 as one pass on 2 threads,
 32 passages 29.8 vs 24.9 passages/s; through the server at 64 clients the encoder's CPU per query
-fell from 5.5-5.8 to 5.2-5.4 ms (bench/RESULTS.md). A lone pass, as for one query, keeps every
-intra-op thread."""
+fell from 5.5-5.8 to 5.2-5.4 ms (bench/RESULTS.md). A lone pass keeps every intra-op thread if it
+is large enough to gain from them (MIN_THREADED_PASS_TOKENS); one query runs on one thread."""
 
 from __future__ import annotations
 
@@ -16,6 +16,14 @@ import torch
 
 from .batching import padded_tokens, plan_batches, split_for_workers
 from .encoders import KeepFilter
+
+# A lone pass uses every intra-op thread only from this many padded tokens; a smaller one runs on
+# a pass thread with one. With OMP_WAIT_POLICY=PASSIVE (model.py) every torch op wakes the sleeping
+# threads, which costs more than they add on small inputs: all-MiniLM-L6-v2 in-process on 2 cores,
+# one 14-token query took 7.5 ms on 2 threads and 5.1 ms on 1, 60 tokens 12.1 vs 10.7 ms; from
+# ~120 tokens the two were even, 250 tokens 28 vs 39 ms. Through the server 1 client sent 1.34x as
+# many queries/s (bench/RESULTS.md). Passes this small are never split (batching.MIN_SPLIT_TOKENS).
+MIN_THREADED_PASS_TOKENS = 128
 
 
 def workers_for(device: str) -> int:
@@ -42,7 +50,7 @@ class PassRunner:
         plan = [[rows[i] for i in batch] for batch in plan_batches(row_lengths, max_batch_tokens)]
         plan = split_for_workers(plan, lengths, self.workers)
         computed: list[list[int]] = []
-        if self._pool is None or len(plan) == 1:
+        if self._pool is None or (len(plan) == 1 and padded_tokens(lengths, plan) >= MIN_THREADED_PASS_TOKENS):
             for batch in plan:
                 if batch := keep(batch) if keep else batch:
                     compute(batch)
