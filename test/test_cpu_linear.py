@@ -12,7 +12,7 @@ from torch import nn
 from nvembed_triton.cpu_linear import OneDnnLinear, pack_linears, prepare_linears
 from nvembed_triton.encoders import load_encoder
 from nvembed_triton.serve import demo_model_dir
-from nvembed_triton.settings import EncoderSettings
+from nvembed_triton.settings import EncoderSettings, SettingsError
 
 
 def layer(in_features: int, out_features: int, bias: bool = True) -> nn.Linear:
@@ -87,6 +87,13 @@ def test_prepare_packs_only_on_a_cpu_in_fp32_with_onednn_chosen():
     assert kinds(cpu_linear="torch") == ("torch", "Linear")
     assert kinds(dtype="bfloat16") == ("torch", "Linear")
     assert kinds(device="cuda:0") == ("torch", "Linear")
+
+
+def test_cpu_linear_is_onednn_by_default_and_refuses_other_values():
+    assert EncoderSettings.from_parameters({}, environ={}).cpu_linear == "onednn"
+    assert EncoderSettings.from_parameters({}, environ={"NVEMBED_CPU_LINEAR": "torch"}).cpu_linear == "torch"
+    with pytest.raises(SettingsError, match="cpu_linear .*must be \"onednn\" or \"torch\", got 'mkl'"):
+        EncoderSettings.from_parameters({"cpu_linear": "mkl"}, environ={})
 
 
 def test_the_minilm_encoder_packs_by_default_and_matches_sentence_transformers():

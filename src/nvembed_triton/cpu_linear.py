@@ -19,7 +19,7 @@ PROBE_ROWS = 3
 
 
 def onednn_packing_available() -> bool:
-    """Whether this torch build has the oneDNN linear kernels (every x86 CPU build since 2.0)."""
+    """Whether this torch build has the oneDNN linear kernels (x86 builds do: Inductor uses them)."""
     try:
         return torch.backends.mkldnn.is_available() and all(
             hasattr(torch.ops.mkldnn, op) for op in ("_reorder_linear_weight", "_linear_pointwise")
