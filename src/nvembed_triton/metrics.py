@@ -4,9 +4,11 @@ INVALID_ARGUMENT as a success. Only inside a Triton Python-backend stub."""
 
 from __future__ import annotations
 
+import threading
 from contextlib import contextmanager
 
-# A gauge: requests inside a model's execute() now (serve.sh's drain waits for it to reach 0).
+# A gauge: requests a model holds now, from execute() until their response is sent (serve.sh's
+# drain waits for it to reach 0, and its supervisor reads it as work in progress).
 EXECUTING_METRIC = "nvembed_requests_executing"
 # name -> (help, label names besides `model`)
 COUNTERS = {
@@ -26,8 +28,10 @@ COUNTERS = {
 class ModelMetrics:
     """Counters and the executing gauge, labelled with this model's name; every instance of a model
     adds to the same series. Each metric update is an IPC call to the server (~50 µs, measured with
-    bench/bench_plumbing.py), so counter additions are summed and sent once per execute() by
-    flush(); the gauge, which a drain waits on, is sent at once."""
+    bench/bench_plumbing.py), so counter additions are summed and sent once per execute() (or lane
+    batch) by flush(); the gauge, which a drain waits on, is sent at once. Thread-safe, and every
+    metrics IPC call is made under one lock: the encoder's lanes update from their own threads, and
+    two metric calls at once from one stub crash tritonserver 2.51 (SIGSEGV in the Python backend)."""
 
     def __init__(self, model_name: str):
         import triton_python_backend_utils as pb_utils
@@ -40,8 +44,10 @@ class ModelMetrics:
         }
         self._metrics = {}
         self._pending: dict[tuple, float] = {}  # counter key -> what to add at the next flush()
+        self.ipc_lock = threading.Lock()  # around every metrics IPC call (see the class docstring)
         self._executing_family = pb_utils.MetricFamily(
-            name=EXECUTING_METRIC, description="Requests inside the model's execute()", kind=pb_utils.MetricFamily.GAUGE
+            name=EXECUTING_METRIC, description="Requests the model holds, until their response is sent",
+            kind=pb_utils.MetricFamily.GAUGE,
         )
         self._executing = self._executing_family.Metric(labels={"model": model_name})
 
@@ -49,28 +55,40 @@ class ModelMetrics:
     def executing(self, requests: int):
         """Around an execute(): the gauge counts its requests while it runs; then the counters
         collected meanwhile are sent, and the gauge comes down whatever happens (a drain waits on it)."""
-        self._executing.increment(requests)
+        self.hold(requests)
         try:
             yield
         finally:
             try:
                 self.flush()
             finally:
-                self._executing.increment(-requests)
+                self.release(requests)
+
+    def hold(self, requests: int) -> None:
+        """Requests taken on: the gauge goes up now."""
+        with self.ipc_lock:
+            self._executing.increment(requests)
+
+    def release(self, requests: int) -> None:
+        """Requests answered: the gauge comes down now."""
+        with self.ipc_lock:
+            self._executing.increment(-requests)
 
     def add(self, name: str, value: float, **labels: str) -> None:
         if value > 0:
             key = (name, *sorted(labels.items()))
-            self._pending[key] = self._pending.get(key, 0) + value
+            with self.ipc_lock:
+                self._pending[key] = self._pending.get(key, 0) + value
 
     def flush(self) -> None:
         """Sends what add() collected: one update per counter and label set."""
-        pending, self._pending = self._pending, {}  # taken first: a failed send is not counted twice
-        for key, value in pending.items():
-            if key not in self._metrics:
-                name, *labels = key
-                self._metrics[key] = self._families[name].Metric(labels={"model": self.model_name, **dict(labels)})
-            self._metrics[key].increment(value)
+        with self.ipc_lock:
+            pending, self._pending = self._pending, {}  # taken first: a failed send is not counted twice
+            for key, value in pending.items():
+                if key not in self._metrics:
+                    name, *labels = key
+                    self._metrics[key] = self._families[name].Metric(labels={"model": self.model_name, **dict(labels)})
+                self._metrics[key].increment(value)
 
     def rejected(self, reason: str) -> None:
         self.add("nvembed_rejected_requests_total", 1, reason=reason)

@@ -9,6 +9,7 @@ is large enough to gain from them (MIN_THREADED_PASS_TOKENS); one query runs on 
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, as_completed, wait
 
@@ -32,11 +33,22 @@ def workers_for(device: str) -> int:
 
 
 class PassRunner:
+    """Each thread that calls run() (the encoder's lanes, lanes.py) has pass threads of its own, so
+    one caller's long passes never hold up another's short ones."""
+
     def __init__(self, workers: int):
         self.workers = workers
-        self._pool = None
-        if workers > 1:  # torch.set_num_threads is per thread: the caller's own threads are kept
-            self._pool = ThreadPoolExecutor(workers, thread_name_prefix="pass", initializer=torch.set_num_threads, initargs=(1,))
+        self._local = threading.local()
+
+    @property
+    def _pool(self) -> ThreadPoolExecutor | None:
+        if self.workers == 1:
+            return None
+        if not hasattr(self._local, "pool"):  # torch.set_num_threads is per thread: the caller's own threads are kept
+            self._local.pool = ThreadPoolExecutor(
+                self.workers, thread_name_prefix="pass", initializer=torch.set_num_threads, initargs=(1,)
+            )
+        return self._local.pool
 
     def run(
         self, rows: Sequence[int], lengths: Sequence[int], max_batch_tokens: int,
@@ -50,7 +62,8 @@ class PassRunner:
         plan = [[rows[i] for i in batch] for batch in plan_batches(row_lengths, max_batch_tokens)]
         plan = split_for_workers(plan, lengths, self.workers)
         computed: list[list[int]] = []
-        if self._pool is None or (len(plan) == 1 and padded_tokens(lengths, plan) >= MIN_THREADED_PASS_TOKENS):
+        pool = self._pool
+        if pool is None or (len(plan) == 1 and padded_tokens(lengths, plan) >= MIN_THREADED_PASS_TOKENS):
             for batch in plan:
                 if batch := keep(batch) if keep else batch:
                     compute(batch)
@@ -64,7 +77,7 @@ class PassRunner:
                         for future in done:
                             future.result()
                     if batch := keep(batch) if keep else batch:
-                        running.add(self._pool.submit(compute, batch))
+                        running.add(pool.submit(compute, batch))
                         computed.append(batch)
                 for future in as_completed(running):
                     future.result()

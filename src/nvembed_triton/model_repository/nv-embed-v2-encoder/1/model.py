@@ -3,7 +3,10 @@ concurrent requests (from the public model, or from clients that send a batch di
 together and share forward passes packed by token budget.
 Inputs: `text` BYTES [B, N]; optional `prompt_name` ("query" | "document") and `instruction`
 BYTES [B, 1]; request parameter `truncate` (END | START | NONE). Outputs: `embeddings` FP32
-[B, N, D], L2-normalised; on request `token_counts` INT32 and `truncated` BOOL [B, N]."""
+[B, N, D], L2-normalised; on request `token_counts` INT32 and `truncated` BOOL [B, N].
+
+execute() only checks each request and hands it to a lane (lanes.py); the lanes compute and answer
+through each request's response sender, so a short request is never held behind a long one."""
 
 import json
 import os
@@ -23,6 +26,7 @@ from nvembed_triton import contract  # noqa: E402
 from nvembed_triton.checkpoint import check_served_name  # noqa: E402
 from nvembed_triton.encoders import load_encoder  # noqa: E402
 from nvembed_triton.errors import InvalidInputError  # noqa: E402
+from nvembed_triton.lanes import LaneLimits, Lanes  # noqa: E402
 from nvembed_triton.lifecycle import REASON_CODES, CancelBoard  # noqa: E402
 from nvembed_triton.metrics import ModelMetrics  # noqa: E402
 from nvembed_triton.request_rules import Refusal, combine, encoder_request, split  # noqa: E402
@@ -30,6 +34,14 @@ from nvembed_triton.settings import ENCODER, EncoderSettings, model_settings, tr
 from nvembed_triton.validation import RequestLimits  # noqa: E402
 
 CANCEL_CHECK_INTERVAL_S = 0.05  # how stale a request's "is anyone still waiting" answer may be
+# A request with more UTF-8 bytes of text than this many per token of the pass budget goes to the
+# long lane: about one full forward pass of text (English averages ~4 bytes per token).
+LONG_REQUEST_BYTES_PER_BATCH_TOKEN = 4
+# What one lane holds before it refuses (over capacity): as many requests as Triton's queue held
+# before the lanes (config.pbtxt max_queue_size 64) plus one batch, and four full requests of text.
+LANE_MAX_REQUESTS = 128
+LANE_MAX_REQUESTS_OF_TEXT = 4
+FINALIZE_WAIT_S = 30.0  # how long an unload waits for the batch being computed
 
 
 class TritonPythonModel:
@@ -43,6 +55,13 @@ class TritonPythonModel:
         check_served_name(args["model_name"], self.encoder.architecture)
         self.cancel_board = CancelBoard()
         self.metrics = ModelMetrics(args["model_name"])
+        long_request_bytes = LONG_REQUEST_BYTES_PER_BATCH_TOKEN * settings.max_batch_tokens
+        limits = LaneLimits(
+            max_requests=LANE_MAX_REQUESTS,
+            max_bytes=LANE_MAX_REQUESTS_OF_TEXT * self.limits.max_request_bytes,
+            batch_bytes=max(long_request_bytes, self.limits.max_request_bytes),
+        )
+        self.lanes = Lanes(self._run_batch, long_request_bytes, limits)
         pb_utils.Logger.log_info(
             f"{args['model_name']}: {self.encoder.architecture.value} from {settings.model_dir} on {settings.device} "
             f"({settings.dtype}, linear layers: {self.encoder.linear_kernels}), dimension {self.encoder.dimension}, "
@@ -50,23 +69,49 @@ class TritonPythonModel:
         )
 
     def execute(self, requests):
-        with self.metrics.executing(len(requests)):
-            return self._execute(requests)
+        for request in requests:
+            self._accept(request)
+        return None  # every response goes through the request's response sender
 
-    def _execute(self, requests):
-        responses = [None] * len(requests)
-        jobs, owners = [], []  # owners[j]: the index in `requests` of jobs[j]
-        for index, request in enumerate(requests):
-            try:
-                jobs.append(self._read_request(request))
-                owners.append(index)
-            except InvalidInputError as error:
-                responses[index] = self._refuse(Refusal("invalid_input", str(error)))
-        if jobs:
-            outcomes = self._encode_together(jobs, [requests[i] for i in owners])
-            for index, job, outcome in zip(owners, jobs, outcomes, strict=True):
-                responses[index] = self._refuse(outcome) if isinstance(outcome, Refusal) else self._respond(outcome, job)
-        return responses
+    def finalize(self):
+        for held in self.lanes.close(FINALIZE_WAIT_S):
+            self._send(held, self._refusal(Refusal("unavailable", "the model is being unloaded; retry")))
+
+    def _accept(self, request):
+        held = Held(request, request.get_response_sender(), None)
+        self.metrics.hold(1)
+        try:
+            held.job = self._read_request(request)
+        except InvalidInputError as error:
+            self._send(held, self._refusal(Refusal("invalid_input", str(error))))
+            return
+        size = sum(len(text.encode()) for row in held.job.rows for text in row)
+        if not self.lanes.submit(held, size):
+            lane = self.lanes.lane_for(size).name
+            message = f"the encoder's {lane} lane is full (exceeds maximum queue size); retry"
+            self._send(held, self._refusal(Refusal("over_capacity", message)))
+
+    def _run_batch(self, batch):
+        """On a lane's thread: compute the held requests together and answer each."""
+        try:
+            outcomes = self._encode_together([held.job for held in batch], [held.request for held in batch])
+            for held, outcome in zip(batch, outcomes, strict=True):
+                self._send(held, self._refusal(outcome) if isinstance(outcome, Refusal) else self._respond(outcome, held.job))
+        except Exception as error:  # a lane must outlive any fault; its requests still get an answer
+            with self.metrics.ipc_lock:  # a log line is an IPC call too
+                pb_utils.Logger.log_error(f"answering {len(batch)} request(s) failed: {error!r}")
+            for held in batch:
+                if not held.answered:
+                    self._send(held, self._refusal(Refusal("internal", f"answering failed: {error}")))
+        finally:
+            self.metrics.flush()
+
+    def _send(self, held, response):
+        held.answered = True
+        try:
+            held.sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        finally:
+            self.metrics.release(1)
 
     def _read_request(self, request):
         def tensor(name):
@@ -108,7 +153,8 @@ class TritonPythonModel:
         except InvalidInputError as error:
             return [Refusal("invalid_input", str(error))] * len(jobs)
         except Exception as error:  # e.g. out of memory: these requests fail, the model stays up
-            pb_utils.Logger.log_error(f"encode failed for {len(jobs)} request(s): {error!r}")
+            with self.metrics.ipc_lock:  # a log line is an IPC call too
+                pb_utils.Logger.log_error(f"encode failed for {len(jobs)} request(s): {error!r}")
             return [Refusal("internal", f"encoding failed: {error}")] * len(jobs)
         self.metrics.add("nvembed_forward_passes_total", result.passes)
         self.metrics.add("nvembed_padded_tokens_total", result.padded_tokens)
@@ -130,8 +176,16 @@ class TritonPythonModel:
             ]
         )
 
-    def _refuse(self, refusal):
+    def _refusal(self, refusal):
         """An error response; its message starts with the reason (lifecycle.REASON_CODES)."""
         self.metrics.rejected(refusal.reason)
         code = getattr(pb_utils.TritonError, REASON_CODES[refusal.reason])
         return pb_utils.InferenceResponse(error=pb_utils.TritonError(f"{refusal.reason}: {refusal.message}", code))
+
+
+class Held:
+    """A request the encoder has taken on, until its response is sent."""
+
+    def __init__(self, request, sender, job):
+        self.request, self.sender, self.job = request, sender, job
+        self.answered = False
