@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import json
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -13,11 +14,16 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+import tritonclient.grpc as grpcclient
 from conftest import TEST_MAX_LENGTH
-from grpc_helpers import cosine, embed_documents, embed_query
+from grpc_helpers import bytes_input, cosine, embed_documents, embed_query
 from openai import OpenAI
+from prometheus_client.parser import text_string_to_metric_families
 from texts import AWKWARD, DOCUMENTS
+from tritonclient.utils import InferenceServerException
 
+from nvembed_triton import contract
+from nvembed_triton.client import EmbeddingClient
 from nvembed_triton.contract import PUBLIC_MODEL
 from nvembed_triton.serve import DEMO_MODEL
 
@@ -230,3 +236,81 @@ def test_triton_not_ready_is_503(tmp_path):
     finally:
         process.terminate()
         process.wait(timeout=10)
+
+
+# --- large query batches -------------------------------------------------------------------------
+
+QUERIES = [f"question {i}: how long does dough number {i % 97} rise?" for i in range(2048)]
+
+
+@pytest.fixture(scope="module")
+def queries_one_by_one(api) -> np.ndarray:
+    """QUERIES through the gRPC contract's `query` input, one request each: the reference."""
+    local, clients = threading.local(), []
+
+    def one(text: str) -> np.ndarray:
+        if not hasattr(local, "grpc"):  # one client per thread
+            local.grpc = api.client()
+            clients.append(local.grpc)
+        return embed_query(local.grpc, PUBLIC_MODEL, text)[0]
+
+    with ThreadPoolExecutor(8) as pool:
+        vectors = np.stack(list(pool.map(one, QUERIES)))
+    for client in clients:
+        client.close()
+    return vectors
+
+
+def public_requests_served(server) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10) as response:
+        families = text_string_to_metric_families(response.read().decode())
+    return sum(
+        sample.value
+        for family in families
+        if family.name == "nv_inference_request_success"
+        for sample in family.samples
+        if sample.labels.get("model") == PUBLIC_MODEL
+    )
+
+
+def test_2048_queries_in_one_http_request_succeed_on_an_idle_server(api, queries_one_by_one):
+    """Once 429 always: each query was its own Triton request, all sent at once into a queue of 256."""
+    before = public_requests_served(api)
+    client = OpenAI(base_url=api.openai_url, api_key="not-needed", max_retries=0)
+    response = client.embeddings.create(
+        model=PUBLIC_MODEL, input=QUERIES, encoding_format="float", extra_body={"input_type": "query"}
+    )
+    requests = public_requests_served(api) - before
+    vectors = np.array([d.embedding for d in sorted(response.data, key=lambda d: d.index)])
+    assert np.all(cosine(vectors, queries_one_by_one) >= MATCH)
+    assert requests < len(QUERIES) / 10, f"{requests} Triton requests for {len(QUERIES)} queries"
+
+
+def test_the_python_client_sends_a_list_of_queries_as_chunks(api, queries_one_by_one):
+    before = public_requests_served(api)
+    with EmbeddingClient(api.url) as client:
+        vectors = client.encode(QUERIES, prompt_name=contract.QUERY_PROMPT)
+        single = client.encode(QUERIES[5], prompt_name=contract.QUERY_PROMPT)  # one str: the `query` input
+    requests = public_requests_served(api) - before
+    assert np.all(cosine(vectors, queries_one_by_one) >= MATCH) and cosine(single, queries_one_by_one[5]) >= MATCH
+    assert requests < len(QUERIES) / 10, f"{requests} Triton requests for {len(QUERIES)} queries"
+
+
+def test_the_prompt_name_parameter_through_raw_tritonclient(api, queries_one_by_one):
+    texts = QUERIES[:40]
+    outputs = [grpcclient.InferRequestedOutput(contract.EMBEDDINGS_OUTPUT)]
+
+    def documents(grpc, **parameters) -> np.ndarray:
+        inputs = [bytes_input(contract.DOCUMENTS_INPUT, texts, [1, len(texts)])]
+        return grpc.infer(PUBLIC_MODEL, inputs, outputs=outputs, parameters=parameters).as_numpy(contract.EMBEDDINGS_OUTPUT)
+
+    with api.client() as grpc:
+        assert np.all(cosine(documents(grpc, prompt_name="query"), queries_one_by_one[:40]) >= MATCH)
+        assert np.all(cosine(documents(grpc, prompt_name="document"), documents(grpc)) >= MATCH)
+        mine = documents(grpc, instruction="Instruct: find recipes\nQuery: ")  # an explicit instruction still wins
+        assert np.all(cosine(documents(grpc, prompt_name="query", instruction="Instruct: find recipes\nQuery: "), mine) >= MATCH)
+        assert np.all(cosine(mine, queries_one_by_one[:40]) < 0.9999)
+        for bad in ("passage", "QUERY", ""):
+            with pytest.raises(InferenceServerException) as raised:
+                documents(grpc, prompt_name=bad)
+            assert raised.value.status() == "StatusCode.INVALID_ARGUMENT" and "prompt_name" in raised.value.message()

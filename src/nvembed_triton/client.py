@@ -55,7 +55,7 @@ class _Request:
     input_name: str
     start: int
     texts: list[bytes]
-    parameters: dict[str, str]  # the per-request options (instruction, truncate)
+    parameters: dict[str, str]  # the per-request options (instruction, truncate, prompt_name)
 
     def inputs(self) -> list[grpcclient.InferInput]:
         shape = [1] if self.input_name == contract.QUERY_INPUT else [1, len(self.texts)]
@@ -124,14 +124,17 @@ def _check_arguments(sentences: Texts, batch_size: int, prompt_name: str | None)
 def _plan_requests(
     texts: list[str], prompt_name: str | None, chunk_size: int, max_bytes: int | None, options: dict[str, str]
 ) -> list[_Request]:
-    """Queries one per request (the contract's `query` holds one text); documents in chunks of at
-    most `chunk_size` texts and `max_bytes` bytes of text (the server's max_request_bytes)."""
+    """Texts in `documents` chunks of at most `chunk_size` texts and `max_bytes` bytes of text (the
+    server's max_request_bytes); a list of queries too, with the prompt_name parameter. One query
+    alone goes as the contract's `query` input."""
     encoded = [_utf8(text, position) for position, text in enumerate(texts)]
     for position, text in enumerate(encoded):
         if max_bytes and len(text) > max_bytes:
             raise InvalidInputError(f"texts[{position}] is {len(text)} bytes; the server takes at most {max_bytes} per request")
     if prompt_name == contract.QUERY_PROMPT:
-        return [_Request(contract.QUERY_INPUT, position, [text], options) for position, text in enumerate(encoded)]
+        if len(encoded) == 1:
+            return [_Request(contract.QUERY_INPUT, 0, encoded, options)]
+        options = {**options, contract.PROMPT_NAME_PARAMETER: contract.QUERY_PROMPT}
     requests, start, size = [], 0, 0
     for position, text in enumerate(encoded):
         if position > start and (position - start == chunk_size or (max_bytes and size + len(text) > max_bytes)):

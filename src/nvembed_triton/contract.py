@@ -23,6 +23,9 @@ INSTRUCTION_INPUT = "instruction"  # optional BYTES [B, 1]: an explicit prefix, 
 
 # Per-request options, as KServe request parameters (tritonclient: infer(..., parameters={...})).
 INSTRUCTION_PARAMETER = "instruction"  # public model: this request's instruction instead of the default
+# Public model: "query" or "document", the prompt whose instruction the request's texts get (default:
+# the input's own), so N queries fit in one `documents` request. An explicit instruction still wins.
+PROMPT_NAME_PARAMETER = "prompt_name"
 TRUNCATE_PARAMETER = "truncate"  # both models: what happens to a text over max_length tokens
 TRUNCATE_END, TRUNCATE_START, TRUNCATE_NONE = "END", "START", "NONE"  # keep the start (default), the end, or refuse
 TRUNCATIONS = (TRUNCATE_END, TRUNCATE_START, TRUNCATE_NONE)

@@ -15,7 +15,7 @@ from .errors import InvalidInputError
 from .lifecycle import CANCEL_TOKEN_PARAMETER, CANCELLED_MESSAGE
 from .validation import RequestLimits, decode_one, decode_texts, request_options
 
-PUBLIC_OPTIONS = (contract.INSTRUCTION_PARAMETER, contract.TRUNCATE_PARAMETER)
+PUBLIC_OPTIONS = (contract.INSTRUCTION_PARAMETER, contract.TRUNCATE_PARAMETER, contract.PROMPT_NAME_PARAMETER)
 ENCODER_OPTIONS = (contract.TRUNCATE_PARAMETER, CANCEL_TOKEN_PARAMETER)
 CUSTOM_PROMPT = "custom"  # the metrics' prompt label for a text sent with its own instruction
 
@@ -43,9 +43,14 @@ def public_request(
     configured_instructions: Mapping[str, str],
 ) -> Forward:
     """A public request (exactly one of `query` [1] and `documents` [1, N]) as the encoder request
-    it becomes. The instruction: the request's own `instruction` parameter (even ""), else the
-    configured query_instruction / document_instruction, else (both empty) the model's own."""
+    it becomes. Its prompt: the `prompt_name` parameter, else the input's (query or document). The
+    instruction: the request's own `instruction` parameter (even ""), else the configured
+    query_instruction / document_instruction of its prompt, else (both empty) the model's own."""
     options = request_options(parameters_json, PUBLIC_OPTIONS)
+    prompt_name = options.get(contract.PROMPT_NAME_PARAMETER)
+    if prompt_name is not None and prompt_name not in contract.PROMPT_NAMES:
+        allowed = ", ".join(map(repr, contract.PROMPT_NAMES))
+        raise InvalidInputError(f"request parameter 'prompt_name' must be one of {allowed}, got {prompt_name!r}")
     if query is not None and documents is not None:
         raise InvalidInputError("send either `query` or `documents`, not both in the same request")
     if query is None and documents is None:
@@ -53,11 +58,11 @@ def public_request(
             "send one input: `query` (BYTES, shape [1]: one query text) or `documents` (BYTES, shape [1, N]: N document texts)"
         )
     if query is not None:
-        texts, name, prompt_name = query, contract.QUERY_INPUT, contract.QUERY_PROMPT
+        texts, name, prompt_name = query, contract.QUERY_INPUT, prompt_name or contract.QUERY_PROMPT
         if texts.size != 1:
             raise InvalidInputError(f"`query` must hold exactly one text (shape [1]), got shape {list(texts.shape)}")
     else:
-        texts, name, prompt_name = documents, contract.DOCUMENTS_INPUT, contract.DOCUMENT_PROMPT
+        texts, name, prompt_name = documents, contract.DOCUMENTS_INPUT, prompt_name or contract.DOCUMENT_PROMPT
     limits.check(texts, name)
     decode_texts(texts, name)  # refused here, in the parallel front instances, not in the encoder
     instruction = options.get(contract.INSTRUCTION_PARAMETER, configured_instructions.get(prompt_name) or None)
