@@ -1,11 +1,17 @@
 """The OpenAI/NIM-compatible HTTP API, through clients nobody here wrote (the openai SDK,
 LangChain's OpenAIEmbeddings, NVIDIA's NVIDIAEmbeddings), against real servers: every vector equals
-the same text through the gRPC contract. Then every error, through raw HTTP."""
+the same text through the gRPC contract. Then every error, through raw HTTP and plain sockets; the
+front's own process and its API key; large query batches."""
 
 from __future__ import annotations
 
 import base64
+import contextlib
+import http.client
 import json
+import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -13,6 +19,8 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+import openai
+import psutil
 import pytest
 import tritonclient.grpc as grpcclient
 from conftest import TEST_MAX_LENGTH
@@ -25,7 +33,9 @@ from tritonclient.utils import InferenceServerException
 from nvembed_triton import contract
 from nvembed_triton.client import EmbeddingClient
 from nvembed_triton.contract import PUBLIC_MODEL
+from nvembed_triton.openai_api import body_limit
 from nvembed_triton.serve import DEMO_MODEL
+from nvembed_triton.server import free_port
 
 TEXTS = [DOCUMENTS[0], DOCUMENTS[2], AWKWARD[1]]
 MATCH = 0.99999
@@ -140,6 +150,7 @@ def test_large_inputs_are_split_and_keep_their_order(api):
 # --- errors --------------------------------------------------------------------------------------
 
 LONG = " ".join(f"word{i}" for i in range(TEST_MAX_LENGTH * 2))
+DEEP = 100_000
 ERRORS = {
     "invalid JSON": (b"{not json", 400, None),
     "empty list": ({"model": PUBLIC_MODEL, "input": []}, 400, "input"),
@@ -153,6 +164,25 @@ ERRORS = {
     "bad input_type": ({"model": PUBLIC_MODEL, "input": "hello", "input_type": "code"}, 400, "input_type"),
     "bad truncate": ({"model": PUBLIC_MODEL, "input": "hello", "truncate": "MIDDLE"}, 400, "truncate"),
     "over-long text, truncate NONE": ({"model": PUBLIC_MODEL, "input": [LONG], "truncate": "NONE"}, 400, "input"),
+    # Type confusion and hostile bodies (several were 500s, or accepted, before).
+    "nested 100,000 deep": (b'{"model": "nv-embed-v2", "input": ' + b"[" * DEEP + b"]" * DEEP + b"}", 400, None),
+    "input_type a list": ({"model": PUBLIC_MODEL, "input": "hello", "input_type": ["query"]}, 400, "input_type"),
+    "input_type an object": ({"model": PUBLIC_MODEL, "input": "hello", "input_type": {"query": 1}}, 400, "input_type"),
+    "input_type an empty list": ({"model": PUBLIC_MODEL, "input": "hello", "input_type": []}, 400, "input_type"),
+    "encoding_format an empty object": ({"model": PUBLIC_MODEL, "input": "hello", "encoding_format": {}}, 400, "encoding_format"),
+    "truncate a list": ({"model": PUBLIC_MODEL, "input": "hello", "truncate": ["END"]}, 400, "truncate"),
+    "dimensions of 5000 digits": (b'{"model": "nv-embed-v2", "input": "hello", "dimensions": ' + b"9" * 5000 + b"}", 400, None),
+    "a token id of 5000 digits": (b'{"model": "nv-embed-v2", "input": [' + b"7" * 5000 + b"]}", 400, None),
+    "dimensions NaN": (b'{"model": "nv-embed-v2", "input": "hello", "dimensions": NaN}', 400, "dimensions"),
+    "model a list": ({"model": [PUBLIC_MODEL], "input": "hello"}, 400, "model"),
+    "model missing": ({"input": "hello"}, 400, "model"),
+    "input an object": ({"model": PUBLIC_MODEL, "input": {"text": "hello"}}, 400, "input"),
+    "input missing": ({"model": PUBLIC_MODEL}, 400, "input"),
+    "user an object": ({"model": PUBLIC_MODEL, "input": "hello", "user": {"id": 1}}, 400, "user"),
+    "a lone surrogate": (b'{"model": "nv-embed-v2", "input": ["\\ud800"]}', 400, None),
+    "not UTF-8": (b'{"model": "nv-embed-v2", "input": ["\xff"]}', 400, None),
+    "a JSON array body": (b'["hello"]', 400, None),
+    "a million empty objects": (b'{"model": "nv-embed-v2", "input": [' + b"{}," * 10**6 + b'"x"]}', 400, None),
 }
 
 
@@ -166,26 +196,178 @@ def test_client_mistakes_get_openais_error_shape_never_500(api, case):
     assert error["param"] == param and error["type"] == "invalid_request_error"
 
 
-def test_a_body_over_the_limit_is_413_before_it_is_read(api):
-    """Only the headers are sent: the refusal comes from the declared size, before any body."""
-    import http.client
-
+@pytest.mark.parametrize(
+    "method,path,status",
+    [("GET", "/v1/embeddings", 405), ("PUT", "/v1/models", 405), ("POST", "/v1/embedding", 404), ("GET", "/nothing", 404)],
+)
+def test_wrong_methods_and_paths_get_openais_error_shape(api, method, path, status):
     connection = http.client.HTTPConnection("127.0.0.1", api.openai_port, timeout=30)
-    connection.putrequest("POST", "/v1/embeddings")
-    connection.putheader("Content-Type", "application/json")
-    connection.putheader("Content-Length", str(40 * 2**20))  # > 2 x 16 MiB + 1 MiB
-    connection.endheaders()
+    connection.request(method, path, body=b"{}", headers={"Content-Type": "application/json"})
     response = connection.getresponse()
-    assert response.status == 413 and json.loads(response.read())["error"]["code"] == "body_too_large"
+    payload = json.loads(response.read())
     connection.close()
+    assert response.status == status and set(payload["error"]) == {"message", "type", "param", "code"}
+    assert payload["error"]["type"] == "invalid_request_error"
 
 
-def test_a_body_over_the_limit_without_a_declared_size_is_413(api):
-    chunks = (b'{"model": "nv-embed-v2", "input": ["' + b"y" * 2**20 + b'"' for _ in range(40))
-    request = urllib.request.Request(api.openai_url + "/embeddings", data=chunks, headers={"Content-Type": "application/json"})
-    with pytest.raises(urllib.error.HTTPError) as raised:  # sent chunked: no Content-Length
-        urllib.request.urlopen(request, timeout=60)
-    assert raised.value.code == 413
+class RawExchange:
+    """One HTTP/1.1 request over a plain socket, for bodies no HTTP client would send. A thread reads
+    the answer as it comes, so an answer given while the body is still being sent is seen."""
+
+    def __init__(self, port: int, head: bytes):
+        self.socket = socket.create_connection(("127.0.0.1", port), timeout=60)
+        self.socket.sendall(head)
+        self.sent, self.sent_when_answered, self.answered_at = 0, None, None
+        self.received, self.closed = bytearray(), threading.Event()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        try:
+            while chunk := self.socket.recv(2**16):
+                if self.sent_when_answered is None:
+                    self.sent_when_answered, self.answered_at = self.sent, time.monotonic()
+                self.received += chunk
+        except OSError:  # reset by the server: it closed without reading the rest
+            pass
+        self.closed_at = time.monotonic()
+        self.closed.set()
+
+    def keep_sending(self, data: bytes, pace_s: float, for_s: float) -> None:
+        """As a client that goes on sending whatever the server answers."""
+        deadline = time.monotonic() + for_s
+        while not self.closed.wait(pace_s) and time.monotonic() < deadline and self.send(data):
+            pass
+
+    def closed_soon_after_answer(self, within_s: float = 2.0) -> bool:
+        return self.closed.is_set() and self.answered_at is not None and self.closed_at - self.answered_at < within_s
+
+    def send(self, data: bytes) -> bool:
+        try:
+            self.socket.sendall(data)
+        except OSError:
+            return False
+        self.sent += len(data)
+        return True
+
+    def answer(self, timeout_s: float) -> tuple[int, dict, dict]:
+        """Status, headers and JSON body once the server has closed the connection (or after timeout_s)."""
+        self.closed.wait(timeout_s)
+        head, _, body = bytes(self.received).partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        headers = dict(line.lower().split(": ", 1) for line in lines[1:])
+        return int(lines[0].split()[1]), headers, json.loads(body[: int(headers["content-length"])])
+
+    def close(self) -> None:
+        self.socket.close()
+
+
+def front_process(server) -> psutil.Process:
+    """The process listening on the server's OpenAI port: the launcher or one of its children."""
+    launcher = psutil.Process(server.process.pid)
+    for process in [launcher, *launcher.children(recursive=True)]:
+        with contextlib.suppress(psutil.Error):
+            if any(c.status == psutil.CONN_LISTEN and c.laddr.port == server.openai_port for c in process.net_connections("tcp")):
+                return process
+    raise AssertionError("no process listens on the OpenAI port")
+
+
+def server_body_limit(server) -> int:
+    with server.client() as grpc:
+        return body_limit(grpc.get_model_config(PUBLIC_MODEL, as_json=True))
+
+
+def test_a_chunked_body_over_the_limit_is_refused_at_the_limit_and_never_held(api):
+    """300 MB sent chunked (no Content-Length): the 413 comes after about the limit, the server
+    closes the connection, and the front's memory never grows by the body's size."""
+    limit, front = server_body_limit(api), front_process(api)
+    baseline, peak, sampling = front.memory_info().rss, [0], threading.Event()
+
+    def sample() -> None:
+        while not sampling.is_set():
+            peak[0] = max(peak[0], front.memory_info().rss)
+            time.sleep(0.01)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    exchange = RawExchange(api.openai_port, (
+        b"POST /v1/embeddings HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n"
+    ))  # fmt: skip
+    start = b'{"model": "nv-embed-v2", "input": ["'
+    exchange.send(b"%x\r\n%s\r\n" % (len(start), start))
+    piece = b"y" * 2**20
+    while exchange.sent < 300 * 2**20 and exchange.send(b"%x\r\n%s\r\n" % (len(piece), piece)):
+        pass
+    exchange.send(b'3\r\n"]}\r\n0\r\n\r\n')  # the end, should the server still be reading
+    try:
+        status, headers, payload = exchange.answer(timeout_s=60)
+    finally:
+        sampling.set()
+        sampler.join()
+        exchange.close()
+    grew = (peak[0] - baseline) / 2**20
+    sent = exchange.sent_when_answered / 2**20
+    print(f"413 after {sent:.0f} MiB sent (limit {limit / 2**20:.0f} MiB); the front grew {grew:.0f} MiB")
+    assert status == 413 and payload["error"]["code"] == "body_too_large" and payload["error"]["type"] == "invalid_request_error"
+    slack = 16 * 2**20  # what the two sockets' buffers hold between us and the server
+    assert exchange.sent_when_answered <= limit + slack, f"answered after {exchange.sent_when_answered} bytes, limit {limit}"
+    assert exchange.closed_soon_after_answer() and exchange.sent < 300 * 2**20, "the server went on reading after its answer"
+    assert headers.get("connection") == "close"
+    assert peak[0] - baseline < limit + 64 * 2**20, f"the front grew by {grew:.0f} MiB"
+
+
+def test_a_declared_size_over_the_limit_is_413_before_any_body(api):
+    """The refusal comes from the declared size, and the server closes the connection rather than
+    read (and discard) the body the client goes on sending."""
+    exchange = RawExchange(api.openai_port, (
+        b"POST /v1/embeddings HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n" % (server_body_limit(api) + 1)
+    ))  # fmt: skip
+    exchange.keep_sending(b" " * 1024, pace_s=0.05, for_s=10)
+    status, _, payload = exchange.answer(timeout_s=30)
+    exchange.close()
+    assert status == 413 and payload["error"]["code"] == "body_too_large" and exchange.closed_soon_after_answer()
+
+
+def test_the_openai_sdk_sees_the_413_of_a_body_over_the_limit(api):
+    """The SDK sends the whole body before it reads; the server answers early and closes."""
+    client = OpenAI(base_url=api.openai_url, api_key="not-needed", max_retries=0)
+    with pytest.raises(openai.APIStatusError) as raised:
+        client.embeddings.create(model=PUBLIC_MODEL, input=["z" * server_body_limit(api)])
+    assert raised.value.status_code == 413 and raised.value.code == "body_too_large"
+
+
+@contextlib.contextmanager
+def own_front(server, *args: str):
+    """`python -m nvembed_triton.openai_api` in front of the server's Triton, with its own options."""
+    port = free_port()
+    command = [sys.executable, "-m", "nvembed_triton.openai_api", "--triton-url", server.url, "--port", str(port), *args]
+    process = subprocess.Popen(command)
+    try:
+        wait_for_api(type("Front", (), {"openai_port": port}), timeout_s=30)
+        yield port
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+BODY_TIMEOUT_S = 1.0
+
+
+@pytest.mark.parametrize("pace_s", [0.2, None], ids=["trickling", "silent"])
+def test_a_body_that_does_not_arrive_in_time_is_408(api, pace_s):
+    with own_front(api, "--body-timeout-s", str(BODY_TIMEOUT_S)) as port:
+        exchange = RawExchange(port, (
+            b"POST /v1/embeddings HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
+        ))  # fmt: skip
+        started = time.monotonic()
+        while pace_s and not exchange.closed.wait(pace_s) and time.monotonic() - started < 10 * BODY_TIMEOUT_S:
+            exchange.send(b" ")  # JSON whitespace, one byte at a time
+        status, _, payload = exchange.answer(timeout_s=10 * BODY_TIMEOUT_S)
+        elapsed = time.monotonic() - started
+        exchange.close()
+    assert status == 408 and set(payload["error"]) == {"message", "type", "param", "code"}
+    assert BODY_TIMEOUT_S <= elapsed < BODY_TIMEOUT_S + 5 and exchange.closed.is_set()
 
 
 def test_over_capacity_is_429_with_retry_after(small_queue_server):
