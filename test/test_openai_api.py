@@ -9,6 +9,8 @@ import base64
 import contextlib
 import http.client
 import json
+import secrets
+import signal
 import socket
 import subprocess
 import sys
@@ -34,8 +36,8 @@ from nvembed_triton import contract
 from nvembed_triton.client import EmbeddingClient
 from nvembed_triton.contract import PUBLIC_MODEL
 from nvembed_triton.openai_api import body_limit
-from nvembed_triton.serve import DEMO_MODEL
-from nvembed_triton.server import free_port
+from nvembed_triton.serve import DEMO_MODEL, OpenAIServer
+from nvembed_triton.server import ServerSettings, free_port
 
 TEXTS = [DOCUMENTS[0], DOCUMENTS[2], AWKWARD[1]]
 MATCH = 0.99999
@@ -418,6 +420,83 @@ def test_triton_not_ready_is_503(tmp_path):
     finally:
         process.terminate()
         process.wait(timeout=10)
+
+
+# --- the front's own process ---------------------------------------------------------------------
+
+
+def test_the_front_is_restarted_after_a_kill_while_grpc_goes_on(api):
+    """kill -9 of the front: the launcher starts a new one within seconds; gRPC never stops."""
+    front = front_process(api)
+    assert front.pid != api.process.pid, "the front runs inside the launcher"
+    stop, served, failures = threading.Event(), [0], []
+
+    def grpc_traffic() -> None:
+        with api.client() as grpc:
+            while not stop.is_set():
+                try:
+                    embed_query(grpc, PUBLIC_MODEL, "is gRPC still served?")
+                    served[0] += 1
+                except InferenceServerException as error:
+                    failures.append(error)
+                time.sleep(0.05)
+
+    traffic = threading.Thread(target=grpc_traffic)
+    traffic.start()
+    try:
+        time.sleep(0.5)
+        front.send_signal(signal.SIGKILL)
+        killed_at = time.monotonic()
+        while True:
+            with contextlib.suppress(OSError):
+                if post(api, {"model": PUBLIC_MODEL, "input": "back?"})[0] == 200:
+                    break
+            assert time.monotonic() - killed_at < 30, "the OpenAI API did not come back"
+            time.sleep(0.1)
+        back_after_s = time.monotonic() - killed_at
+        time.sleep(0.5)
+    finally:
+        stop.set()
+        traffic.join()
+    print(f"the OpenAI API answered again {back_after_s:.1f} s after kill -9; gRPC served {served[0]} queries meanwhile")
+    assert not failures and served[0] > 0
+    assert front_process(api).pid != front.pid
+    assert "serve.sh: the OpenAI API exited with code -9; restarting it" in api.console_path.read_text()
+
+
+def test_an_api_key_guards_every_v1_endpoint_but_health(api, tmp_path, monkeypatch):
+    """The launcher's OpenAIServer, with the key in the launcher's environment, in front of the test
+    server's Triton."""
+    key, port, lines = secrets.token_urlsafe(24), free_port(), []
+    monkeypatch.setenv("NVEMBED_API_KEY", key)
+    settings = ServerSettings(tmp_path, (PUBLIC_MODEL,), tmp_path, grpc_port=int(api.url.rsplit(":", 1)[1]))
+    front = OpenAIServer(settings, PUBLIC_MODEL, port, log=lines.append)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_api(type("Front", (), {"openai_port": port}), timeout_s=30)
+        assert key not in " ".join(psutil.Process(front.process.pid).cmdline())  # visible to every local user
+        response = OpenAI(base_url=base + "/v1", api_key=key).embeddings.create(model=PUBLIC_MODEL, input=TEXTS)
+        with api.client() as grpc:
+            expected = embed_documents(grpc, PUBLIC_MODEL, TEXTS)
+        assert np.all(cosine(np.array([d.embedding for d in response.data]), expected) >= MATCH)
+        for wrong in ("x" + key, key[:-1], key.upper() if key.upper() != key else key.lower()):
+            with pytest.raises(openai.AuthenticationError) as raised:
+                OpenAI(base_url=base + "/v1", api_key=wrong, max_retries=0).embeddings.create(model=PUBLIC_MODEL, input="hi")
+            assert raised.value.status_code == 401 and raised.value.code == "invalid_api_key"
+        for path, data in (("/v1/embeddings", json.dumps({"model": PUBLIC_MODEL, "input": "hi"}).encode()), ("/v1/models", None)):
+            with pytest.raises(urllib.error.HTTPError) as raised:  # no Authorization header at all
+                urllib.request.urlopen(urllib.request.Request(base + path, data=data), timeout=30)
+            assert raised.value.code == 401 and json.loads(raised.value.read())["error"]["code"] == "invalid_api_key"
+        request = urllib.request.Request(base + "/v1/models", headers={"Authorization": f"Bearer {key}"})
+        with urllib.request.urlopen(request, timeout=30) as answer:
+            assert answer.status == 200
+        for path in ("/health", "/v1/health/ready"):  # probes carry no key
+            with urllib.request.urlopen(base + path, timeout=30) as answer:
+                assert answer.status == 200
+    finally:
+        front.stop()
+    assert front.process.returncode == 0 and not lines, lines  # a clean stop, not a crash to restart from
+    assert not any(key in line for line in lines)
 
 
 # --- large query batches -------------------------------------------------------------------------

@@ -259,7 +259,7 @@ def serve(plan_: ServePlan, settings: ServerSettings) -> int:
         server.wait_ready(abort=supervisor.stop)
         ports = f"grpc {settings.grpc_port}, http {settings.http_port}, metrics {settings.metrics_port}"
         if plan_.openai_port:
-            http_api = OpenAIServer(settings, plan_.name, plan_.openai_port)
+            http_api = OpenAIServer(settings, plan_.name, plan_.openai_port, log=log)
             ports += f", OpenAI API {plan_.openai_port}"
         log(f"{plan_.name} ready on {settings.host}: {ports}")
         code = supervisor.run()
@@ -274,22 +274,55 @@ def serve(plan_: ServePlan, settings: ServerSettings) -> int:
 
 
 class OpenAIServer:
-    """The OpenAI/NIM-compatible API (openai_api.py) in a thread of the launcher, on the same host
-    setting as Triton; it answers 503 while Triton restarts."""
+    """The OpenAI/NIM-compatible API (openai_api.py) in a process of its own, on the same host
+    setting as Triton: a crash or an OOM kill of it leaves Triton and the supervisor serving, and it
+    is started again. It answers 503 while Triton restarts. It inherits the launcher's environment,
+    so NVEMBED_API_KEY reaches it without showing on its command line (which every local user can read)."""
 
-    def __init__(self, settings: ServerSettings, model: str, port: int):
-        import uvicorn
+    RESTART_DELAY_S = 0.5  # after an unexpected exit: a front that cannot start is retried at this pace
+    STOP_GRACE_S = 15.0  # SIGINT lets uvicorn finish what is in flight (openai_api.GRACEFUL_SHUTDOWN_S), then SIGKILL
 
-        from .openai_api import create_app
+    def __init__(self, settings: ServerSettings, model: str, port: int, log=print):
+        # -P: nothing is imported from the working directory, whatever it holds.
+        self.command = [sys.executable, "-P", "-m", "nvembed_triton.openai_api", "--triton-url", settings.grpc_url,
+                        "--model", model, "--host", settings.host, "--port", str(port)]  # fmt: skip
+        self.log = log
+        self._stopping = threading.Event()
+        self._lock = threading.Lock()  # no restart once stop() has begun
+        self.process = self._start()
+        self._watcher = threading.Thread(target=self._watch, name="openai-api-watch", daemon=True)
+        self._watcher.start()
 
-        config = uvicorn.Config(create_app(settings.grpc_url, model), host=settings.host, port=port, log_level="warning")
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, name="openai-api", daemon=True)
-        self.thread.start()
+    def _start(self):
+        import subprocess
+
+        from .server import own_group_dying_with_parent
+
+        # Its own process group, as tritonserver: a terminal's Ctrl-C reaches only the launcher, which
+        # stops the front after the drain. SIGTERM reaches it when the thread that started it ends:
+        # the launcher's main thread, or the watcher, which ends only once its child has.
+        return subprocess.Popen(self.command, preexec_fn=own_group_dying_with_parent if sys.platform == "linux" else None)
+
+    def _watch(self) -> None:
+        while True:
+            code = self.process.wait()
+            if self._stopping.is_set():
+                return
+            self.log(f"the OpenAI API exited with code {code}; restarting it")
+            if self._stopping.wait(self.RESTART_DELAY_S):
+                return
+            with self._lock:
+                if self._stopping.is_set():
+                    return
+                self.process = self._start()
 
     def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
+        from .server import interrupt
+
+        with self._lock:
+            self._stopping.set()
+        interrupt(self.process, self.STOP_GRACE_S)
+        self._watcher.join()
 
 
 def log(message: str) -> None:
