@@ -8,11 +8,13 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+from conftest import TEST_ADMIN_KEY
 from grpc_helpers import bytes_input, cosine, embed_documents, embed_query, infer
 
 from nvembed_triton import contract
 from nvembed_triton.contract import PUBLIC_MODEL, encoder_model_name
-from nvembed_triton.supervisor import PROBE_INTERVAL_S
+from nvembed_triton.server import ADMIN_KEY_GRPC_HEADER
+from nvembed_triton.supervisor import Timings
 
 ENCODER = encoder_model_name(PUBLIC_MODEL)
 CLIENTS = 24
@@ -27,7 +29,8 @@ def make_texts(count: int, seed: int) -> list[str]:
 
 
 def encoder_counts(client):
-    stats = client.get_inference_statistics(ENCODER, as_json=True)["model_stats"][0]
+    statistics = client.get_inference_statistics(ENCODER, as_json=True, headers={ADMIN_KEY_GRPC_HEADER: TEST_ADMIN_KEY})
+    stats = statistics["model_stats"][0]
     return int(stats.get("inference_count", 0)), int(stats.get("execution_count", 0))
 
 
@@ -64,8 +67,8 @@ def test_concurrent_clients_get_their_own_embeddings_in_order(nvembed_server):
     with nvembed_server.client() as client:
         inferences, executions = encoder_counts(client)
     requests = CLIENTS * REQUESTS_PER_CLIENT
-    # serve.sh's health probe sends one query every PROBE_INTERVAL_S during the test as well.
-    probes = math.ceil((time.monotonic() - started) / PROBE_INTERVAL_S) + 1
+    # serve.sh's health probe sends one query every health_interval_s during the test as well.
+    probes = math.ceil((time.monotonic() - started) / Timings.health_interval_s) + 1
     assert requests <= inferences - inferences_before <= requests + probes
     assert executions - executions_before < requests, "concurrent requests were never batched together"
 

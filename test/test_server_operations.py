@@ -67,9 +67,9 @@ def test_a_burst_over_capacity_is_refused_fast_and_the_rest_is_served(small_queu
 def test_a_full_queue_is_not_mistaken_for_a_broken_server(small_queue_server):
     """Overload for longer than serve.sh's probe interval: its probe meets the full queue, and
     must not restart the server (which would drop the work it holds)."""
-    from nvembed_triton.supervisor import PROBE_INTERVAL_S
+    from nvembed_triton.supervisor import Timings
 
-    deadline = time.monotonic() + PROBE_INTERVAL_S * 1.6
+    deadline = time.monotonic() + Timings.health_interval_s * 1.6
 
     def overload(_):
         with small_queue_server.client() as client:

@@ -12,59 +12,25 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import TEST_MAX_LENGTH, start_tiny_server, stop_server
+from conftest import TEST_ADMIN_KEY, TEST_MAX_LENGTH, start_tiny_server, stop_server
 from grpc_helpers import bytes_input, cosine, embed_documents, embed_query, infer
+from server_processes import http, memory_mb, tritonserver_pid
 from tritonclient.utils import InferenceServerException
 
 from nvembed_triton import contract
 from nvembed_triton.client import EmbeddingClient
 from nvembed_triton.contract import PUBLIC_MODEL, encoder_model_name
 from nvembed_triton.serve import closed_flag
-from nvembed_triton.server import stubs_of
+from nvembed_triton.server import ADMIN_KEY_GRPC_HEADER, ADMIN_KEY_HEADER, stubs_of
 
 ENCODER = encoder_model_name(PUBLIC_MODEL)
 TEXTS = ["a first document about flour", "a second one about bread", "the third is about yeast"]
 RECOVERY_LIMIT_S = 60.0
-
-
-def http(server, method: str, path: str, body: dict | None = None) -> tuple[int, str]:
-    request = urllib.request.Request(
-        f"http://127.0.0.1:{server.http_port}{path}", method=method, data=None if body is None else json.dumps(body).encode()
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as error:
-        return error.code, error.read().decode()
-
-
-def tritonserver_pid(server) -> int:
-    """The tritonserver that serve.sh (server.process) runs now: its only tritonserver child."""
-    children = Path(f"/proc/{server.process.pid}/task/{server.process.pid}/children").read_text().split()
-    for pid in map(int, children):
-        if Path(f"/proc/{pid}/comm").read_text().strip() == "tritonserver":
-            return pid
-    raise AssertionError("serve.sh has no tritonserver child")
-
-
-def memory_mb(server) -> float:
-    """Anonymous memory of tritonserver and all its stubs, plus the shared memory they exchange
-    tensors through, counted once (tritonserver maps every stub's region)."""
-    pid = tritonserver_pid(server)
-
-    def kib(process: int, *keys: str) -> int:
-        fields = dict(line.split(":", 1) for line in Path(f"/proc/{process}/status").read_text().splitlines())
-        return sum(int(fields[key].split()[0]) for key in keys)
-
-    total = kib(pid, "RssAnon", "RssShmem") + sum(kib(stub.pid, "RssAnon") for stub in stubs_of(pid))
-    return total / 1024
 
 
 # --- no remote model control ---------------------------------------------------------------------
@@ -78,18 +44,22 @@ class TritonPythonModel:
 """
 
 
-def test_clients_cannot_unload_or_load_models_over_http(nvembed_server, tmp_path):
+@pytest.mark.parametrize("with_admin_key", [False, True], ids=["client", "operator with the admin key"])
+def test_clients_cannot_unload_or_load_models_over_http(nvembed_server, tmp_path, with_admin_key):
+    """Two locks: the repository API is restricted to the admin key, and even with it model control
+    is off, so nothing can be loaded or unloaded."""
     marker = tmp_path / "marker"
-    status, body = http(nvembed_server, "POST", f"/v2/repository/models/{PUBLIC_MODEL}/unload")
-    assert status >= 400 and "not allowed" in body
+    headers, refusal = ({ADMIN_KEY_HEADER: TEST_ADMIN_KEY}, "not allowed") if with_admin_key else ({}, ADMIN_KEY_HEADER)
+    status, body = http(nvembed_server, "POST", f"/v2/repository/models/{PUBLIC_MODEL}/unload", headers=headers)
+    assert status >= 400 and refusal in body
     upload = {
         "parameters": {
             "config": json.dumps({"backend": "python", "max_batch_size": 0}),
             "file:1/model.py": base64.b64encode(EVIL_MODEL_PY.replace(b"{marker}", str(marker).encode())).decode(),
         }
     }
-    status, body = http(nvembed_server, "POST", "/v2/repository/models/evil/load", upload)
-    assert status >= 400 and "not allowed" in body
+    status, body = http(nvembed_server, "POST", "/v2/repository/models/evil/load", upload, headers=headers)
+    assert status >= 400 and refusal in body
     time.sleep(1)
     assert not marker.exists()
     with nvembed_server.client() as client:
@@ -97,16 +67,19 @@ def test_clients_cannot_unload_or_load_models_over_http(nvembed_server, tmp_path
         assert embed_query(client, PUBLIC_MODEL, "still serving").shape[0] == 1
 
 
-def test_clients_cannot_unload_or_load_models_over_grpc(nvembed_server, tmp_path):
+@pytest.mark.parametrize("with_admin_key", [False, True], ids=["client", "operator with the admin key"])
+def test_clients_cannot_unload_or_load_models_over_grpc(nvembed_server, tmp_path, with_admin_key):
     marker = tmp_path / "marker"
+    headers, refusal = ({ADMIN_KEY_GRPC_HEADER: TEST_ADMIN_KEY}, "not allowed") if with_admin_key else ({}, ADMIN_KEY_HEADER)
     with nvembed_server.client() as client:
-        with pytest.raises(InferenceServerException, match="not allowed"):
-            client.unload_model(ENCODER)
-        with pytest.raises(InferenceServerException, match="not allowed"):
+        with pytest.raises(InferenceServerException, match=refusal):
+            client.unload_model(ENCODER, headers=headers)
+        with pytest.raises(InferenceServerException, match=refusal):
             client.load_model(
                 "evil",
                 config=json.dumps({"backend": "python", "max_batch_size": 0}),
                 files={"file:1/model.py": EVIL_MODEL_PY.replace(b"{marker}", str(marker).encode())},
+                headers=headers,
             )
         time.sleep(1)
         assert not marker.exists()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -16,7 +17,8 @@ from pathlib import Path
 
 from .checkpoint import Architecture, CheckpointError, check_model_dir, check_served_name
 from .contract import EMBEDDINGS_OUTPUT, PUBLIC_MODEL, QUERY_INPUT, encoder_model_name
-from .lifecycle import CANCEL_DIR_ENV, CLOSED_FLAG_ENV
+from .leftovers import RunRecord, sweep
+from .lifecycle import CANCEL_DIR_ENV, CLOSED_FLAG_ENV, reason_of
 from .server import ServerError, ServerSettings, TritonServer
 from .settings import (
     BY_KEY,
@@ -30,12 +32,19 @@ from .settings import (
     model_settings,
     resolve_device,
 )
-from .supervisor import Supervisor
+from .supervisor import Supervisor, Timings
 
 # Installed with the package (package data), so an installed package serves without a checkout.
 PACKAGED_REPOSITORY = Path(__file__).resolve().parent / "model_repository"
 DEMO_MODEL = "all-minilm-l6-v2"
-PROBE_TIMEOUT_S = 60.0  # a probe queues behind real work; only a hung server takes this long
+# The probe's priority on the public model (config.pbtxt priority_levels 2; clients get level 2 by
+# default): it is served before queued client requests, so a full queue does not hold it up.
+PROBE_PRIORITY = 1
+# What a probe may meet that means "busy", never "broken": the reasons the models answer with, and
+# gRPC's statuses for a call that took too long or could not be placed (the liveness check and the
+# stall rule judge those).
+BUSY_REASONS = {"over_capacity", "shutting_down", "cancelled"}
+BUSY_STATUSES = {"StatusCode.DEADLINE_EXCEEDED", "StatusCode.UNAVAILABLE"}
 
 
 @dataclass(frozen=True)
@@ -127,7 +136,9 @@ def layout_repository(plan_: ServePlan, run_dir: Path) -> Path:
     return repository
 
 
-def server_settings(plan_: ServePlan, run_dir: Path, environ=os.environ) -> ServerSettings:
+def server_settings(plan_: ServePlan, run_dir: Path, environ=os.environ, record: RunRecord | None = None) -> ServerSettings:
+    """Where and how tritonserver runs. With a run record, its stubs' shared memory is named after
+    the run and tritonserver holds the record's lock (leftovers.py)."""
     cancel_board = run_dir / "cancelled"
     cancel_board.mkdir(parents=True, exist_ok=True)
     overrides = {
@@ -149,6 +160,9 @@ def server_settings(plan_: ServePlan, run_dir: Path, environ=os.environ) -> Serv
         metrics_port=launcher_setting("metrics_port", environ),
         host=plan_.host,
         environment=overrides,
+        shm_prefix=record.shm_prefix if record else "",
+        admin_key=launcher_setting("admin_key", environ) or secrets.token_urlsafe(24),
+        inherited_fds=(record.fd,) if record else (),
     )
 
 
@@ -168,25 +182,28 @@ def closed_flag(run_dir: Path) -> Path:
     return run_dir / "closed"
 
 
-def probe(settings: ServerSettings, model: str) -> None:
-    """One real query through the public model; raises unless a finite unit vector comes back.
-    A full queue is a busy server, not a broken one: restarting it would drop the work it holds."""
+def probe(settings: ServerSettings, model: str, timeout_s: float) -> None:
+    """One real query through the public model, ahead of queued client requests; raises unless a
+    finite unit vector comes back (is_busy tells which errors only mean a busy server)."""
     import numpy as np
     import tritonclient.grpc as grpcclient
-    from tritonclient.utils import InferenceServerException
 
     with grpcclient.InferenceServerClient(settings.grpc_url) as client:
         query = grpcclient.InferInput(QUERY_INPUT, [1], "BYTES")
         query.set_data_from_numpy(np.array([b"health probe"], dtype=object))
-        try:
-            result = client.infer(model, [query], client_timeout=PROBE_TIMEOUT_S)
-        except InferenceServerException as error:
-            if "maximum queue size" in str(error):
-                return
-            raise
+        result = client.infer(model, [query], client_timeout=timeout_s, priority=PROBE_PRIORITY)
     norm = float(np.linalg.norm(result.as_numpy(EMBEDDINGS_OUTPUT)))
     if not abs(norm - 1.0) < 1e-3:
         raise ServerError(f"the probe's embedding has norm {norm}, not 1")
+
+
+def is_busy(error: BaseException) -> bool:
+    """A probe error that means the server is busy (or unreachable, which the liveness check judges)."""
+    from tritonclient.utils import InferenceServerException
+
+    if not isinstance(error, InferenceServerException):
+        return False
+    return str(error.status()) in BUSY_STATUSES or reason_of(error.message() or "") in BUSY_REASONS
 
 
 def parser() -> argparse.ArgumentParser:
@@ -217,17 +234,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         print(f"ok: {plan_.model_dir} can be served as {plan_.name}")
         return 0
+    for line in sweep():  # what crashed runs left behind; a live server's are never touched
+        log(f"removed what an earlier run left: {line}")
     run_dir = Path(args.run_dir or tempfile.mkdtemp(prefix="nvembed-triton-"))
+    record = RunRecord.create(run_dir, temporary=not args.run_dir)
     try:
-        settings = server_settings(plan_, run_dir)
+        settings = server_settings(plan_, run_dir, record=record)
         check_ports_free(settings, {BY_KEY["openai_port"].variable: plan_.openai_port})
         return serve(plan_, settings)
     except (ServerError, SettingsError) as error:
         print(f"serve.sh: {error}", file=sys.stderr)
         return 1
     finally:
-        if not args.run_dir:  # a temporary run directory goes with the server; --run-dir stays
-            shutil.rmtree(run_dir, ignore_errors=True)
+        record.close()  # a temporary run directory goes with the server; --run-dir stays
 
 
 def check_ports_free(settings: ServerSettings, extra: dict[str, int | None]) -> None:
@@ -249,7 +268,13 @@ def serve(plan_: ServePlan, settings: ServerSettings) -> int:
     run_dir = settings.run_dir
     closed_flag(run_dir).unlink(missing_ok=True)
     server = TritonServer(settings)
-    supervisor = Supervisor(server, lambda: probe(settings, plan_.name), closed_flag(run_dir), log)
+    timings = Timings(
+        health_interval_s=launcher_setting("health_interval_s"), stall_timeout_s=launcher_setting("stall_timeout_s")
+    )
+    supervisor = Supervisor(
+        server, lambda: probe(settings, plan_.name, timings.stall_timeout_s), closed_flag(run_dir), log, timings,
+        is_busy=is_busy, worker_model=encoder_model_name(plan_.name),
+    )  # fmt: skip
     for signum in (signal.SIGTERM, signal.SIGINT):  # both drain: serve what was accepted, then exit
         signal.signal(signum, lambda *_: supervisor.stop.set())
     log(f"starting tritonserver for {plan_.name} ({plan_.model_dir}); log: {server.log_path}")
@@ -257,12 +282,13 @@ def serve(plan_: ServePlan, settings: ServerSettings) -> int:
     try:
         server.start()
         server.wait_ready(abort=supervisor.stop)
+        watch = supervisor.watch()  # its processes, now: one that dies while the OpenAI API starts is seen too
         ports = f"grpc {settings.grpc_port}, http {settings.http_port}, metrics {settings.metrics_port}"
         if plan_.openai_port:
             http_api = OpenAIServer(settings, plan_.name, plan_.openai_port, log=log)
             ports += f", OpenAI API {plan_.openai_port}"
         log(f"{plan_.name} ready on {settings.host}: {ports}")
-        code = supervisor.run()
+        code = supervisor.run(watch)
         if code == 0:
             log("stopping: draining accepted requests")
         return code

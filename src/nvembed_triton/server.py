@@ -17,7 +17,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .leftovers import remove_regions
+
 CONTAINER_TRITON = Path("/opt/tritonserver")
+# Only inference, health, metadata, model configs (clients read their limits there) and metrics stay
+# open: registering shared memory lets a client write into the backend's own regions (and crash
+# tritonserver), logging can silence or flood the log, and the rest is administration.
+RESTRICTED_APIS = ("shared-memory", "model-repository", "statistics", "trace", "logging")
+ADMIN_KEY_HEADER = "nvembed-admin-key"
+ADMIN_KEY_GRPC_HEADER = f"triton-grpc-protocol-{ADMIN_KEY_HEADER}"  # gRPC's restriction reads a prefixed metadata key
 PYTHON_BACKEND_FILES = ("libtriton_python.so", "triton_python_backend_utils.py")
 
 
@@ -106,6 +114,13 @@ class ServerSettings:
     # Triton's response cache, for benchmarks (bench_plumbing.py --response-cache): its key is the
     # model and its inputs only, not request parameters, so the shipped models do not enable it.
     response_cache_bytes: int = 0
+    # The stubs' shared-memory regions are named with this prefix (leftovers.py), so a crashed
+    # run's regions can be found and removed; empty: the Python backend's default name.
+    shm_prefix: str = ""
+    # Triton's APIs that no client needs (RESTRICTED_APIS) answer only requests that carry this
+    # value in the ADMIN_KEY_HEADER header. Empty: they are open (tests of the restriction itself).
+    admin_key: str = ""
+    inherited_fds: tuple[int, ...] = ()  # descriptors tritonserver keeps open (the run record's lock)
 
     @property
     def local_host(self) -> str:
@@ -136,6 +151,14 @@ class Stub:
     pid: int
     instance: str  # e.g. "nv-embed-v2_0_3"
     shm_region: str  # its shared-memory region, a file under /dev/shm
+
+    def cpu_s(self) -> float:
+        """CPU seconds the process has used so far (all its threads); 0 once it is gone."""
+        try:
+            fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return 0.0
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
 def _children(pid: int) -> list[int]:
@@ -245,8 +268,16 @@ class TritonServer:
             f"--metrics-port={s.metrics_port}",
             f"--log-verbose={s.log_verbose}",
             *self.cache_arguments(installation),
+            *([f"--backend-config=python,shm-region-prefix-name={s.shm_prefix}"] if s.shm_prefix else []),
+            *self.restriction_arguments(),
             "--exit-on-error=true",
         ]
+
+    def restriction_arguments(self) -> list[str]:
+        if not self.settings.admin_key:
+            return []
+        rule = f"{','.join(RESTRICTED_APIS)}:{ADMIN_KEY_HEADER}={self.settings.admin_key}"
+        return [f"--grpc-restricted-protocol={rule}", f"--http-restricted-api={rule}"]
 
     def cache_arguments(self, installation: TritonInstallation) -> list[str]:
         if not self.settings.response_cache_bytes:
@@ -258,10 +289,11 @@ class TritonServer:
         self.settings.run_dir.mkdir(parents=True, exist_ok=True)
         installation = find_installation(self.settings.run_dir)
         environment = {**os.environ, **installation.environment, **self.settings.environment}
-        with open(self.log_path, "wb") as log:
+        with open(self.log_path, "ab") as log:  # a restart keeps the log of what went wrong
             self._process = subprocess.Popen(
                 self.command(installation), stdout=log, stderr=subprocess.STDOUT, env=environment,
                 preexec_fn=own_group_dying_with_parent if sys.platform == "linux" else None,
+                pass_fds=self.settings.inherited_fds,
             )  # fmt: skip
         return self
 
@@ -280,6 +312,13 @@ class TritonServer:
     def stubs(self) -> list[Stub]:
         return stubs_of(self._process.pid) if self.is_running() else []
 
+    def is_live(self, timeout_s: float) -> bool:
+        """Whether tritonserver answers gRPC's liveness call within timeout_s."""
+        import tritonclient.grpc as grpcclient
+
+        with grpcclient.InferenceServerClient(self.settings.grpc_url) as client:
+            return client.is_server_live(client_timeout=timeout_s)
+
     def kill(self) -> None:
         """Ends tritonserver and its stubs at once and removes their shared-memory regions. Only
         for a server with nothing in flight (drained) or a broken one: Triton 2.51 unloads
@@ -294,6 +333,8 @@ class TritonServer:
         self._process.wait()
         for region in regions:  # what Triton would have unlinked on a clean unload
             Path("/dev/shm", region).unlink(missing_ok=True)
+        if self.settings.shm_prefix:  # also the regions of stubs that had died before
+            remove_regions(self.settings.shm_prefix)
 
     def stop(self, grace_s: float = 75.0) -> int | None:
         """SIGINT lets Triton unload models cleanly (the 48 front instances take ~1 min on 2 cores);

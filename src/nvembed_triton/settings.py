@@ -58,6 +58,7 @@ def number(convert: Callable[[str], float], smallest: float, what: str) -> Calla
 
 positive_int = number(int, 1, "a positive integer")
 seconds = number(float, 0, "a number of seconds >= 0")
+positive_seconds = number(float, 0.1, "a number of seconds >= 0.1")
 
 
 def auto_or_positive_int(raw: str) -> str | int:
@@ -159,6 +160,16 @@ SETTINGS = (
             "empty: the encoder config's instance_group", LAUNCHER, gpu_list),
     Setting("drain_timeout_s", "25", "how long a stop may spend serving accepted requests (inside "
             "Kubernetes' default 30 s grace period)", LAUNCHER, seconds),
+    Setting("health_interval_s", "5", "how often the supervisor asks tritonserver whether it is live and sends "
+            "it a real query (three unanswered liveness checks in a row restart it)", LAUNCHER, positive_seconds),
+    Setting("stall_timeout_s", "300", "how long requests may wait while nothing progresses (no request or "
+            "forward pass ends and the encoder uses no CPU) before tritonserver is restarted; a slow request that "
+            "computes is never a stall", LAUNCHER, positive_seconds),
+    Setting("admin_key", "", "the value of the `nvembed-admin-key` header that unlocks Triton's shared-memory, "
+            "logging, trace, statistics and repository APIs; empty: a random key per start (closed to everyone)",
+            LAUNCHER),
+    Setting("api_key", "", "require `Authorization: Bearer <key>` on the OpenAI/NIM API (health endpoints "
+            "excepted); empty: no key", LAUNCHER),
 )  # fmt: skip
 BY_KEY = {setting.key: setting for setting in SETTINGS}
 

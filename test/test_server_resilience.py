@@ -1,0 +1,269 @@
+"""Hard edges through real servers, from outside as a hostile or merely heavy client would meet them:
+Triton's administrative APIs are closed, a slow valid request is never taken for a fault and does
+not hold short ones, a stuck encoder is restarted, every death is seen after any number of
+restarts, and no run leaves shared memory or run directories behind, whatever is killed."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+from conftest import SERVE_SH, TEST_ADMIN_KEY, start_server, stop_server
+from grpc_helpers import bytes_input, embed_documents, embed_query
+from server_processes import http, tritonserver_pid
+from tritonclient.utils import InferenceServerException
+
+from nvembed_triton.client import EmbeddingClient
+from nvembed_triton.contract import PUBLIC_MODEL, encoder_model_name
+from nvembed_triton.leftovers import SHM_DIR
+from nvembed_triton.server import ADMIN_KEY_GRPC_HEADER, ADMIN_KEY_HEADER, free_port, stubs_of, wait_until_ready
+
+ENCODER = encoder_model_name(PUBLIC_MODEL)
+STALL_TIMEOUT_S = 3.0
+# The supervisor looks often and gives up on a silent encoder quickly, so the tests stay short.
+FAST_SUPERVISOR = {"NVEMBED_HEALTH_INTERVAL_S": "0.5", "NVEMBED_STALL_TIMEOUT_S": str(STALL_TIMEOUT_S)}
+RECOVERY_LIMIT_S = 60.0
+
+
+def region_prefix(server) -> str:
+    """The shared-memory prefix of the server's run: its stubs' regions are named with it."""
+    regions = {stub.shm_region for stub in stubs_of(tritonserver_pid(server))}
+    prefixes = {region.split("_", 1)[0] + "_" for region in regions}
+    assert len(prefixes) == 1 and next(iter(prefixes)).startswith("nvembed-"), regions
+    return next(iter(prefixes))
+
+
+def regions_with(prefix: str) -> set[str]:
+    return {path.name for path in SHM_DIR.glob(f"{prefix}*")}
+
+
+def restarts(server) -> int:
+    return server.console_path.read_text().count("restarted and ready")
+
+
+def wait_for_restarts(server, count: int, timeout_s: float = RECOVERY_LIMIT_S) -> float:
+    started = time.monotonic()
+    while restarts(server) < count:
+        console = server.console_path.read_text()
+        assert time.monotonic() - started < timeout_s, f"no restart {count} within {timeout_s} s:\n{console}"
+        time.sleep(0.2)
+    return time.monotonic() - started
+
+
+# --- only inference, health, metadata and metrics are open ----------------------------------------
+
+
+def test_clients_cannot_register_shared_memory_or_touch_logging_statistics_or_trace_over_http(nvembed_server):
+    """The attack: register a stub's own region (its name is visible in /dev/shm and in the stub's
+    command line), then have an inference write its output there. Registration is refused."""
+    stub_region = stubs_of(tritonserver_pid(nvembed_server))[0].shm_region
+    attempts = [
+        ("POST", "/v2/systemsharedmemory/region/evil/register", {"key": f"/{stub_region}", "offset": 0, "byte_size": 4096}),
+        ("GET", "/v2/systemsharedmemory/status", None),
+        ("POST", "/v2/systemsharedmemory/unregister", None),
+        ("POST", "/v2/cudasharedmemory/region/evil/register", {"raw_handle": {"b64": ""}, "device_id": 0, "byte_size": 1}),
+        ("GET", "/v2/logging", None),
+        ("POST", "/v2/logging", {"log_verbose_level": 1, "log_error": False}),
+        ("GET", f"/v2/models/{PUBLIC_MODEL}/stats", None),
+        ("GET", "/v2/trace/setting", None),
+        ("POST", "/v2/repository/index", {}),
+    ]
+    for method, path, body in attempts:
+        status, text = http(nvembed_server, method, path, body)
+        assert status == 403 and ADMIN_KEY_HEADER in text, (method, path, status, text)
+    status, text = http(nvembed_server, "GET", "/v2/logging", headers={ADMIN_KEY_HEADER: TEST_ADMIN_KEY})
+    assert status == 200 and "log_verbose_level" in text  # the operator's key opens them
+    for path in ("/v2/health/live", "/v2/health/ready", f"/v2/models/{PUBLIC_MODEL}", f"/v2/models/{PUBLIC_MODEL}/config"):
+        assert http(nvembed_server, "GET", path)[0] == 200, path
+    with nvembed_server.client() as client:
+        assert embed_documents(client, PUBLIC_MODEL, ["still serving"]).shape[0] == 1
+
+
+def test_clients_cannot_register_shared_memory_or_touch_logging_statistics_or_trace_over_grpc(nvembed_server):
+    stub_region = stubs_of(tritonserver_pid(nvembed_server))[0].shm_region
+    with nvembed_server.client() as client:
+        calls = {
+            "register system shared memory": lambda: client.register_system_shared_memory("evil", f"/{stub_region}", 4096),
+            "shared memory status": client.get_system_shared_memory_status,
+            "unregister shared memory": client.unregister_system_shared_memory,
+            "register CUDA shared memory": lambda: client.register_cuda_shared_memory("evil", b"", 0, 1),
+            "log settings": client.get_log_settings,
+            "change log settings": lambda: client.update_log_settings({"log_error": False}),
+            "statistics": lambda: client.get_inference_statistics(PUBLIC_MODEL),
+            "trace settings": client.get_trace_settings,
+            "repository index": client.get_model_repository_index,
+        }
+        for what, call in calls.items():
+            with pytest.raises(InferenceServerException) as refused:
+                call()
+            assert ADMIN_KEY_HEADER in str(refused.value), (what, str(refused.value))
+        assert client.get_log_settings(headers={ADMIN_KEY_GRPC_HEADER: TEST_ADMIN_KEY})  # the operator's key opens them
+        assert client.is_server_live() and client.get_model_metadata(PUBLIC_MODEL) and client.get_model_config(PUBLIC_MODEL)
+        assert embed_query(client, PUBLIC_MODEL, "still serving").shape[0] == 1
+
+
+# --- busy is not broken ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def long_text_server(tmp_path_factory, tiny_checkpoint):
+    """Texts up to 32768 tokens (the published max_length: one pass of that length takes ~12 s on
+    this CPU), and a supervisor that gives up on a silent encoder after STALL_TIMEOUT_S."""
+    env = {"NVEMBED_MODEL_DIR": str(tiny_checkpoint), "NVEMBED_MAX_LENGTH": "32768", **FAST_SUPERVISOR}
+    server = start_server(tmp_path_factory.mktemp("long-text-server"), PUBLIC_MODEL, ["--device", "cpu"], env)
+    yield server
+    stop_server(server)
+
+
+def test_a_slow_valid_request_is_never_a_fault_and_short_ones_pass_it(long_text_server):
+    """Two maximum-length documents: minutes of work on a big model, ~25 s here, many times the
+    stall timeout and the probe interval. It completes, nothing restarts, and queries sent meanwhile
+    are answered at about their usual latency (before: they waited for the whole request, and the
+    supervisor restarted the server under it once its probe had waited 60 s)."""
+    server = long_text_server
+    long_documents = ["word " * 40_000, "other " * 40_000]  # each over 32768 tokens: cut to 32768
+    with server.client() as client:
+        alone = []
+        for _ in range(5):
+            started = time.monotonic()
+            embed_query(client, PUBLIC_MODEL, "how long does a query take alone?")
+            alone.append(time.monotonic() - started)
+    before = server.console_path.read_text()
+    outcome = {}
+
+    def long_request():
+        started = time.monotonic()
+        with server.client() as client:
+            outcome["vectors"] = embed_documents(client, PUBLIC_MODEL, long_documents)
+        outcome["seconds"] = time.monotonic() - started
+
+    worker = threading.Thread(target=long_request)
+    worker.start()
+    time.sleep(1.0)  # the long request is being computed
+    during = []
+    with server.client() as client:
+        while worker.is_alive():
+            started = time.monotonic()
+            embed_query(client, PUBLIC_MODEL, "a short question asked meanwhile")
+            during.append(time.monotonic() - started)
+            time.sleep(0.3)
+    worker.join()
+    print(f"long request {outcome['seconds']:.1f} s; queries alone p50 {np.median(alone) * 1e3:.0f} ms, "
+          f"during it p50 {np.median(during) * 1e3:.0f} ms, max {max(during) * 1e3:.0f} ms ({len(during)} queries)")  # fmt: skip
+    assert outcome["seconds"] > 3 * STALL_TIMEOUT_S, "the long request was too quick to test anything"
+    assert np.allclose(np.linalg.norm(outcome["vectors"], axis=1), 1.0, atol=1e-3)
+    assert "restarting" not in server.console_path.read_text()[len(before) :]
+    assert len(during) >= 5 and max(during) < 3.0 and np.median(during) < 1.0
+
+
+def test_a_stuck_encoder_is_restarted(long_text_server):
+    """An encoder that stops (SIGSTOP: no CPU, nothing completes) while a query waits: after the
+    stall timeout the supervisor restarts the server, and the client's retries succeed."""
+    server = long_text_server
+    count = restarts(server)
+    encoder = next(s for s in stubs_of(tritonserver_pid(server)) if s.instance.startswith(ENCODER))
+    os.kill(encoder.pid, signal.SIGSTOP)
+    stopped = time.monotonic()
+    try:
+        with EmbeddingClient(server.url) as client:
+            vector = client.encode("a query sent to a stuck encoder", prompt_name="query")
+        answered_s = time.monotonic() - stopped
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # gone once the restart has killed it
+            os.kill(encoder.pid, signal.SIGCONT)
+    wait_for_restarts(server, count + 1)  # the launcher logs it once its own readiness poll sees it
+    print(f"stuck encoder: answered {answered_s:.1f} s after SIGSTOP")
+    assert restarts(server) == count + 1 and "no progress for" in server.console_path.read_text()
+    assert abs(np.linalg.norm(vector) - 1) < 1e-3
+    assert STALL_TIMEOUT_S <= answered_s < RECOVERY_LIMIT_S
+
+
+# --- every death is seen, and nothing is left behind ----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def restartable_server(tmp_path_factory, tiny_checkpoint):
+    env = {"NVEMBED_MODEL_DIR": str(tiny_checkpoint), **FAST_SUPERVISOR}
+    server = start_server(tmp_path_factory.mktemp("restartable-server"), PUBLIC_MODEL, ["--device", "cpu"], env)
+    yield server
+    stop_server(server)
+
+
+def test_every_death_is_seen_after_any_number_of_restarts_and_leaves_no_shared_memory(restartable_server):
+    """Kill the encoder's stub, then a public stub, again, and tritonserver itself: each time the
+    server is restarted and serves, and the run's shared memory is exactly the live stubs' regions
+    (the dead processes' regions are gone; before, one crash left 49 regions, up to 653 MiB)."""
+    server = restartable_server
+    prefix = region_prefix(server)
+    victims = [f"{ENCODER}_0_0", f"{PUBLIC_MODEL}_0_7", f"{PUBLIC_MODEL}_0_7", "tritonserver"]
+    with EmbeddingClient(server.url) as client:
+        expected = client.encode(["a document to check against"])
+        for round_, victim in enumerate(victims, start=1):
+            pid = tritonserver_pid(server)
+            stubs = stubs_of(pid)
+            target = pid if victim == "tritonserver" else next((s.pid for s in stubs if s.instance == victim), None)
+            assert target, f"round {round_}: no {victim} among {sorted(s.instance for s in stubs)}"
+            os.kill(target, signal.SIGKILL)
+            recovered_s = wait_for_restarts(server, restarts(server) + 1)
+            again = client.encode(["a document to check against"])
+            live = {stub.shm_region for stub in stubs_of(tritonserver_pid(server))}
+            print(f"round {round_}: killed {victim}, restarted in {recovered_s:.1f} s")
+            assert float(again @ expected.T) > 0.99999
+            assert regions_with(prefix) == live, f"round {round_}: leftover regions"
+
+
+def serve_sh_without_run_dir(tiny_checkpoint) -> tuple[subprocess.Popen, str]:
+    """serve.sh as a user starts it: its run directory is a temporary one."""
+    ports = {name: str(free_port()) for name in ("TRITON_GRPC_PORT", "TRITON_HTTP_PORT", "TRITON_METRICS_PORT")}
+    env = {**os.environ, **ports, "PYTHON": sys.executable, "NVEMBED_MODEL_DIR": str(tiny_checkpoint)}
+    process = subprocess.Popen([str(SERVE_SH), "--device", "cpu"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    url = f"127.0.0.1:{ports['TRITON_GRPC_PORT']}"
+    wait_until_ready(url, (PUBLIC_MODEL, ENCODER), process, Path("/nonexistent"), 300)
+    return process, url
+
+
+def test_a_killed_launcher_leaves_nothing_once_a_new_one_starts(tiny_checkpoint, nvembed_server):
+    """kill -9 of serve.sh: its tritonserver ends on its own (it is told when its parent dies), but
+    regions and the temporary run directory stay. The next serve.sh removes them, and leaves
+    another live server's regions alone."""
+    process, _ = serve_sh_without_run_dir(tiny_checkpoint)
+
+    class Launcher:  # what tritonserver_pid and region_prefix need
+        pass
+
+    launcher = Launcher()
+    launcher.process = process
+    prefix = region_prefix(launcher)
+    triton = tritonserver_pid(launcher)
+    arguments = Path(f"/proc/{triton}/cmdline").read_bytes().decode().split("\0")
+    repository = next(arg for arg in arguments if arg.startswith("--model-repository="))
+    run_dir = Path(repository.split("=", 1)[1]).parent
+    other = regions_with(region_prefix(nvembed_server))
+    process.kill()
+    process.wait()
+    deadline = time.monotonic() + 90
+    while Path(f"/proc/{triton}").exists() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not Path(f"/proc/{triton}").exists(), "tritonserver outlived its launcher"
+    left = regions_with(prefix)
+    print(f"after kill -9 of serve.sh: {len(left)} regions and {'a' if run_dir.exists() else 'no'} run directory left")
+    assert run_dir.exists()  # what the next serve.sh must clean (regions may or may not remain)
+    second, url = serve_sh_without_run_dir(tiny_checkpoint)
+    try:
+        assert not regions_with(prefix) and not run_dir.exists()
+        assert other <= regions_with(region_prefix(nvembed_server))  # the live server's are untouched
+        with grpcclient.InferenceServerClient(url) as client:
+            tensor = bytes_input("query", ["served by the new launcher"], [1])
+            assert client.infer(PUBLIC_MODEL, [tensor]).as_numpy("embeddings").shape == (1, 64)
+    finally:
+        second.send_signal(signal.SIGINT)
+        second.wait(timeout=120)
