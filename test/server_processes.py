@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -42,3 +43,16 @@ def memory_mb(server) -> float:
 
     total = kib(pid, "RssAnon", "RssShmem") + sum(kib(stub.pid, "RssAnon") for stub in stubs_of(pid))
     return total / 1024
+
+
+def wait_for_api(server, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{server.openai_port}/health", timeout=5) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError("the OpenAI API never answered /health")

@@ -29,6 +29,7 @@ from conftest import TEST_MAX_LENGTH
 from grpc_helpers import bytes_input, cosine, embed_documents, embed_query
 from openai import OpenAI
 from prometheus_client.parser import text_string_to_metric_families
+from server_processes import wait_for_api
 from texts import AWKWARD, DOCUMENTS
 from tritonclient.utils import InferenceServerException
 
@@ -41,19 +42,6 @@ from nvembed_triton.server import ServerSettings, free_port
 
 TEXTS = [DOCUMENTS[0], DOCUMENTS[2], AWKWARD[1]]
 MATCH = 0.99999
-
-
-def wait_for_api(server, timeout_s: float = 60) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{server.openai_port}/health", timeout=5) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.2)
-    raise AssertionError("the OpenAI API never answered /health")
 
 
 @pytest.fixture(scope="module")

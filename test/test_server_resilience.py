@@ -19,11 +19,12 @@ import pytest
 import tritonclient.grpc as grpcclient
 from conftest import SERVE_SH, TEST_ADMIN_KEY, start_server, stop_server
 from grpc_helpers import bytes_input, embed_documents, embed_query
-from server_processes import http, tritonserver_pid
+from openai import OpenAI
+from server_processes import http, tritonserver_pid, wait_for_api
 from tritonclient.utils import InferenceServerException
 
 from nvembed_triton.client import EmbeddingClient
-from nvembed_triton.contract import PUBLIC_MODEL, encoder_model_name
+from nvembed_triton.contract import INFERENCE_KEY_HEADER, PUBLIC_MODEL, encoder_model_name, grpc_header
 from nvembed_triton.leftovers import SHM_DIR
 from nvembed_triton.server import ADMIN_KEY_GRPC_HEADER, ADMIN_KEY_HEADER, free_port, stubs_of, wait_until_ready
 
@@ -190,12 +191,40 @@ def test_a_stuck_encoder_is_restarted(long_text_server):
 # --- every death is seen, and nothing is left behind ----------------------------------------------
 
 
+INFERENCE_KEY = "an-operators-inference-key"
+
+
 @pytest.fixture(scope="module")
 def restartable_server(tmp_path_factory, tiny_checkpoint):
-    env = {"NVEMBED_MODEL_DIR": str(tiny_checkpoint), **FAST_SUPERVISOR}
+    """Also requires a key on inference (inference_key): its probe and OpenAI API must send it."""
+    env = {"NVEMBED_MODEL_DIR": str(tiny_checkpoint), "NVEMBED_INFERENCE_KEY": INFERENCE_KEY, **FAST_SUPERVISOR}
     server = start_server(tmp_path_factory.mktemp("restartable-server"), PUBLIC_MODEL, ["--device", "cpu"], env)
     yield server
     stop_server(server)
+
+
+def test_an_inference_key_is_required_of_clients_but_not_of_health_or_metadata(restartable_server):
+    server = restartable_server
+    keyed = {grpc_header(INFERENCE_KEY_HEADER): INFERENCE_KEY}
+    before = server.console_path.read_text()
+    with server.client() as client:
+        with pytest.raises(InferenceServerException, match=INFERENCE_KEY_HEADER):  # the seed's call, unchanged
+            embed_query(client, PUBLIC_MODEL, "no key")
+        with pytest.raises(InferenceServerException, match=INFERENCE_KEY_HEADER):
+            wrong = {grpc_header(INFERENCE_KEY_HEADER): "not the key"}
+            client.infer(PUBLIC_MODEL, [bytes_input("query", ["wrong key"], [1])], headers=wrong)
+        raw = client.infer(PUBLIC_MODEL, [bytes_input("query", ["with the key"], [1])], headers=keyed).as_numpy("embeddings")
+        assert client.is_server_live() and client.is_model_ready(PUBLIC_MODEL) and client.get_model_metadata(PUBLIC_MODEL)
+    status, text = http(server, "POST", f"/v2/models/{PUBLIC_MODEL}/infer", {"inputs": []})
+    assert status == 403 and INFERENCE_KEY_HEADER in text
+    with EmbeddingClient(server.url, inference_key=INFERENCE_KEY) as client:
+        assert float(client.encode("with the key", prompt_name="query") @ raw[0]) > 0.99999
+    wait_for_api(server)
+    openai = OpenAI(base_url=server.openai_url, api_key="unused")  # the OpenAI API holds the key for Triton
+    vector = openai.embeddings.create(model=PUBLIC_MODEL, input=["with the key"], extra_body={"input_type": "query"})
+    assert float(np.array(vector.data[0].embedding) @ raw[0]) > 0.99999
+    time.sleep(4 * float(FAST_SUPERVISOR["NVEMBED_HEALTH_INTERVAL_S"]))  # several probes, each with the key
+    assert "restarting" not in server.console_path.read_text()[len(before) :]
 
 
 def test_every_death_is_seen_after_any_number_of_restarts_and_leaves_no_shared_memory(restartable_server):
@@ -205,7 +234,7 @@ def test_every_death_is_seen_after_any_number_of_restarts_and_leaves_no_shared_m
     server = restartable_server
     prefix = region_prefix(server)
     victims = [f"{ENCODER}_0_0", f"{PUBLIC_MODEL}_0_7", f"{PUBLIC_MODEL}_0_7", "tritonserver"]
-    with EmbeddingClient(server.url) as client:
+    with EmbeddingClient(server.url, inference_key=INFERENCE_KEY) as client:
         expected = client.encode(["a document to check against"])
         for round_, victim in enumerate(victims, start=1):
             pid = tritonserver_pid(server)

@@ -247,11 +247,14 @@ class AsyncEmbeddingClient:
         timeout_s: float | None = DEFAULT_TIMEOUT_S,
         max_retries: int = DEFAULT_MAX_RETRIES,
         max_concurrency: int = 8,
+        inference_key: str | None = None,
     ):
+        """inference_key: the key of a server that requires one on inference (its inference_key setting)."""
         if max_retries < 0 or max_concurrency < 1:
             raise ValueError(f"need max_retries >= 0 and max_concurrency >= 1, got {max_retries} and {max_concurrency}")
         self.url, self.model = url, model
         self.timeout_s, self.max_retries, self.max_concurrency = timeout_s, max_retries, max_concurrency
+        self._headers = {contract.grpc_header(contract.INFERENCE_KEY_HEADER): inference_key} if inference_key else None
         self._max_documents: int | None = None  # the server's limits, read on first use
         self._max_request_bytes: int | None = None
         # A grpc.aio channel only works in the event loop that opened it, so it is opened on first
@@ -338,7 +341,7 @@ class AsyncEmbeddingClient:
             return await self._run(requests, progress), single
 
     async def _read_config(self) -> dict[str, Any]:
-        return await self._grpc().get_model_config(self.model, as_json=True, client_timeout=self.timeout_s)
+        return await self._grpc().get_model_config(self.model, as_json=True, client_timeout=self.timeout_s, headers=self._headers)
 
     async def _run(self, requests: list[_Request], progress: tqdm) -> list[_Rows]:
         async def send(request: _Request) -> _Rows:
@@ -361,7 +364,8 @@ class AsyncEmbeddingClient:
         result = await self._call(
             request.describe(),
             lambda: self._grpc().infer(
-                self.model, request.inputs(), outputs=outputs, client_timeout=self.timeout_s, parameters=request.parameters
+                self.model, request.inputs(), outputs=outputs, client_timeout=self.timeout_s, parameters=request.parameters,
+                headers=self._headers,
             ),
         )
         return _rows(result, request)

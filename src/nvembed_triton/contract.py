@@ -42,5 +42,15 @@ def nvembed_query_instruction(task: str) -> str:
     return f"Instruct: {task}\nQuery: "
 
 
+# An operator may require a key on Triton's inference and model-config APIs (serve.sh's setting
+# inference_key). HTTP clients send it in this header; gRPC clients in metadata under Triton's prefix.
+INFERENCE_KEY_HEADER = "nvembed-inference-key"
+
+
+def grpc_header(header: str) -> str:
+    """The gRPC metadata key under which Triton's restricted protocols look for `header`."""
+    return f"triton-grpc-protocol-{header}"
+
+
 def encoder_model_name(public_model: str) -> str:
     return public_model + ENCODER_SUFFIX

@@ -26,6 +26,7 @@ from tritonclient.utils import InferenceServerException
 
 from . import contract
 from .client import AsyncEmbeddingClient, EmbeddingError, InvalidInputError, ServerUnavailableError, _limit
+from .contract import INFERENCE_KEY_HEADER, grpc_header
 from .openai_http import CloseUnreadBodies, error_response, read_body
 from .openai_schemas import (
     INPUT_TYPES,
@@ -39,6 +40,7 @@ from .openai_schemas import (
 )
 
 API_KEY_VARIABLE = "NVEMBED_API_KEY"
+INFERENCE_KEY_VARIABLE = "NVEMBED_INFERENCE_KEY"  # Triton's key, inherited from serve.sh like the API key
 # The body holds texts as JSON strings: escaping can double them, so twice the model's text limit.
 BODY_BYTES_PER_TEXT_BYTE = 2
 BODY_TIMEOUT_S = 60.0  # for the whole body to arrive: 33 MiB at ~0.5 MiB/s
@@ -85,7 +87,10 @@ def key_check(api_key: str):
     return check
 
 
-def create_app(triton_url: str, model: str, *, api_key: str = "", body_timeout_s: float = BODY_TIMEOUT_S) -> FastAPI:
+def create_app(
+    triton_url: str, model: str, *, api_key: str = "", body_timeout_s: float = BODY_TIMEOUT_S, inference_key: str = ""
+) -> FastAPI:
+    """inference_key: Triton's, when serve.sh's inference_key setting requires one."""
     app = FastAPI(title="nvembed-triton OpenAI-compatible embeddings", docs_url=None, redoc_url=None)
     app.add_middleware(CloseUnreadBodies)
     guarded = [Depends(key_check(api_key))] if api_key else []
@@ -95,7 +100,9 @@ def create_app(triton_url: str, model: str, *, api_key: str = "", body_timeout_s
         # One client for the app's event loop, shared by all HTTP requests; one retry only, so HTTP
         # callers get 429/503 with Retry-After fast.
         if "client" not in state:
-            state["client"] = AsyncEmbeddingClient(triton_url, model, max_retries=1, max_concurrency=MAX_IN_FLIGHT)
+            state["client"] = AsyncEmbeddingClient(
+                triton_url, model, max_retries=1, max_concurrency=MAX_IN_FLIGHT, inference_key=inference_key or None
+            )
         return state["client"]
 
     async def limits() -> tuple[int, int]:
@@ -103,7 +110,8 @@ def create_app(triton_url: str, model: str, *, api_key: str = "", body_timeout_s
         if "limits" not in state:
             try:
                 async with aio_grpcclient.InferenceServerClient(triton_url) as triton:
-                    config = await triton.get_model_config(model, as_json=True, client_timeout=10)
+                    headers = {grpc_header(INFERENCE_KEY_HEADER): inference_key} if inference_key else None
+                    config = await triton.get_model_config(model, as_json=True, client_timeout=10, headers=headers)
             except InferenceServerException as error:
                 raise ServerUnavailableError(f"cannot read the model config: {error.message()}", "UNAVAILABLE") from None
             dimension = (await (await client()).encode(["dimension"])).shape[-1]
@@ -195,7 +203,10 @@ def main() -> None:
     parser.add_argument("--body-timeout-s", type=float, default=BODY_TIMEOUT_S, help="for a request body to arrive (408 after)")
     args = parser.parse_args()
     api_key = os.environ.get(API_KEY_VARIABLE, "")
-    app = create_app(args.triton_url, args.model, api_key=api_key, body_timeout_s=args.body_timeout_s)
+    inference_key = os.environ.get(INFERENCE_KEY_VARIABLE, "")
+    app = create_app(
+        args.triton_url, args.model, api_key=api_key, body_timeout_s=args.body_timeout_s, inference_key=inference_key
+    )
     try:
         uvicorn.run(
             app, host=args.host, port=args.port, log_level="warning", limit_concurrency=MAX_CONNECTIONS,

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .checkpoint import Architecture, CheckpointError, check_model_dir, check_served_name
-from .contract import EMBEDDINGS_OUTPUT, PUBLIC_MODEL, QUERY_INPUT, encoder_model_name
+from .contract import EMBEDDINGS_OUTPUT, INFERENCE_KEY_HEADER, PUBLIC_MODEL, QUERY_INPUT, encoder_model_name, grpc_header
 from .leftovers import RunRecord, sweep
 from .lifecycle import CANCEL_DIR_ENV, CLOSED_FLAG_ENV, reason_of
 from .server import ServerError, ServerSettings, TritonServer
@@ -162,6 +162,7 @@ def server_settings(plan_: ServePlan, run_dir: Path, environ=os.environ, record:
         environment=overrides,
         shm_prefix=record.shm_prefix if record else "",
         admin_key=launcher_setting("admin_key", environ) or secrets.token_urlsafe(24),
+        inference_key=launcher_setting("inference_key", environ),
         inherited_fds=(record.fd,) if record else (),
     )
 
@@ -191,7 +192,8 @@ def probe(settings: ServerSettings, model: str, timeout_s: float) -> None:
     with grpcclient.InferenceServerClient(settings.grpc_url) as client:
         query = grpcclient.InferInput(QUERY_INPUT, [1], "BYTES")
         query.set_data_from_numpy(np.array([b"health probe"], dtype=object))
-        result = client.infer(model, [query], client_timeout=timeout_s, priority=PROBE_PRIORITY)
+        headers = {grpc_header(INFERENCE_KEY_HEADER): settings.inference_key} if settings.inference_key else None
+        result = client.infer(model, [query], client_timeout=timeout_s, priority=PROBE_PRIORITY, headers=headers)
     norm = float(np.linalg.norm(result.as_numpy(EMBEDDINGS_OUTPUT)))
     if not abs(norm - 1.0) < 1e-3:
         raise ServerError(f"the probe's embedding has norm {norm}, not 1")
@@ -280,8 +282,7 @@ def serve(plan_: ServePlan, settings: ServerSettings) -> int:
     log(f"starting tritonserver for {plan_.name} ({plan_.model_dir}); log: {server.log_path}")
     http_api = None
     try:
-        server.start()
-        server.wait_ready(abort=supervisor.stop)
+        supervisor.start()
         watch = supervisor.watch()  # its processes, now: one that dies while the OpenAI API starts is seen too
         ports = f"grpc {settings.grpc_port}, http {settings.http_port}, metrics {settings.metrics_port}"
         if plan_.openai_port:

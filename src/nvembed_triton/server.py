@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .contract import INFERENCE_KEY_HEADER, grpc_header
 from .leftovers import remove_regions
 
 CONTAINER_TRITON = Path("/opt/tritonserver")
@@ -25,7 +26,9 @@ CONTAINER_TRITON = Path("/opt/tritonserver")
 # tritonserver), logging can silence or flood the log, and the rest is administration.
 RESTRICTED_APIS = ("shared-memory", "model-repository", "statistics", "trace", "logging")
 ADMIN_KEY_HEADER = "nvembed-admin-key"
-ADMIN_KEY_GRPC_HEADER = f"triton-grpc-protocol-{ADMIN_KEY_HEADER}"  # gRPC's restriction reads a prefixed metadata key
+ADMIN_KEY_GRPC_HEADER = grpc_header(ADMIN_KEY_HEADER)
+# With the inference_key setting, these need contract.INFERENCE_KEY_HEADER (health, metadata and metrics stay open).
+KEYED_APIS = ("inference", "model-config")
 PYTHON_BACKEND_FILES = ("libtriton_python.so", "triton_python_backend_utils.py")
 
 
@@ -120,6 +123,7 @@ class ServerSettings:
     # Triton's APIs that no client needs (RESTRICTED_APIS) answer only requests that carry this
     # value in the ADMIN_KEY_HEADER header. Empty: they are open (tests of the restriction itself).
     admin_key: str = ""
+    inference_key: str = ""  # if set, inference and model configs need it too (KEYED_APIS)
     inherited_fds: tuple[int, ...] = ()  # descriptors tritonserver keeps open (the run record's lock)
 
     @property
@@ -274,10 +278,12 @@ class TritonServer:
         ]
 
     def restriction_arguments(self) -> list[str]:
-        if not self.settings.admin_key:
-            return []
-        rule = f"{','.join(RESTRICTED_APIS)}:{ADMIN_KEY_HEADER}={self.settings.admin_key}"
-        return [f"--grpc-restricted-protocol={rule}", f"--http-restricted-api={rule}"]
+        rules = []
+        if self.settings.admin_key:
+            rules.append(f"{','.join(RESTRICTED_APIS)}:{ADMIN_KEY_HEADER}={self.settings.admin_key}")
+        if self.settings.inference_key:
+            rules.append(f"{','.join(KEYED_APIS)}:{INFERENCE_KEY_HEADER}={self.settings.inference_key}")
+        return [flag for rule in rules for flag in (f"--grpc-restricted-protocol={rule}", f"--http-restricted-api={rule}")]
 
     def cache_arguments(self, installation: TritonInstallation) -> list[str]:
         if not self.settings.response_cache_bytes:

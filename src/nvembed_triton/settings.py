@@ -170,6 +170,9 @@ SETTINGS = (
             LAUNCHER),
     Setting("api_key", "", "require `Authorization: Bearer <key>` on the OpenAI/NIM API (health endpoints "
             "excepted); empty: no key", LAUNCHER),
+    Setting("inference_key", "", "require the header `nvembed-inference-key: <key>` (gRPC: "
+            "`triton-grpc-protocol-nvembed-inference-key`) on Triton's inference and model-config APIs; the seed's "
+            "clients must then send it. Health, metadata and metrics stay open; empty: no key", LAUNCHER),
 )  # fmt: skip
 BY_KEY = {setting.key: setting for setting in SETTINGS}
 

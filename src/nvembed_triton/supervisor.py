@@ -37,6 +37,7 @@ from .server import ServerError, TritonServer
 
 # A restart that fails this many times in a row ends the launcher (exit 1): the fault is not transient.
 MAX_FAILED_RESTARTS = 3
+MAX_STARTS = 3  # starts of one tritonserver that crash while loading (see Supervisor.start)
 PENDING_METRIC = "nv_inference_pending_request_count"  # Triton's: requests queued, per model
 # Completions: any change in these (summed over the served models) is progress.
 PROGRESS_METRICS = ("nv_inference_request_success", "nv_inference_request_failure", "nvembed_forward_passes_total")
@@ -208,12 +209,30 @@ class Supervisor:
         """CPU seconds used so far by the stubs of the model that computes."""
         return sum(stub.cpu_s() for stub in self.server.stubs() if stub.instance.startswith(self.worker_model))
 
+    def start(self) -> None:
+        """Starts tritonserver and waits until it is ready (or `stop` is set). One that dies from a
+        signal while starting is started again, up to MAX_STARTS times: Triton 2.51's Python backend
+        sometimes aborts (boost::interprocess::lock_exception) while 49 instances initialise on a
+        busy machine (seen in about 1 of 3 starts under a heavy load here, never twice in a row)."""
+        for attempt in range(1, MAX_STARTS + 1):
+            self.server.start()
+            try:
+                self.server.wait_ready(abort=self.stop)
+                return
+            except ServerError:
+                crashed = (self.server.returncode or 0) < 0
+                if not crashed or attempt == MAX_STARTS:
+                    raise
+                self.log(f"tritonserver died from signal {-self.server.returncode} while starting; starting it again")
+                self.server.kill()
+
     def restart(self) -> None:
         started = time.monotonic()
         self.server.kill()
         self.closed_flag.unlink(missing_ok=True)
-        self.server.start()
-        self.server.wait_ready()
+        self.start()
+        if self.stop.is_set():  # stopping meanwhile: the drain follows, not a restart
+            return
         self.restarts += 1
         self.log(f"tritonserver restarted and ready in {time.monotonic() - started:.1f} s")
 
