@@ -135,6 +135,17 @@ def minilm_server(tmp_path_factory) -> RunningServer:
     stop_server(server)
 
 
+SERVER_FIXTURES = {"nvembed_server", "minilm_server", "small_queue_server"}
+
+
+def pytest_collection_modifyitems(items):
+    """Tests that use a shared server are server tests wherever they live (files that start servers
+    of their own say so with pytestmark): `pytest -m "not server"` runs the unit tests alone."""
+    for item in items:
+        if SERVER_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.server)
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     """Print the server log under a failing test that used a server."""

@@ -17,6 +17,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from nvembed_triton.client import AsyncEmbeddingClient, EmbeddingClient
 from nvembed_triton.contract import PUBLIC_MODEL
 
+pytestmark = pytest.mark.server  # starts real tritonservers
+
 TEXTS = ["one document about bread", "another about flour"]
 
 

@@ -40,6 +40,8 @@ from nvembed_triton.openai_api import body_limit
 from nvembed_triton.serve import DEMO_MODEL, OpenAIServer
 from nvembed_triton.server import ServerSettings, free_port
 
+pytestmark = pytest.mark.server  # starts real tritonservers
+
 TEXTS = [DOCUMENTS[0], DOCUMENTS[2], AWKWARD[1]]
 MATCH = 0.99999
 

@@ -13,6 +13,8 @@ from texts import DOCUMENTS, QUERY
 
 from nvembed_triton.contract import PUBLIC_MODEL
 
+pytestmark = pytest.mark.server  # starts real tritonservers
+
 EXAMPLES = Path(__file__).parent / "readme_examples"
 TEST_SCRIPT = Path(__file__).parent / "test-nv-embed-v2.py"
 

@@ -8,6 +8,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+import pytest
 from conftest import TEST_ADMIN_KEY
 from grpc_helpers import bytes_input, cosine, embed_documents, embed_query, infer
 
@@ -15,6 +16,8 @@ from nvembed_triton import contract
 from nvembed_triton.contract import PUBLIC_MODEL, encoder_model_name
 from nvembed_triton.server import ADMIN_KEY_GRPC_HEADER
 from nvembed_triton.supervisor import Timings
+
+pytestmark = pytest.mark.server  # starts real tritonservers
 
 ENCODER = encoder_model_name(PUBLIC_MODEL)
 CLIENTS = 24

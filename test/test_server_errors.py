@@ -10,6 +10,8 @@ from tritonclient.utils import InferenceServerException
 from nvembed_triton import contract
 from nvembed_triton.contract import PUBLIC_MODEL, encoder_model_name
 
+pytestmark = pytest.mark.server  # starts real tritonservers
+
 ENCODER = encoder_model_name(PUBLIC_MODEL)
 
 

@@ -11,6 +11,8 @@ from texts import DOCUMENTS as README_DOCUMENTS
 
 from nvembed_triton.contract import PUBLIC_MODEL, RETRIEVAL_TASK, nvembed_query_instruction
 
+pytestmark = pytest.mark.server  # starts real tritonservers
+
 QUERY_INSTRUCTION = nvembed_query_instruction(RETRIEVAL_TASK)
 DOCUMENTS = README_DOCUMENTS + AWKWARD
 MATCH = 0.99999

@@ -30,6 +30,8 @@ from nvembed_triton.contract import (
     nvembed_query_instruction,
 )
 
+pytestmark = pytest.mark.server  # starts real tritonservers
+
 DOCUMENTS = [f"document {i} " + "bread flour yeast water salt " * 40 for i in range(64)]
 
 

@@ -28,6 +28,8 @@ from nvembed_triton.contract import INFERENCE_KEY_HEADER, PUBLIC_MODEL, encoder_
 from nvembed_triton.leftovers import SHM_DIR
 from nvembed_triton.server import ADMIN_KEY_GRPC_HEADER, ADMIN_KEY_HEADER, free_port, stubs_of, wait_until_ready
 
+pytestmark = pytest.mark.server  # starts real tritonservers
+
 ENCODER = encoder_model_name(PUBLIC_MODEL)
 STALL_TIMEOUT_S = 3.0
 # The supervisor looks often and gives up on a silent encoder quickly, so the tests stay short.

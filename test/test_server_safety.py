@@ -28,6 +28,8 @@ from nvembed_triton.contract import PUBLIC_MODEL, encoder_model_name
 from nvembed_triton.serve import closed_flag
 from nvembed_triton.server import ADMIN_KEY_GRPC_HEADER, ADMIN_KEY_HEADER, stubs_of
 
+pytestmark = pytest.mark.server  # starts real tritonservers
+
 ENCODER = encoder_model_name(PUBLIC_MODEL)
 TEXTS = ["a first document about flour", "a second one about bread", "the third is about yeast"]
 RECOVERY_LIMIT_S = 60.0

@@ -30,8 +30,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from prometheus_client.parser import text_string_to_metric_families
-
 from .metrics import EXECUTING_METRIC
 from .server import ServerError, TritonServer
 
@@ -63,6 +61,8 @@ class Timings:
 
 def scrape(url: str, names: set[str]) -> dict[tuple[str, str], float]:
     """(metric name, model) -> value, summed over other labels, for the Prometheus series named in `names`."""
+    from prometheus_client.parser import text_string_to_metric_families  # the serving extra's, not the client's
+
     with urllib.request.urlopen(url, timeout=SCRAPE_TIMEOUT_S) as response:
         text = response.read().decode()
     values: dict[tuple[str, str], float] = {}
