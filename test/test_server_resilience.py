@@ -26,6 +26,7 @@ from tritonclient.utils import InferenceServerException
 from nvembed_triton.client import EmbeddingClient
 from nvembed_triton.contract import INFERENCE_KEY_HEADER, PUBLIC_MODEL, encoder_model_name, grpc_header
 from nvembed_triton.leftovers import SHM_DIR
+from nvembed_triton.memory import find_jemalloc
 from nvembed_triton.server import ADMIN_KEY_GRPC_HEADER, ADMIN_KEY_HEADER, free_port, stubs_of, wait_until_ready
 
 pytestmark = pytest.mark.server  # starts real tritonservers
@@ -298,3 +299,17 @@ def test_a_killed_launcher_leaves_nothing_once_a_new_one_starts(tiny_checkpoint,
     finally:
         second.send_signal(signal.SIGINT)
         second.wait(timeout=120)
+
+
+def test_tritonserver_and_every_stub_run_with_the_allocator_the_launcher_chose(nvembed_server):
+    """Under a long mixed load glibc malloc's memory kept growing (bench/RESULTS.md): serve.sh
+    preloads jemalloc into tritonserver and every stub where it is installed, and says which."""
+    pid = tritonserver_pid(nvembed_server)
+    processes = [pid, *(stub.pid for stub in stubs_of(pid))]
+    console = nvembed_server.console_path.read_text()
+    if find_jemalloc() is None:  # .ci/run installs it; a machine without it says how to get it
+        assert "libjemalloc.so.2 not found (apt-get install libjemalloc2)" in console
+        return
+    assert "malloc: jemalloc" in console
+    unmapped = [p for p in processes if "libjemalloc" not in Path(f"/proc/{p}/maps").read_text()]
+    assert not unmapped, f"{len(unmapped)} of {len(processes)} processes run without jemalloc"
