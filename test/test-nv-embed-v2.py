@@ -1,15 +1,26 @@
 #!/usr/bin/env python3
 """The three checks of the model's README against a running server: query embedding, document
-embeddings, semantic similarity search. Exits non-zero on the first failure.
+embeddings, semantic similarity search. Runs all three, prints PASS or FAIL for each, and exits
+with 1 if any failed.
 
-    python test/test-nv-embed-v2.py [--url localhost:8001] [--model nv-embed-v2]
+    .venv/bin/python test/test-nv-embed-v2.py [--url localhost:8001] [--model nv-embed-v2] [--no-check-ranking]
 """
 
 import argparse
+import os
 import sys
+from pathlib import Path
 
-import numpy as np
-import tritonclient.grpc as grpcclient
+try:
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+except ImportError as missing:
+    # Run with a Python that lacks tritonclient (`python test/...`): use the checkout's .venv
+    # (setup.sh) if there is one, else say what to install.
+    venv_python = Path(__file__).resolve().parents[1] / ".venv" / "bin" / "python"
+    if venv_python.is_file() and Path(sys.prefix).resolve() != venv_python.parents[1].resolve():
+        os.execv(venv_python, [str(venv_python), *sys.argv])
+    sys.exit(f"{missing}: run with .venv/bin/python (./setup.sh makes it), or pip install -r test/requirement.txt")
 
 QUERY = "How do neural networks learn patterns from examples?"
 DOCUMENTS = [

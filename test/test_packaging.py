@@ -132,19 +132,29 @@ def test_malformed_device_fails_before_the_server_starts(tiny_checkpoint, device
     assert result.returncode == 1 and "cuda:N" in result.stderr
 
 
-def test_gpu_asked_for_but_absent_is_a_load_error_not_a_cpu_fallback(tiny_checkpoint, tmp_path):
+@pytest.mark.server  # starts a real tritonserver
+def test_gpu_asked_for_but_absent_is_refused_never_a_cpu_fallback(tiny_checkpoint, tmp_path):
+    """serve.sh refuses before it starts anything (test_newcomer times it); a tritonserver started
+    without serve.sh still refuses at load, by the encoder's own check."""
     from conftest import free_port
 
+    from nvembed_triton.serve import PACKAGED_REPOSITORY
+    from nvembed_triton.server import ServerError, ServerSettings, TritonServer
+
     ports = {f"TRITON_{kind}_PORT": str(free_port()) for kind in ("GRPC", "HTTP", "METRICS")}
-    result = subprocess.run(
-        [str(ROOT / "serve.sh"), "--model-dir", str(tiny_checkpoint), "--device", "cuda:0", "--run-dir", str(tmp_path)],
-        env={**os.environ, "PYTHON": sys.executable, "CUDA_VISIBLE_DEVICES": "", **ports},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 1
-    assert "device cuda:0 was asked for but torch sees 0 CUDA device(s)" in result.stderr
+    result = serve("--model-dir", str(tiny_checkpoint), "--device", "cuda:0", CUDA_VISIBLE_DEVICES="", **ports)
+    assert result.returncode == 1 and "starting tritonserver" not in result.stdout
+    assert "the device is cuda:0, but" in result.stderr and "--device cpu" in result.stderr
+    # The encoder alone, in a tritonserver of its own.
+    encoder = encoder_model_name(PUBLIC_MODEL)
+    repository = tmp_path / "repository"
+    shutil.copytree(PACKAGED_REPOSITORY / encoder, repository / encoder, ignore=shutil.ignore_patterns("__pycache__"))
+    environment = {"NVEMBED_MODEL_DIR": str(tiny_checkpoint), "NVEMBED_DEVICE": "cuda:0", "CUDA_VISIBLE_DEVICES": ""}
+    settings = ServerSettings(repository, (encoder,), tmp_path / "run", free_port(), free_port(), free_port(),
+                              environment=environment)  # fmt: skip
+    with pytest.raises(ServerError, match=r"device cuda:0 was asked for but torch sees 0 CUDA device\(s\)"):
+        with TritonServer(settings):
+            pass
 
 
 def test_a_port_in_use_is_named_before_anything_loads(tiny_checkpoint):
@@ -170,15 +180,26 @@ def test_a_port_in_use_is_named_before_anything_loads(tiny_checkpoint):
     assert "starting tritonserver" not in result.stdout
 
 
-def test_a_temporary_run_directory_is_removed_on_exit(tiny_checkpoint):
+@pytest.mark.server  # starts a real tritonserver
+def test_a_temporary_run_directory_is_removed_on_exit(tiny_checkpoint, tmp_path):
+    """serve.sh starts tritonserver, whose models fail to load (their model.py raises): it exits
+    and leaves no temporary run directory."""
     import tempfile
 
     from conftest import free_port
 
+    from nvembed_triton.serve import PACKAGED_REPOSITORY
+
+    repository = shutil.copytree(PACKAGED_REPOSITORY, tmp_path / "repository", ignore=shutil.ignore_patterns("__pycache__"))
+    for model in (PUBLIC_MODEL, encoder_model_name(PUBLIC_MODEL)):
+        (repository / model / "1" / "model.py").write_text(
+            "class TritonPythonModel:\n    def initialize(self, args):\n        raise RuntimeError('fails to load on purpose')\n"
+        )
     ports = {f"TRITON_{kind}_PORT": str(free_port()) for kind in ("GRPC", "HTTP", "METRICS")}
     before = set(Path(tempfile.gettempdir()).glob("nvembed-triton-*"))
-    result = serve("--model-dir", str(tiny_checkpoint), "--device", "cuda:0", CUDA_VISIBLE_DEVICES="", **ports)
-    assert result.returncode == 1  # started, failed to load, and cleaned up
+    result = serve("--model-dir", str(tiny_checkpoint), "--device", "cpu", "--model-repository", str(repository), **ports)
+    assert result.returncode == 1 and "starting tritonserver" in result.stdout  # started, failed to load
+    assert "fails to load on purpose" in result.stderr
     assert set(Path(tempfile.gettempdir()).glob("nvembed-triton-*")) == before
 
 

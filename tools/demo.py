@@ -1,20 +1,26 @@
 """The laptop demo (./demo.sh): serve the small bundled all-MiniLM-L6-v2 through the same Triton
-stack on the CPU, run the user's three tests (test/test-nv-embed-v2.py) against it, stop the
-server. A development tool of the checkout, not part of the installed package."""
+stack on the CPU, run the user's three tests (test/test-nv-embed-v2.py) against it, call the
+OpenAI-compatible API once, stop the server, and say how to serve it yourself. A development tool
+of the checkout, not part of the installed package."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 from nvembed_triton.serve import DEMO_MODEL, OpenAIServer, parser, plan, server_settings
-from nvembed_triton.server import ServerError, TritonServer, free_port
+from nvembed_triton.server import ServerError, ServerSettings, TritonServer, free_port
+from nvembed_triton.settings import BY_KEY
 
 TEST_SCRIPT = Path(__file__).resolve().parents[1] / "test" / "test-nv-embed-v2.py"
+README_SECTION = 'README.md, "From the demo to your own server"'
+OPENAI_PORT = 8080  # what the closing message suggests, as the README does
 
 
 def main() -> int:
@@ -27,30 +33,25 @@ def main() -> int:
                 url = server.settings.grpc_url
                 print(f"demo: ready on {url}; running {TEST_SCRIPT.name} --model {DEMO_MODEL}", flush=True)
                 code = subprocess.call([sys.executable, str(TEST_SCRIPT), "--url", url, "--model", DEMO_MODEL], env=os.environ)
-                show_openai_api(server.settings)
-                return code
+                call_openai_api(server.settings)
+                print("demo: stopping the server", flush=True)
         except ServerError as error:
             print(f"demo: {error}", file=sys.stderr)
             return 1
+    print(closing_message(server.settings), flush=True)
+    return code
 
 
-def show_openai_api(settings) -> None:
-    """The same model through the OpenAI-compatible API: how to call it, and one call."""
-    import json
-    import urllib.request
-
+def call_openai_api(settings: ServerSettings) -> None:
+    """The same model through the OpenAI-compatible API (on a free port, for the demo only): one call."""
     port = free_port()
     http_api = OpenAIServer(settings, DEMO_MODEL, port)
     try:
-        body = json.dumps({"model": DEMO_MODEL, "input": ["hello from the OpenAI API"]})
-        print(f"""
-demo: the OpenAI-compatible API (serve.sh --openai-port {port}):
-  curl http://127.0.0.1:{port}/v1/embeddings -H 'Content-Type: application/json' -d '{body}'
-  OpenAI(base_url="http://127.0.0.1:{port}/v1", api_key="unused").embeddings.create(model="{DEMO_MODEL}", input=[...])""")
+        body = json.dumps({"model": DEMO_MODEL, "input": ["hello from the OpenAI API"]}).encode()
         for _ in range(50):  # the API starts in the background
             try:
                 url = f"http://127.0.0.1:{port}/v1/embeddings"
-                request = urllib.request.Request(url, body.encode(), {"Content-Type": "application/json"})
+                request = urllib.request.Request(url, body, {"Content-Type": "application/json"})
                 with urllib.request.urlopen(request, timeout=30) as response:
                     answer = json.loads(response.read())
                 break
@@ -59,9 +60,24 @@ demo: the OpenAI-compatible API (serve.sh --openai-port {port}):
         else:
             raise SystemExit("demo: the OpenAI API did not answer")
         vector = answer["data"][0]["embedding"]
-        print(f"demo: it answered a {len(vector)}-dimensional embedding, usage {answer['usage']}", flush=True)
+        print(f"\ndemo: the OpenAI-compatible API (POST /v1/embeddings) answered a {len(vector)}-dimensional "
+              f"embedding, usage {answer['usage']}", flush=True)  # fmt: skip
     finally:
         http_api.stop()
+
+
+def closing_message(settings: ServerSettings) -> str:
+    """How to go on: the demo's server has stopped, so these are commands to serve it yourself.
+    They use the ports the demo used (serve.sh reads the same TRITON_* variables)."""
+    url = "" if settings.grpc_port == int(BY_KEY["grpc_port"].default) else f" --url localhost:{settings.grpc_port}"
+    body = json.dumps({"model": DEMO_MODEL, "input": ["what is flour?"]})
+    return f"""
+demo: done; the demo's server has stopped. To serve {DEMO_MODEL} yourself (Ctrl-C stops it):
+  ./serve.sh --demo --openai-port {OPENAI_PORT}
+and, in another terminal, call it:
+  .venv/bin/python test/test-nv-embed-v2.py --model {DEMO_MODEL}{url}
+  curl http://localhost:{OPENAI_PORT}/v1/embeddings -H 'Content-Type: application/json' -d '{body}'
+The Python client, LangChain, the OpenAI SDK, and the tiny NV-Embed-v2 checkpoint: {README_SECTION}."""
 
 
 if __name__ == "__main__":

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import threading
+import time
 import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -41,6 +43,10 @@ DEFAULT_MAX_RETRIES = 30
 # "... is not healthy"), which serve.sh repairs within seconds.
 RETRYABLE_STATUSES = frozenset({"UNAVAILABLE"})
 DEAD_STUB_MESSAGE = "is not healthy"
+# Retrying is silent at first (a restart or a full queue passes quickly); once attempts have failed
+# for this long, a warning says what is happening, so a wrong address is not a minute of silence.
+WARN_AFTER_S = 1.0
+logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 Texts: TypeAlias = str | Sequence[str] | np.ndarray
@@ -255,6 +261,7 @@ class AsyncEmbeddingClient:
         self.url, self.model = url, model
         self.timeout_s, self.max_retries, self.max_concurrency = timeout_s, max_retries, max_concurrency
         self._headers = {contract.grpc_header(contract.INFERENCE_KEY_HEADER): inference_key} if inference_key else None
+        self._warned = False  # one warning per outage, however many requests retry through it
         self._max_documents: int | None = None  # the server's limits, read on first use
         self._max_request_bytes: int | None = None
         # A grpc.aio channel only works in the event loop that opened it, so it is opened on first
@@ -371,13 +378,23 @@ class AsyncEmbeddingClient:
         return _rows(result, request)
 
     async def _call(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
-        failures = 0
+        failures, first_failure = 0, 0.0
         while True:
             try:
-                return await call()
+                result = await call()
+                self._warned = False
+                return result
             except InferenceServerException as error:
                 failures += 1
                 self._retry_or_raise(error, what, failures)
+                first_failure = first_failure or time.monotonic()
+                if not self._warned and time.monotonic() - first_failure >= WARN_AFTER_S:
+                    self._warned = True
+                    left_s = sum(_backoff_s(n) for n in range(failures, self.max_retries + 1))
+                    logger.warning(
+                        "model %r at %s is unavailable (%s: %s); retrying %s for up to about %.0f s more (max_retries %d)",
+                        self.model, self.url, _status(error), error.message() or error, what, left_s, self.max_retries,
+                    )  # fmt: skip
             await asyncio.sleep(_backoff_s(failures))
 
     def _retry_or_raise(self, error: InferenceServerException, what: str, failures: int) -> None:

@@ -4,8 +4,13 @@ INVALID_ARGUMENT as a success. Only inside a Triton Python-backend stub."""
 
 from __future__ import annotations
 
+import itertools
 import threading
 from contextlib import contextmanager
+
+from .contract import PROMPT_NAMES
+from .lifecycle import REASON_CODES
+from .request_rules import CUSTOM_PROMPT
 
 # A gauge: requests a model holds now, from execute() until their response is sent (serve.sh's
 # drain waits for it to reach 0, and its supervisor reads it as work in progress).
@@ -17,12 +22,17 @@ COUNTERS = {
     "nvembed_truncated_texts_total": ("Texts cut to max_length tokens", ()),
     "nvembed_forward_passes_total": ("Forward passes run", ()),
     "nvembed_padded_tokens_total": ("Tokens the forward passes computed, padding included", ()),
-    "nvembed_rejected_requests_total": (
-        "Requests answered with an error, by reason: invalid_input, over_capacity, cancelled, shutting_down, "
-        "unavailable, internal",
-        ("reason",),
-    ),
+    "nvembed_rejected_requests_total": (f"Requests answered with an error, by reason: {', '.join(REASON_CODES)}", ("reason",)),
 }  # fmt: skip
+# Every value a label can take, known before any request: each series is created at load with 0,
+# so the first scrape shows all of them (a dashboard's rate() needs a series' 0 to see its first event).
+LABEL_VALUES = {"prompt": (*PROMPT_NAMES, CUSTOM_PROMPT), "reason": tuple(REASON_CODES)}
+
+
+def series(name: str) -> list[dict[str, str]]:
+    """The label sets (besides `model`) of a counter's series: one per combination of its labels' values."""
+    label_names = COUNTERS[name][1]
+    return [dict(zip(label_names, values, strict=True)) for values in itertools.product(*map(LABEL_VALUES.get, label_names))]
 
 
 class ModelMetrics:
@@ -50,6 +60,10 @@ class ModelMetrics:
             kind=pb_utils.MetricFamily.GAUGE,
         )
         self._executing = self._executing_family.Metric(labels={"model": model_name})
+        with self.ipc_lock:  # nothing else runs yet, but every metrics IPC call goes under the lock
+            for name in COUNTERS:
+                for labels in series(name):
+                    self._metric(name, labels)
 
     @contextmanager
     def executing(self, requests: int):
@@ -84,11 +98,15 @@ class ModelMetrics:
         """Sends what add() collected: one update per counter and label set."""
         with self.ipc_lock:
             pending, self._pending = self._pending, {}  # taken first: a failed send is not counted twice
-            for key, value in pending.items():
-                if key not in self._metrics:
-                    name, *labels = key
-                    self._metrics[key] = self._families[name].Metric(labels={"model": self.model_name, **dict(labels)})
-                self._metrics[key].increment(value)
+            for (name, *labels), value in pending.items():
+                self._metric(name, dict(labels)).increment(value)
+
+    def _metric(self, name: str, labels: dict[str, str]):
+        """The counter's series for these labels, created (at 0) on first use; call under ipc_lock."""
+        key = (name, *sorted(labels.items()))
+        if key not in self._metrics:
+            self._metrics[key] = self._families[name].Metric(labels={"model": self.model_name, **labels})
+        return self._metrics[key]
 
     def rejected(self, reason: str) -> None:
         self.add("nvembed_rejected_requests_total", 1, reason=reason)

@@ -9,10 +9,11 @@ import secrets
 import shutil
 import signal
 import socket
+import subprocess
 import sys
 import tempfile
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .checkpoint import Architecture, CheckpointError, check_model_dir, check_served_name
@@ -45,6 +46,10 @@ PROBE_PRIORITY = 1
 # stall rule judge those).
 BUSY_REASONS = {"over_capacity", "shutting_down", "cancelled"}
 BUSY_STATUSES = {"StatusCode.DEADLINE_EXCEEDED", "StatusCode.UNAVAILABLE"}
+PORTS = ("grpc_port", "http_port", "metrics_port")  # Triton's; openai_port is the launcher's own
+# What asking torch for the GPU count may take (importing torch: ~1.5 s here, more on a cold disk);
+# past it serve.sh starts anyway and the encoder's own check at load time has the last word.
+GPU_QUERY_TIMEOUT_S = 60
 
 
 @dataclass(frozen=True)
@@ -56,6 +61,8 @@ class ServePlan:
     host: str
     openai_port: int | None
     drain_timeout_s: float
+    encoder_device: str = "cpu"  # where the encoder loads: its device setting, from wherever it came
+    port_flags: dict[str, str | None] = field(default_factory=dict)  # --grpc-port & co., which win over variables
 
 
 def demo_model_dir() -> Path:
@@ -103,13 +110,16 @@ def plan(args: argparse.Namespace, environ=os.environ) -> ServePlan:
         architecture = Architecture.STAND_IN
     check_served_name(name, architecture)
     device = args.device or environ.get(BY_KEY["device"].variable) or ("cpu" if args.demo else None)
-    if device:
-        resolve_device(device, "", "0")  # rejects a malformed value before the server starts
+    encoder_device = resolve_device(device or encoder_values["device"], "", "0")  # rejects a malformed value now
+    port_flags = {key: getattr(args, key, None) for key in PORTS}
+    for key, value in port_flags.items():
+        launcher_setting(key, environ, value)  # a malformed port is refused now too
     return ServePlan(
         name, Path(model_dir).resolve(), device, repository,
         host=launcher_setting("host", environ, args.host),
         openai_port=launcher_setting("openai_port", environ, args.openai_port),
         drain_timeout_s=launcher_setting("drain_timeout_s", environ),
+        encoder_device=encoder_device, port_flags=port_flags,
     )  # fmt: skip
 
 
@@ -155,9 +165,9 @@ def server_settings(plan_: ServePlan, run_dir: Path, environ=os.environ, record:
         model_repository=repository,
         models=(plan_.name, encoder_model_name(plan_.name)),
         run_dir=run_dir,
-        grpc_port=launcher_setting("grpc_port", environ),
-        http_port=launcher_setting("http_port", environ),
-        metrics_port=launcher_setting("metrics_port", environ),
+        grpc_port=launcher_setting("grpc_port", environ, plan_.port_flags.get("grpc_port")),
+        http_port=launcher_setting("http_port", environ, plan_.port_flags.get("http_port")),
+        metrics_port=launcher_setting("metrics_port", environ, plan_.port_flags.get("metrics_port")),
         host=plan_.host,
         environment=overrides,
         shm_prefix=record.shm_prefix if record else "",
@@ -208,9 +218,9 @@ def is_busy(error: BaseException) -> bool:
     return str(error.status()) in BUSY_STATUSES or reason_of(error.message() or "") in BUSY_REASONS
 
 
-def parser() -> argparse.ArgumentParser:
+def parser(prog: str = "serve.sh") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="serve.sh",
+        prog=prog,
         description="Serve NV-Embed-v2 (or a sentence-transformers model) with Triton over gRPC.",
         epilog=environment_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -226,23 +236,31 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def invoked_as() -> str:
+    """The name --help's usage shows: the console script's (nvembed-triton-serve), else serve.sh,
+    which runs this module (python -m: argv[0] is this file)."""
+    name = Path(sys.argv[0]).name
+    return "serve.sh" if name in ("serve.py", "__main__.py", "-c", "") else name
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    args = parser(invoked_as()).parse_args(argv)
     try:
         plan_ = plan(args)
-    except (CheckpointError, SettingsError) as error:
+        if args.check:
+            print(f"ok: {plan_.model_dir} can be served as {plan_.name}")
+            return 0
+        check_gpus_visible(plan_)
+    except (CheckpointError, SettingsError, ServerError) as error:
         print(f"serve.sh: {error}", file=sys.stderr)
         return 1
-    if args.check:
-        print(f"ok: {plan_.model_dir} can be served as {plan_.name}")
-        return 0
     for line in sweep():  # what crashed runs left behind; a live server's are never touched
         log(f"removed what an earlier run left: {line}")
     run_dir = Path(args.run_dir or tempfile.mkdtemp(prefix="nvembed-triton-"))
     record = RunRecord.create(run_dir, temporary=not args.run_dir)
     try:
         settings = server_settings(plan_, run_dir, record=record)
-        check_ports_free(settings, {BY_KEY["openai_port"].variable: plan_.openai_port})
+        check_ports_free(settings, plan_.openai_port)
         return serve(plan_, settings)
     except (ServerError, SettingsError) as error:
         print(f"serve.sh: {error}", file=sys.stderr)
@@ -251,18 +269,73 @@ def main(argv: list[str] | None = None) -> int:
         record.close()  # a temporary run directory goes with the server; --run-dir stays
 
 
-def check_ports_free(settings: ServerSettings, extra: dict[str, int | None]) -> None:
-    """Before minutes of weight loading, not after: a port in use is named with its variable."""
-    ports = {BY_KEY["grpc_port"].variable: settings.grpc_port, BY_KEY["http_port"].variable: settings.http_port,
-             BY_KEY["metrics_port"].variable: settings.metrics_port, **extra}  # fmt: skip
-    for variable, port in ((variable, port) for variable, port in ports.items() if port):
+def gpus_needed(plan_: ServePlan, environ=os.environ) -> int:
+    """How many CUDA devices the encoder needs to see: the highest index it will use, plus one."""
+    if gpus := launcher_setting("gpus", environ):
+        return max(gpus) + 1
+    return 0 if plan_.encoder_device == "cpu" else int(plan_.encoder_device.split(":")[1]) + 1
+
+
+def visible_gpus(environ=os.environ) -> tuple[int, str] | None:
+    """How many CUDA devices the server's Python would see, and how that was found; None if it
+    could not be found out. Without /dev/nvidia* (Linux) there is no NVIDIA GPU and the answer is
+    instant; otherwise torch is asked."""
+    if sys.platform == "linux" and not list(Path("/dev").glob("nvidia[0-9]*")) and not Path("/dev/dxg").exists():
+        return 0, "this machine shows no NVIDIA GPU (no /dev/nvidia* device)"
+    return torch_gpus(environ)
+
+
+def torch_gpus(environ=os.environ) -> tuple[int, str] | None:
+    """torch's CUDA device count, asked in a subprocess (this process stays free of torch and CUDA)."""
+    code = "import torch; print(torch.cuda.device_count(), torch.__version__, torch.version.cuda or 'no')"
+    try:
+        result = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True, env=dict(environ),
+                                timeout=GPU_QUERY_TIMEOUT_S)  # fmt: skip
+        count, version, cuda = result.stdout.split()
+        return int(count), f"torch sees {count} CUDA device(s) (torch {version}, CUDA build: {cuda})"
+    except (subprocess.TimeoutExpired, ValueError):
+        return None  # the encoder's own check at load time will say
+
+
+def check_gpus_visible(plan_: ServePlan, environ=os.environ) -> None:
+    """A GPU asked for but not there fails now, in seconds, rather than after tritonserver has
+    started and the encoder has failed to load (about a minute, ending in its log)."""
+    needed = gpus_needed(plan_, environ)
+    if not needed or (found := visible_gpus(environ)) is None or found[0] >= needed:
+        return
+    gpus = BY_KEY["gpus"].variable
+    if launcher_setting("gpus", environ):
+        wanted, to_cpu = f"{gpus} is {environ[gpus]}", f"unset {gpus} and pass --device cpu"
+    else:
+        wanted = f"the device is {plan_.encoder_device}"
+        to_cpu = f"--device cpu (or {BY_KEY['device'].variable}=cpu; the flag wins)"
+    raise SettingsError(
+        f"{wanted}, but {found[1]}.\n  To serve on the CPU: {to_cpu}.\n"
+        "  To use a GPU: run where it is visible (docker run --gpus all, CUDA_VISIBLE_DEVICES) with a CUDA build of torch."
+    )
+
+
+def check_ports_free(settings: ServerSettings, openai_port: int | None = None) -> None:
+    """Before minutes of weight loading, not after: every port in use (or given twice) is named
+    at once, with the flag and the variable that change it."""
+    wanted = [(key, port) for key, port in (("grpc_port", settings.grpc_port), ("http_port", settings.http_port),
+              ("metrics_port", settings.metrics_port), ("openai_port", openai_port)) if port]  # fmt: skip
+    problems = []
+    for index, (key, port) in enumerate(wanted):
+        if earlier := [other for other, same in wanted[:index] if same == port]:
+            problems.append((key, port, f"also given to {earlier[0]}"))
+            continue
         with socket.socket() as probe_socket:
             probe_socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers bind
             try:
                 probe_socket.bind((settings.host, port))
             except OSError as error:
-                reason = f"port {port} on {settings.host} is not free ({error.strerror})"
-                raise ServerError(f"{reason}; set {variable} to another port") from None
+                problems.append((key, port, error.strerror))
+    if problems:
+        lines = [f"  port {port} ({key}): {why}; use another: {BY_KEY[key].flag} PORT or {BY_KEY[key].variable}=PORT"
+                 for key, port, why in problems]  # fmt: skip
+        raise ServerError("\n".join([f"ports on {settings.host} that cannot be used; nothing was started:", *lines,
+                                      "  (a flag wins over its variable)"]))  # fmt: skip
 
 
 def serve(plan_: ServePlan, settings: ServerSettings) -> int:
