@@ -17,6 +17,14 @@ ARG IMAGE_PYTHON=3.12
 
 WORKDIR /opt/nvembed-triton
 
+# jemalloc, which serve.sh preloads into tritonserver and its stubs (src/nvembed_triton/memory.py): under
+# a long mixed load glibc malloc's memory kept growing (bench/RESULTS.md). NVIDIA's image ships it
+# (Triton's build.py installs libjemalloc-dev); this installs it only where a base image lacks it.
+# hadolint ignore=DL3008
+RUN if [ ! -e "/usr/lib/$(uname -m)-linux-gnu/libjemalloc.so.2" ]; then \
+        apt-get update && apt-get install -y --no-install-recommends libjemalloc2 && rm -rf /var/lib/apt/lists/*; \
+    fi
+
 # Ubuntu 24.04 marks the system Python as externally managed; this image exists for this package.
 ENV PIP_BREAK_SYSTEM_PACKAGES=1
 

@@ -1,0 +1,64 @@
+"""Memory that settles: which malloc tritonserver and its Python-backend stubs run with, and the
+backend's shared-memory options. Measured with bench/bench_soak.py (bench/RESULTS.md, "Memory
+under a soak"). Standard library only: the launcher reads it before anything heavy starts."""
+
+from __future__ import annotations
+
+import os
+import platform
+from collections.abc import Mapping
+from pathlib import Path
+
+AUTO, GLIBC = "auto", "glibc"  # the `allocator` setting: the measured best when installed, or glibc malloc
+JEMALLOC = "libjemalloc.so.2"  # Debian's and Ubuntu's libjemalloc2; NVIDIA's Triton image ships it
+# Without per-thread caches: with them tritonserver (~150 threads) grew ~20 MB/min all soak long.
+JEMALLOC_CONF = "tcache:false"
+
+
+def library_dirs() -> list[Path]:
+    """Where Debian and Ubuntu (multiarch, e.g. x86_64-linux-gnu), then other Linuxes, keep libraries."""
+    return [Path(f"/usr/lib/{platform.machine()}-linux-gnu"), Path("/usr/lib64"), Path("/usr/lib"), Path("/usr/local/lib")]
+
+
+def find_jemalloc(dirs: list[Path] | None = None) -> Path | None:
+    return next((d / JEMALLOC for d in dirs or library_dirs() if (d / JEMALLOC).is_file()), None)
+
+
+def allocator_environment(allocator: str = AUTO, environ: Mapping[str, str] = os.environ) -> tuple[dict[str, str], str]:
+    """The environment overrides for tritonserver (its stubs inherit its environment) and a line
+    for the launcher's log saying which malloc they run with.
+
+    Same 7-minute mixed soaks (bench/RESULTS.md): under glibc malloc the encoder kept 1.4-1.8 GB of
+    freed activations and the server still grew 25-62 MB/min; jemalloc without thread caches ended
+    1.3 GB lower, grew 6-7 MB/min and served as many requests. tcmalloc grew 14-17 MB/min from 300 MB
+    more at start; glibc with MALLOC_ARENA_MAX=2 and MALLOC_TRIM_THRESHOLD_ grew 5-10 MB/min but
+    served half the requests."""
+    if allocator not in (AUTO, GLIBC):
+        raise ValueError(f"allocator must be {AUTO!r} or {GLIBC!r}, got {allocator!r}")
+    if preloaded := environ.get("LD_PRELOAD"):  # the operator's choice, inherited as it is
+        return {}, f"malloc: LD_PRELOAD={preloaded} as set"
+    if allocator == GLIBC:
+        return {}, "malloc: glibc (allocator glibc)"
+    if (library := find_jemalloc()) is None:
+        return {}, f"malloc: glibc; {JEMALLOC} not found (apt-get install libjemalloc2), so memory grows more under load"
+    conf = {} if "MALLOC_CONF" in environ else {"MALLOC_CONF": JEMALLOC_CONF}  # an operator's tuning stays
+    return {"LD_PRELOAD": str(library), **conf}, f"malloc: jemalloc ({library}, {environ.get('MALLOC_CONF', JEMALLOC_CONF)})"
+
+
+# The Python backend's shared memory: one region per stub in /dev/shm, through which every tensor
+# passes. Triton 2.51's backend (python_be.cc, r24.10) takes its first size and its growth step, and
+# nothing that caps it. Each region's whole size is allocated in /dev/shm (boost sizes it with
+# posix_fallocate) and never shrinks: a stub that carried an N-byte tensor, a refused request's
+# included, keeps about N + one growth step until tritonserver restarts. Measured (bench/RESULTS.md):
+# 5 refused 18 MiB requests left +95 MB in /dev/shm with 1 MiB steps and +320 MB with 64 MiB steps;
+# a 64 MiB first size took 3.1 GB of /dev/shm at start for the 49 stubs (1 MiB: 49 MB).
+SHM_FIRST_BYTES = 1 << 20  # the least the backend accepts
+SHM_GROWTH_BYTES = 1 << 20
+
+
+def shm_arguments() -> list[str]:
+    """tritonserver arguments keeping every stub's region as small as Triton 2.51 allows. They are
+    its defaults, pinned: raising either (the backend's README offers both for large tensors) costs
+    the difference in /dev/shm once per stub, 49 times here."""
+    return [f"--backend-config=python,shm-default-byte-size={SHM_FIRST_BYTES}",
+            f"--backend-config=python,shm-growth-byte-size={SHM_GROWTH_BYTES}"]  # fmt: skip
