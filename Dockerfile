@@ -33,8 +33,10 @@ ENV PIP_BREAK_SYSTEM_PACKAGES=1
 # matching build from PyTorch's index instead (README "Deploy").
 COPY pyproject.toml README.md ./
 COPY src/nvembed_triton/__init__.py src/nvembed_triton/__init__.py
+# The serving extra: what the launcher, the model stubs and the OpenAI API need beside the image's own
+# tritonserver (pyproject.toml); langchain for the client's adapter.
 RUN pip install --no-cache-dir "torch==2.13.0" \
-    && pip install --no-cache-dir ".[langchain]"
+    && pip install --no-cache-dir ".[serving,langchain]"
 
 COPY src ./src
 RUN pip install --no-cache-dir --no-deps .

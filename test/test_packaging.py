@@ -29,11 +29,23 @@ def dockerfile_value(pattern: str) -> str:
     return match.group(1)
 
 
-def image_requirements() -> list[str]:
-    """What the Dockerfile's pip installs: torch at its pin, and the package with [langchain]."""
+def requirements_of(extras: list[str]) -> list[str]:
+    """The package's requirements with these extras, its extras that name other extras expanded."""
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    torch = dockerfile_value(r'"(torch==[^"]+)"')
-    return [torch, *project["dependencies"], *project["optional-dependencies"]["langchain"]]
+    found, pending = list(project["dependencies"]), list(extras)
+    while pending:
+        for requirement in project["optional-dependencies"][pending.pop()]:
+            if requirement.startswith("nvembed-triton["):
+                pending += requirement.split("[", 1)[1].rstrip("]").split(",")
+            elif requirement not in found:
+                found.append(requirement)
+    return found
+
+
+def image_requirements() -> list[str]:
+    """What the Dockerfile's pip installs: torch at its pin, and the package with its extras."""
+    extras = dockerfile_value(r'pip install --no-cache-dir "\.\[([^\]]+)\]"').split(",")
+    return [dockerfile_value(r'"(torch==[^"]+)"'), *requirements_of(extras)]
 
 
 def resolve_for(python_version: str) -> subprocess.CompletedProcess:
@@ -61,7 +73,16 @@ def test_the_image_can_install_the_dependencies_for_its_python():
 
 def test_torch_is_pinned_alike_wherever_it_is_installed():
     setup_pin = re.search(r'"(torch==[^"]+)"', (ROOT / "setup.sh").read_text()).group(1)
-    assert dockerfile_value(r'"(torch==[^"]+)"') == setup_pin
+    package_pin = next(requirement for requirement in requirements_of(["engine"]) if requirement.startswith("torch"))
+    assert dockerfile_value(r'"(torch==[^"]+)"') == setup_pin == package_pin.split()[0]
+
+
+def test_the_image_installs_what_serving_in_the_triton_container_needs():
+    """The serving extra (torch, the launcher's and the OpenAI API's needs), not the bundled
+    tritonserver: the image has NVIDIA's own."""
+    requirements = image_requirements()
+    assert any(r.startswith("fastapi") for r in requirements) and any(r.startswith("transformers") for r in requirements)
+    assert not any(r.startswith("nvidia-pytriton") for r in requirements)
 
 
 def test_the_build_context_holds_what_the_image_copies_and_nothing_else():

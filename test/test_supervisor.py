@@ -14,8 +14,8 @@ from nvembed_triton.serve import is_busy
 from nvembed_triton.server import free_port
 from nvembed_triton.supervisor import Supervisor, Timings
 
-FAST = Timings(stub_check_s=0.05, health_interval_s=0.1, health_timeout_s=0.5, health_failures=3, stall_timeout_s=1.0,
-               load_check_s=0.1)
+FAST = Timings(stub_check_s=0.05, health_interval_s=0.1, health_timeout_s=0.5, health_failures=3, stall_timeout_s=0.5,
+               load_check_s=0.05)
 
 
 @dataclass

@@ -19,7 +19,9 @@ from pathlib import Path
 from .checkpoint import Architecture, CheckpointError, check_model_dir, check_served_name
 from .contract import EMBEDDINGS_OUTPUT, INFERENCE_KEY_HEADER, PUBLIC_MODEL, QUERY_INPUT, encoder_model_name, grpc_header
 from .leftovers import RunRecord, sweep
-from .lifecycle import CANCEL_DIR_ENV, CLOSED_FLAG_ENV, reason_of
+from .lifecycle import CANCEL_DIR_ENV, CLOSED_FLAG_ENV
+from .memory import allocator_environment
+from .reasons import reason_of
 from .server import ServerError, ServerSettings, TritonServer
 from .settings import (
     BY_KEY,
@@ -158,6 +160,7 @@ def server_settings(plan_: ServePlan, run_dir: Path, environ=os.environ, record:
     }
     if plan_.device:
         overrides[BY_KEY["device"].variable] = plan_.device
+    overrides.update(allocator_environment(launcher_setting("allocator", environ), environ)[0])
     repository = layout_repository(plan_, run_dir)
     if gpus := launcher_setting("gpus", environ):
         place_encoder_on_gpus(repository / encoder_model_name(plan_.name) / "config.pbtxt", gpus)
@@ -215,7 +218,7 @@ def is_busy(error: BaseException) -> bool:
 
     if not isinstance(error, InferenceServerException):
         return False
-    return str(error.status()) in BUSY_STATUSES or reason_of(error.message() or "") in BUSY_REASONS
+    return str(error.status()) in BUSY_STATUSES or reason_of(error.message() or "").name in BUSY_REASONS
 
 
 def parser(prog: str = "serve.sh") -> argparse.ArgumentParser:
@@ -243,9 +246,26 @@ def invoked_as() -> str:
     return "serve.sh" if name in ("serve.py", "__main__.py", "-c", "") else name
 
 
+# What serving needs beyond the light client (the package's `serving` extra; `server` adds a tritonserver).
+SERVING_MODULES = ("torch", "transformers", "sentence_transformers", "prometheus_client", "fastapi", "uvicorn")
+
+
+def check_serving_installed() -> None:
+    """A light install (the client only) says which extra serving needs, before anything starts."""
+    import importlib.util
+
+    missing = [name for name in SERVING_MODULES if importlib.util.find_spec(name) is None]
+    if missing:
+        raise SettingsError(
+            f"serving needs {', '.join(missing)}, which this install lacks: pip install 'nvembed-triton[server]' "
+            "(a plain machine: also brings a tritonserver) or 'nvembed-triton[serving]' (in NVIDIA's Triton container)"
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser(invoked_as()).parse_args(argv)
     try:
+        check_serving_installed()
         plan_ = plan(args)
         if args.check:
             print(f"ok: {plan_.model_dir} can be served as {plan_.name}")
@@ -353,6 +373,7 @@ def serve(plan_: ServePlan, settings: ServerSettings) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):  # both drain: serve what was accepted, then exit
         signal.signal(signum, lambda *_: supervisor.stop.set())
     log(f"starting tritonserver for {plan_.name} ({plan_.model_dir}); log: {server.log_path}")
+    log(allocator_environment(launcher_setting("allocator"))[1])
     http_api = None
     try:
         supervisor.start()

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from .contract import INFERENCE_KEY_HEADER, grpc_header
 from .leftovers import remove_regions
+from .memory import shm_arguments
 
 CONTAINER_TRITON = Path("/opt/tritonserver")
 # Only inference, health, metadata, model configs (clients read their limits there) and metrics stay
@@ -273,6 +274,7 @@ class TritonServer:
             f"--log-verbose={s.log_verbose}",
             *self.cache_arguments(installation),
             *([f"--backend-config=python,shm-region-prefix-name={s.shm_prefix}"] if s.shm_prefix else []),
+            *shm_arguments(),
             *self.restriction_arguments(),
             "--exit-on-error=true",
         ]

@@ -71,6 +71,12 @@ def stand_in_choice(raw: str) -> str:
     return raw
 
 
+def allocator_choice(raw: str) -> str:
+    if raw not in ("auto", "glibc"):
+        raise SettingsError(f'must be "auto" or "glibc", got {raw!r}')
+    return raw
+
+
 def cpu_linear_choice(raw: str) -> str:
     if raw not in (CPU_LINEAR_ONEDNN, CPU_LINEAR_TORCH):
         raise SettingsError(f'must be "{CPU_LINEAR_ONEDNN}" or "{CPU_LINEAR_TORCH}", got {raw!r}')
@@ -160,6 +166,9 @@ SETTINGS = (
             "empty: the encoder config's instance_group", LAUNCHER, gpu_list),
     Setting("drain_timeout_s", "25", "how long a stop may spend serving accepted requests (inside "
             "Kubernetes' default 30 s grace period)", LAUNCHER, seconds),
+    Setting("allocator", "auto", "the malloc of tritonserver and its stubs: `auto` preloads jemalloc where it is installed "
+            "(libjemalloc2; under a long mixed load glibc malloc kept growing, bench/RESULTS.md), `glibc` keeps glibc's; "
+            "an LD_PRELOAD already set wins", LAUNCHER, allocator_choice),
     Setting("health_interval_s", "5", "how often the supervisor asks tritonserver whether it is live and sends "
             "it a real query (three unanswered liveness checks in a row restart it)", LAUNCHER, positive_seconds),
     Setting("stall_timeout_s", "300", "how long requests may wait while nothing progresses (no request or "
