@@ -24,6 +24,7 @@ from tritonclient.utils import InferenceServerException
 
 from nvembed_triton import contract
 from nvembed_triton.errors import EmbeddingError, InvalidInputError, ServerUnavailableError
+from nvembed_triton.reasons import Reason, reason_of
 from nvembed_triton.settings import BY_KEY
 
 if TYPE_CHECKING:
@@ -37,12 +38,6 @@ RETRY_BASE_DELAY_S = 0.1  # doubled after each failed attempt, up to RETRY_MAX_D
 RETRY_MAX_DELAY_S = 2.0
 # 30 retries wait about 50 s: long enough for serve.sh to restart a broken tritonserver.
 DEFAULT_MAX_RETRIES = 30
-# gRPC reports refused, dropped and not-yet-ready connections as UNAVAILABLE, and the server answers
-# UNAVAILABLE while it restarts or drains. Embedding has no side effects, so resending is safe; any
-# other failure would fail again and is not retried, except a dead Python-backend stub (INTERNAL
-# "... is not healthy"), which serve.sh repairs within seconds.
-RETRYABLE_STATUSES = frozenset({"UNAVAILABLE"})
-DEAD_STUB_MESSAGE = "is not healthy"
 # Retrying is silent at first (a restart or a full queue passes quickly); once attempts have failed
 # for this long, a warning says what is happening, so a wrong address is not a minute of silence.
 WARN_AFTER_S = 1.0
@@ -233,8 +228,14 @@ def _status(error: InferenceServerException) -> str | None:
     return (error.status() or "").removeprefix("StatusCode.") or None
 
 
+def _reason(error: InferenceServerException) -> Reason:
+    return reason_of(error.message() or str(error), _status(error))
+
+
 def _is_retryable(error: InferenceServerException) -> bool:
-    return _status(error) in RETRYABLE_STATUSES or (_status(error) == "INTERNAL" and DEAD_STUB_MESSAGE in str(error))
+    """Per reasons.REASONS: a full queue, a drain, a restart (a dead stub's INTERNAL too) or a
+    connection that failed. Embedding has no side effects, so resending is safe."""
+    return _reason(error).retry
 
 
 def _backoff_s(failures: int) -> float:
@@ -399,16 +400,17 @@ class AsyncEmbeddingClient:
 
     def _retry_or_raise(self, error: InferenceServerException, what: str, failures: int) -> None:
         """Returns if `error` may be retried once more, else raises the matching EmbeddingError."""
-        if _is_retryable(error) and failures <= self.max_retries:
+        reason = _reason(error)
+        if reason.retry and failures <= self.max_retries:
             return
         status = _status(error)
         message, where = error.message() or str(error), f"model {self.model!r} at {self.url}, {what}"
-        if status == "INVALID_ARGUMENT":
-            raise InvalidInputError(f"{message} ({where})", status) from error
-        if _is_retryable(error):
+        if reason.name == "invalid_input":
+            raise InvalidInputError(f"{message} ({where})", status, reason.name) from error
+        if reason.retry:
             tries = f"{failures} attempt" + "s" * (failures > 1)
-            raise ServerUnavailableError(f"server unavailable after {tries}: {message} ({where})", status) from error
-        raise EmbeddingError(f"{status or 'error'}: {message} ({where})", status) from error
+            raise ServerUnavailableError(f"server unavailable after {tries}: {message} ({where})", status, reason.name) from error
+        raise EmbeddingError(f"{status or 'error'}: {message} ({where})", status, reason.name) from error
 
 
 def _stop_loop(loop: asyncio.AbstractEventLoop, thread: threading.Thread, client: AsyncEmbeddingClient) -> None:

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 class EmbeddingError(Exception):
     """The texts were not embedded. `status` is the gRPC status name (e.g. "INTERNAL") when a
-    server said so, else None."""
+    server said so, else None; `reason` the reasons.REASONS name of why, where known."""
 
-    def __init__(self, message: str, status: str | None = None):
+    def __init__(self, message: str, status: str | None = None, reason: str | None = None):
         super().__init__(message)
-        self.status = status
+        self.status, self.reason = status, reason
 
 
 class InvalidInputError(EmbeddingError, ValueError):

@@ -1,5 +1,5 @@
 """What the launcher and the models share about the server's life: the flag that closes the door
-during a drain, the cancel board, and the reasons error messages start with. Standard library only: the front
+during a drain, and the cancel board. Standard library only: the front
 instances import it."""
 
 from __future__ import annotations
@@ -55,28 +55,3 @@ class CancelBoard:
     def clear(self, token: str | None) -> None:
         if path := self._path(token):
             path.unlink(missing_ok=True)
-
-
-# Triton 2.51 turns every error a BLS request returns into INTERNAL. So the encoder starts each
-# error message with its reason, and the public model restores the code from it.
-REASON_CODES = {
-    "invalid_input": "INVALID_ARG",
-    "cancelled": "CANCELLED",
-    "over_capacity": "UNAVAILABLE",
-    "shutting_down": "UNAVAILABLE",
-    "unavailable": "UNAVAILABLE",
-    "internal": "INTERNAL",
-}
-
-
-def reason_of(message: str) -> str:
-    """The reason an error message starts with ("invalid_input: ..."), or what Triton's own
-    messages mean; "internal" for anything else."""
-    head = message.split(":", 1)[0]
-    if head in REASON_CODES:
-        return head
-    if "maximum queue size" in message:
-        return "over_capacity"
-    if "not healthy" in message:  # a stub died; serve.sh is restarting the server
-        return "unavailable"
-    return "internal"

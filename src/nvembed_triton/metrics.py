@@ -9,7 +9,7 @@ import threading
 from contextlib import contextmanager
 
 from .contract import PROMPT_NAMES
-from .lifecycle import REASON_CODES
+from .reasons import REASONS
 from .request_rules import CUSTOM_PROMPT
 
 # A gauge: requests a model holds now, from execute() until their response is sent (serve.sh's
@@ -22,11 +22,11 @@ COUNTERS = {
     "nvembed_truncated_texts_total": ("Texts cut to max_length tokens", ()),
     "nvembed_forward_passes_total": ("Forward passes run", ()),
     "nvembed_padded_tokens_total": ("Tokens the forward passes computed, padding included", ()),
-    "nvembed_rejected_requests_total": (f"Requests answered with an error, by reason: {', '.join(REASON_CODES)}", ("reason",)),
+    "nvembed_rejected_requests_total": (f"Requests answered with an error, by reason: {', '.join(REASONS)}", ("reason",)),
 }  # fmt: skip
 # Every value a label can take, known before any request: each series is created at load with 0,
 # so the first scrape shows all of them (a dashboard's rate() needs a series' 0 to see its first event).
-LABEL_VALUES = {"prompt": (*PROMPT_NAMES, CUSTOM_PROMPT), "reason": tuple(REASON_CODES)}
+LABEL_VALUES = {"prompt": (*PROMPT_NAMES, CUSTOM_PROMPT), "reason": tuple(REASONS)}
 
 
 def series(name: str) -> list[dict[str, str]]:

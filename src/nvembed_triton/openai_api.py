@@ -25,7 +25,7 @@ from starlette.exceptions import HTTPException
 from tritonclient.utils import InferenceServerException
 
 from . import contract
-from .client import AsyncEmbeddingClient, EmbeddingError, InvalidInputError, ServerUnavailableError, _limit
+from .client import AsyncEmbeddingClient, EmbeddingError, ServerUnavailableError, _limit
 from .contract import INFERENCE_KEY_HEADER, grpc_header
 from .openai_http import CloseUnreadBodies, error_response, read_body
 from .openai_schemas import (
@@ -38,6 +38,7 @@ from .openai_schemas import (
     Usage,
     parse_embedding_request,
 )
+from .reasons import REASONS
 
 API_KEY_VARIABLE = "NVEMBED_API_KEY"
 INFERENCE_KEY_VARIABLE = "NVEMBED_INFERENCE_KEY"  # Triton's key, inherited from serve.sh like the API key
@@ -58,14 +59,14 @@ def body_limit(model_config: dict[str, Any]) -> int:
 
 
 def as_api_error(error: EmbeddingError) -> ApiError:
-    """The Python client's errors as HTTP statuses: the caller's input 400, a full queue 429, a
-    server restarting or draining 503, anything else 500."""
-    if isinstance(error, InvalidInputError):
-        return ApiError(400, str(error), "input")
-    if isinstance(error, ServerUnavailableError):
-        status = 429 if "maximum queue size" in str(error) else 503
-        return ApiError(status, f"the server is at capacity or restarting; retry: {error}", code="unavailable")
-    return ApiError(500, str(error), code="internal_error")
+    """The Python client's errors as HTTP statuses, by their reason (reasons.REASONS): the caller's
+    input 400, a full queue 429, a server restarting or draining 503, anything else 500."""
+    reason = REASONS.get(error.reason or "internal", REASONS["internal"])
+    if reason.name == "invalid_input":
+        return ApiError(reason.http_status, str(error), "input")
+    if reason.retry:
+        return ApiError(reason.http_status, f"the server is at capacity or restarting; retry: {error}", code="unavailable")
+    return ApiError(reason.http_status, str(error), code="internal_error")
 
 
 def encode_vector(vector: np.ndarray, encoding_format: str) -> list[float] | str:

@@ -159,7 +159,7 @@ class Answer:
 
 @dataclass(frozen=True)
 class Refusal:
-    reason: str  # a lifecycle.REASON_CODES key; the error message starts with it
+    reason: str  # a reasons.REASONS key; the error message starts with it
     message: str
 
 

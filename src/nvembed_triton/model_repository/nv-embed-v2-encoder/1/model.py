@@ -27,8 +27,9 @@ from nvembed_triton.checkpoint import check_served_name  # noqa: E402
 from nvembed_triton.encoders import load_encoder  # noqa: E402
 from nvembed_triton.errors import InvalidInputError  # noqa: E402
 from nvembed_triton.lanes import LaneLimits, Lanes  # noqa: E402
-from nvembed_triton.lifecycle import REASON_CODES, CancelBoard  # noqa: E402
+from nvembed_triton.lifecycle import CancelBoard  # noqa: E402
 from nvembed_triton.metrics import ModelMetrics  # noqa: E402
+from nvembed_triton.reasons import REASONS  # noqa: E402
 from nvembed_triton.request_rules import Refusal, combine, encoder_request, split  # noqa: E402
 from nvembed_triton.settings import ENCODER, EncoderSettings, model_settings, triton_parameters  # noqa: E402
 from nvembed_triton.validation import RequestLimits  # noqa: E402
@@ -177,9 +178,9 @@ class TritonPythonModel:
         )
 
     def _refusal(self, refusal):
-        """An error response; its message starts with the reason (lifecycle.REASON_CODES)."""
+        """An error response; its message starts with the reason (reasons.REASONS)."""
         self.metrics.rejected(refusal.reason)
-        code = getattr(pb_utils.TritonError, REASON_CODES[refusal.reason])
+        code = getattr(pb_utils.TritonError, REASONS[refusal.reason].triton_code)
         return pb_utils.InferenceResponse(error=pb_utils.TritonError(f"{refusal.reason}: {refusal.message}", code))
 
 

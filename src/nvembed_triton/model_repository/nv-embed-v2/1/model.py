@@ -16,12 +16,11 @@ from nvembed_triton.lifecycle import (
     CANCEL_TOKEN_PARAMETER,
     CANCELLED_MESSAGE,
     CLOSED_MESSAGE,
-    REASON_CODES,
     CancelBoard,
     is_closed,
-    reason_of,
 )
 from nvembed_triton.metrics import ModelMetrics
+from nvembed_triton.reasons import REASONS, reason_of
 from nvembed_triton.request_rules import encoder_model_for, public_request
 from nvembed_triton.settings import PUBLIC, model_settings, triton_parameters
 from nvembed_triton.validation import RequestLimits
@@ -65,7 +64,7 @@ class TritonPythonModel:
     def _respond(self, request):
         response = self._answer(request)
         if response.has_error():
-            self.metrics.rejected(reason_of(response.error().message()))
+            self.metrics.rejected(reason_of(response.error().message()).name)
         return response
 
     def _answer(self, request):
@@ -99,7 +98,7 @@ class TritonPythonModel:
             return _refuse("cancelled", CANCELLED_MESSAGE if deadline is None else TIMEOUT_MESSAGE)
         if response.has_error():  # the encoder's message, with the code BLS lost restored from it
             message = response.error().message()
-            return _error(message, getattr(pb_utils.TritonError, REASON_CODES[reason_of(message)]))
+            return _error(message, getattr(pb_utils.TritonError, reason_of(message).triton_code))
         # The encoder's [1, N, ...] outputs become the contract's [N, ...].
         return pb_utils.InferenceResponse(
             [pb_utils.Tensor(name, pb_utils.get_output_tensor_by_name(response, name).as_numpy()[0]) for name in OUTPUTS]
@@ -145,7 +144,7 @@ class TritonPythonModel:
 
 def _refuse(reason, message):
     """An error response whose message starts with its reason, as the encoder's do."""
-    return _error(f"{reason}: {message}", getattr(pb_utils.TritonError, REASON_CODES[reason]))
+    return _error(f"{reason}: {message}", getattr(pb_utils.TritonError, REASONS[reason].triton_code))
 
 
 def _error(message, code):
