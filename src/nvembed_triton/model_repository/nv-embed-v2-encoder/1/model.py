@@ -95,7 +95,7 @@ class TritonPythonModel:
     def _run_batch(self, batch):
         """On a lane's thread: compute the held requests together and answer each."""
         try:
-            outcomes = self._encode_together([held.job for held in batch], [held.request for held in batch])
+            outcomes = self._encode_together([held.job for held in batch])
             for held, outcome in zip(batch, outcomes, strict=True):
                 self._send(held, self._refusal(outcome) if isinstance(outcome, Refusal) else self._respond(outcome, held.job))
         except Exception as error:  # a lane must outlive any fault; its requests still get an answer
@@ -129,23 +129,25 @@ class TritonPythonModel:
             self.encoder.check_instruction,
         )
 
-    def _encode_together(self, jobs, requests):
+    def _encode_together(self, jobs):
         """One encode call over every text of every request (request_rules.combine), so the
         token-budget planner packs across requests; its rows are then split back, in order."""
         call = combine(jobs)
         abandoned = set()  # positions in `jobs` whose client has gone
-        checked = dict.fromkeys(range(len(jobs)), time.monotonic())  # position -> when last asked
+        checked = dict.fromkeys(range(len(jobs)), time.monotonic())  # position -> when last looked
 
         def keep(batch):
-            """Before each forward pass: drop the texts of requests nobody waits for any more. Each
-            request is asked at most every CANCEL_CHECK_INTERVAL_S (is_cancelled() is an IPC call),
-            so a short call, as most are, asks nothing."""
+            """Before each forward pass: drop the texts of requests nobody waits for any more, as the
+            public model marks them on the cancel board. Not request.is_cancelled(): on a request
+            whose execute() has returned it crashed tritonserver 2.51 (SIGSEGV in
+            TRITONBACKEND_ResponseFactoryIsCancelled, once in a 21-minute soak). Each request is
+            looked at most every CANCEL_CHECK_INTERVAL_S, so a short call, as most are, looks at nothing."""
             now = time.monotonic()
             for position in {call.owners[i] for i in batch} - abandoned:
                 if now - checked[position] < CANCEL_CHECK_INTERVAL_S:
                     continue
                 checked[position] = now
-                if requests[position].is_cancelled() or self.cancel_board.is_marked(jobs[position].cancel_token):
+                if self.cancel_board.is_marked(jobs[position].cancel_token):
                     abandoned.add(position)
             return [i for i in batch if call.owners[i] not in abandoned]
 
@@ -188,5 +190,5 @@ class Held:
     """A request the encoder has taken on, until its response is sent."""
 
     def __init__(self, request, sender, job):
-        self.request, self.sender, self.job = request, sender, job
+        self.request, self.sender, self.job = request, sender, job  # the request is kept until answered
         self.answered = False
