@@ -99,10 +99,11 @@ class TritonPythonModel:
         if response.has_error():  # the encoder's message, with the code BLS lost restored from it
             message = response.error().message()
             return _error(message, getattr(pb_utils.TritonError, reason_of(message).triton_code))
-        # The encoder's [1, N, ...] outputs become the contract's [N, ...].
-        return pb_utils.InferenceResponse(
-            [pb_utils.Tensor(name, pb_utils.get_output_tensor_by_name(response, name).as_numpy()[0]) for name in OUTPUTS]
-        )
+        # The encoder's [1, N, ...] outputs become the contract's [N, ...], copied: as_numpy() is a view
+        # into the BLS response's shared memory, which may be reused once `response` is gone, while
+        # Triton reads this response's tensors only after execute() returns.
+        outputs = [np.array(pb_utils.get_output_tensor_by_name(response, name).as_numpy()[0]) for name in OUTPUTS]
+        return pb_utils.InferenceResponse([pb_utils.Tensor(name, array) for name, array in zip(OUTPUTS, outputs, strict=True)])
 
     def _forward(self, request, inputs, deadline, parameters):
         """The encoder's response, or None once the client has cancelled or the deadline passed.
