@@ -69,6 +69,9 @@ class StandInServer:
     def is_live(self, timeout_s):
         return self.live
 
+    def expected_stubs(self):
+        return 2
+
 
 @pytest.fixture
 def metrics():
@@ -178,3 +181,9 @@ def test_a_long_computation_or_completions_are_progress(metrics):
 def test_idle_is_never_a_stall(metrics):
     server = StandInServer(f"http://127.0.0.1:{metrics.port}/metrics")
     assert first_problem(supervisor(server), 3 * FAST.stall_timeout_s) is None
+
+
+def test_a_stub_that_died_before_it_was_first_seen_is_seen_by_the_count(metrics):
+    """The configs ask for two stubs; only one was ever there."""
+    server = StandInServer(f"http://127.0.0.1:{metrics.port}/metrics", stub_list=[FakeStub("m-encoder")])
+    assert first_problem(supervisor(server), 1) == "1 of 2 stub processes are gone"

@@ -320,6 +320,19 @@ class TritonServer:
     def stubs(self) -> list[Stub]:
         return stubs_of(self._process.pid) if self.is_running() else []
 
+    def expected_stubs(self) -> int:
+        """How many stub processes the served models' configs ask for: one per instance (per GPU
+        listed for a KIND_GPU group). A dead stub is missed by no snapshot taken too late."""
+        from google.protobuf import text_format
+        from tritonclient.grpc import model_config_pb2
+
+        total = 0
+        for model in self.settings.models:
+            text = (self.settings.model_repository / model / "config.pbtxt").read_text()
+            config = text_format.Parse(text, model_config_pb2.ModelConfig())
+            total += sum(max(group.count, 1) * max(len(group.gpus), 1) for group in config.instance_group) or 1
+        return total
+
     def is_live(self, timeout_s: float) -> bool:
         """Whether tritonserver answers gRPC's liveness call within timeout_s."""
         import tritonclient.grpc as grpcclient

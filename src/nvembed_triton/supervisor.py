@@ -100,7 +100,8 @@ class Watch:
 
     def __init__(self, supervisor: Supervisor):
         server = supervisor.server
-        self.instances = {stub.instance for stub in server.stubs()}
+        self.instances = {stub.instance for stub in server.stubs()}  # every stub seen alive, by name
+        self.expected = server.expected_stubs()
         pool = supervisor.pool
         self.liveness = Background(pool, lambda: server.is_live(supervisor.timings.health_timeout_s))
         self.probe = Background(pool, supervisor.probe)
@@ -158,9 +159,12 @@ class Supervisor:
         """What is broken, if anything; returns at once (the checks run in the background)."""
         if not self.server.is_running():
             return f"tritonserver exited with code {self.server.returncode}"
-        dead = watch.instances - {stub.instance for stub in self.server.stubs()}
+        alive = {stub.instance for stub in self.server.stubs()}
+        dead, watch.instances = watch.instances - alive, watch.instances | alive
         if dead:
             return "the stub process of " + ", ".join(sorted(dead)) + " died"
+        if len(alive) < watch.expected:  # one that died before it was first seen
+            return f"{watch.expected - len(alive)} of {watch.expected} stub processes are gone"
         now = time.monotonic()
         if now >= watch.next_health:
             watch.next_health = now + self.timings.health_interval_s
