@@ -49,7 +49,10 @@ BODY_TIMEOUT_S = 60.0  # for the whole body to arrive: 33 MiB at ~0.5 MiB/s
 # queue (256), so one large HTTP request cannot fill it: 2048 texts are 64 requests of 32.
 MAX_IN_FLIGHT = 64
 MAX_CONNECTIONS = 256  # uvicorn's limit_concurrency: beyond it, new requests get 503 at once
-KEEP_ALIVE_S = 5  # an idle keep-alive connection is closed after this
+# An idle keep-alive connection is closed after this. Longer than clients keep theirs (httpx, under
+# the openai SDK, reuses one for 5 s): with both at 5 s a client could send on a connection the
+# server was closing that moment, and that request failed.
+KEEP_ALIVE_S = 30
 GRACEFUL_SHUTDOWN_S = 10  # on SIGTERM/SIGINT, requests in flight get this long
 
 
