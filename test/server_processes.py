@@ -56,3 +56,16 @@ def wait_for_api(server, timeout_s: float = 60) -> None:
             pass
         time.sleep(0.2)
     raise AssertionError("the OpenAI API never answered /health")
+
+
+def scrape_metrics(metrics_port: int) -> dict[tuple, float]:
+    """(sample name, sorted labels) -> value of a server's /metrics, by prometheus-client's parser."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }

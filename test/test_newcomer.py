@@ -21,8 +21,7 @@ from types import SimpleNamespace
 
 import pytest
 from conftest import ROOT, SERVE_SH, free_port
-from prometheus_client.parser import text_string_to_metric_families
-from server_processes import wait_for_api
+from server_processes import scrape_metrics, wait_for_api
 
 from nvembed_triton.contract import PUBLIC_MODEL, encoder_model_name
 from nvembed_triton.serve import DEMO_MODEL
@@ -75,19 +74,6 @@ def localize(text: str, ports: dict[str, int]) -> str:
     return text
 
 
-def scrape(metrics_port: int) -> dict[tuple, float]:
-    """(sample name, sorted labels) -> value, by prometheus-client's parser."""
-    import urllib.request
-
-    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as response:
-        text = response.read().decode()
-    return {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
-
-
 def start_readme_server(command: str, model: str, tmp: Path, env: dict[str, str] | None = None) -> Server:
     """The README's serve.sh command with its ports moved to free ones through the port flags."""
     ports = {kind: free_port() for kind in README_PORTS}
@@ -102,7 +88,7 @@ def start_readme_server(command: str, model: str, tmp: Path, env: dict[str, str]
                                    stderr=subprocess.STDOUT)  # fmt: skip
     try:
         wait_until_ready(f"127.0.0.1:{ports['grpc']}", (model, encoder_model_name(model)), process, run_dir / "tritonserver.log")
-        first_scrape = scrape(ports["metrics"])
+        first_scrape = scrape_metrics(ports["metrics"])
         wait_for_api(SimpleNamespace(openai_port=ports["openai"]))  # it starts once Triton is ready
     except BaseException:
         interrupt(process, grace_s=60)

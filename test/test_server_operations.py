@@ -4,7 +4,6 @@ every response that asks for it, and metrics that count what happened."""
 from __future__ import annotations
 
 import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -14,7 +13,7 @@ from conftest import SMALL_QUEUE as QUEUE
 from conftest import TEST_MAX_LENGTH
 from grpc_helpers import bytes_input, cosine, embed_documents, embed_query
 from nvembed_reference import ReferenceNVEmbed
-from prometheus_client.parser import text_string_to_metric_families
+from server_processes import scrape_metrics
 from tokenizers import Tokenizer
 from tritonclient.utils import InferenceServerException
 
@@ -109,14 +108,7 @@ def token_count(tiny_checkpoint, text: str) -> tuple[int, bool]:
 
 
 def scrape(server) -> dict[tuple, float]:
-    """(sample name, sorted labels) -> value, by prometheus-client's own parser."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10) as response:
-        text = response.read().decode()
-    return {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
+    return scrape_metrics(server.metrics_port)
 
 
 def delta(before: dict, after: dict, name: str, **labels) -> float:
