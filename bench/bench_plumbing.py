@@ -67,7 +67,7 @@ def cpu_by_group(groups: dict[str, list[int]]) -> dict[str, float]:
     return {name: sum(cpu_seconds(pid) for pid in pids) for name, pids in groups.items()}
 
 
-async def closed_loop(url: str, queries: list[str], clients: int, seconds: float) -> int:
+async def closed_loop(url: str, queries: list[str], clients: int, seconds: float, model: str = MODEL) -> int:
     """`clients` callers, each sending its next query when the last returns, for `seconds`."""
     from tritonclient.grpc import aio
 
@@ -78,7 +78,7 @@ async def closed_loop(url: str, queries: list[str], clients: int, seconds: float
         nonlocal done
         position = offset
         while time.perf_counter() < deadline:
-            await client.infer(MODEL, request_inputs(QUERY_INPUT, [queries[position % len(queries)]]))
+            await client.infer(model, request_inputs(QUERY_INPUT, [queries[position % len(queries)]]))
             done += 1
             position += clients
 

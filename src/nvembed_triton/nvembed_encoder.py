@@ -11,6 +11,7 @@ import torch
 from .checkpoint import TOKENIZER_FILE, Architecture
 from .contract import DOCUMENT_PROMPT, QUERY_PROMPT, RETRIEVAL_TASK, nvembed_query_instruction
 from .cpu_linear import prepare_linears
+from .cuda_graphs import capture_or_none
 from .encoders import Encoded, KeepFilter
 from .nvembed_model import load_nvembed
 from .passes import PassRunner, workers_for
@@ -30,6 +31,7 @@ class NVEmbedEncoder:
         self.tokenizer = NVEmbedTokenizer(Path(settings.model_dir) / TOKENIZER_FILE, self.max_length)
         self.model = load_nvembed(settings.model_dir, self.device, getattr(torch, settings.dtype))
         self.linear_kernels = prepare_linears(self.model, settings)
+        self.graphs = capture_or_none(self.model, self.device, settings.cuda_graphs)
         self.dimension = self.model.dimension
 
     def default_instruction(self, prompt_name: str) -> str:
@@ -59,6 +61,8 @@ class NVEmbedEncoder:
         """One forward pass over `batch`, right-padded to its longest member."""
         input_ids, valid = pad_right([t.ids for t in batch])
         pool_from = torch.tensor([t.pool_from for t in batch])
+        if self.graphs is not None and (vectors := self.graphs.embed(input_ids, valid, pool_from)) is not None:
+            return vectors
         to = dict(device=self.device, non_blocking=True)
         return self.model.embed(input_ids.to(**to), valid.to(**to), pool_from.to(**to)).cpu().numpy()
 

@@ -4,6 +4,7 @@ machine the one bundled in the nvidia-pytriton wheel, whose Python backend folde
 from __future__ import annotations
 
 import ctypes
+import importlib.util
 import os
 import shutil
 import signal
@@ -57,14 +58,15 @@ def container_installation() -> TritonInstallation | None:
 def pytriton_installation(run_dir: Path) -> TritonInstallation:
     """The wheel ships the server, the Python backend and one stub per Python version; the backend
     folder Triton expects is assembled under run_dir with the stub of the running interpreter."""
-    try:
-        import pytriton
-    except ImportError:
+    # Found, not imported: importing pytriton pulls in its own clients (zmq, gevent, ...), none used here.
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or not spec.submodule_search_locations:
         raise ServerError(
             "no tritonserver found: not in the Triton container (/opt/tritonserver) and the "
             "nvidia-pytriton wheel is not installed (pip install 'nvembed-triton[server]')"
-        ) from None
-    wheel = Path(pytriton.__file__).parent / "tritonserver"
+        )
+    package = Path(spec.submodule_search_locations[0])
+    wheel = package / "tritonserver"
     version = f"{sys.version_info.major}.{sys.version_info.minor}"
     stub = wheel / "python_backend_stubs" / version / "triton_python_backend_stub"
     if not stub.is_file():
@@ -75,7 +77,7 @@ def pytriton_installation(run_dir: Path) -> TritonInstallation:
         target = backend / source.name
         if not target.exists():
             shutil.copy2(source, target)
-    libraries = [Path(pytriton.__file__).parent.parent / "nvidia_pytriton.libs", Path(sysconfig.get_config_var("LIBDIR"))]
+    libraries = [package.parent / "nvidia_pytriton.libs", Path(sysconfig.get_config_var("LIBDIR"))]
     return TritonInstallation(
         wheel / "bin" / "tritonserver",
         run_dir / "backends",

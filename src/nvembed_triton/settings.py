@@ -83,6 +83,12 @@ def cpu_linear_choice(raw: str) -> str:
     return raw
 
 
+def on_off(raw: str) -> bool:
+    if raw.strip().lower() not in ("on", "off"):
+        raise SettingsError(f'must be "on" or "off", got {raw!r}')
+    return raw.strip().lower() == "on"
+
+
 def port(raw: str) -> int | None:
     """A TCP port; empty means off (for the optional OpenAI API)."""
     if not raw:
@@ -93,7 +99,7 @@ def port(raw: str) -> int | None:
 
 
 def gpu_list(raw: str) -> list[int]:
-    """"0,1" -> [0, 1]; empty -> [] (the encoder config's own instance_group)."""
+    """ "0,1" -> [0, 1]; empty -> [] (the encoder config's own instance_group)."""
     try:
         gpus = [int(part) for part in raw.replace(" ", "").split(",") if part]
     except ValueError:
@@ -139,6 +145,9 @@ SETTINGS = (
     Setting("cpu_linear", CPU_LINEAR_ONEDNN, "on a CPU in fp32: `onednn` runs linear layers through oneDNN with "
             "weights packed at load (each checked against torch's own at load; 1.6-2x the texts/s on the AMD EPYC "
             "measured, bench/RESULTS.md), `torch` through torch's default kernels", ENCODER, cpu_linear_choice),
+    Setting("cuda_graphs", "on", "on a GPU: `on` captures each small pass shape (up to 2048 padded tokens) as a "
+            "CUDA graph at load and replays it, so a lone query is not bound by kernel launches (a failed capture "
+            "falls back to eager passes and says so in the log); `off` runs every pass eagerly", ENCODER, on_off),
     Setting("stand_in", "", "benchmarks only: `constant` replaces the network with a constant unit vector "
             "(tokenisation and all the plumbing still run) to measure the serving stack's own ceiling; refused "
             "under the name nv-embed-v2", ENCODER, stand_in_choice),
@@ -232,6 +241,7 @@ class EncoderSettings:
     max_batch_tokens: int
     stand_in: str = ""  # "constant": benchmarks only (stand_in.py)
     cpu_linear: str = CPU_LINEAR_ONEDNN  # how fp32 linear layers run on a CPU (cpu_linear.py)
+    cuda_graphs: bool = True  # small GPU passes replayed from CUDA graphs (cuda_graphs.py)
 
     @classmethod
     def from_parameters(
@@ -257,6 +267,7 @@ class EncoderSettings:
             max_batch_tokens=resolve_batch_tokens(values["max_batch_tokens"], device),
             stand_in=values["stand_in"],
             cpu_linear=values["cpu_linear"],
+            cuda_graphs=values["cuda_graphs"],
         )
 
 
