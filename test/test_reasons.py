@@ -28,6 +28,11 @@ def test_every_reason_has_a_code_a_status_and_a_retry_rule():
         ("failed to connect to all addresses", "StatusCode.UNAVAILABLE", "unavailable"),
         ("unexpected shape for input 'query'", "StatusCode.INVALID_ARGUMENT", "invalid_input"),
         ("Deadline Exceeded", "StatusCode.DEADLINE_EXCEEDED", "internal"),
+        # a tritonserver stopping (seen when a replica's serve.sh is killed mid-run, test_corpus)
+        ("Request for unknown model: 'nv-embed-v2' has no available versions", "StatusCode.NOT_FOUND", "shutting_down"),
+        ("Request for unknown model: 'nv-embed-v3' is not found", "StatusCode.NOT_FOUND", "internal"),  # a wrong name
+        ("CANCELLED", "StatusCode.CANCELLED", "shutting_down"),  # tritonserver cancels what it holds as it stops
+        ("cancelled: the client went away", "StatusCode.CANCELLED", "cancelled"),  # our models' own
         ("something else", None, "internal"),
     ],
 )

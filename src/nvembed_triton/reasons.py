@@ -45,6 +45,13 @@ def reason_of(message: str, grpc_status: str | None = None) -> Reason:
         return REASONS["over_capacity"]
     if "not healthy" in message:  # a stub died; serve.sh is restarting the server
         return REASONS["unavailable"]
+    # A stopping tritonserver unloads its models while connections are still open (NOT_FOUND);
+    # another replica, or this one once restarted, serves the request. A misspelt model name is
+    # "unknown model: 'x' is not found" instead, and is not retried.
+    if "has no available versions" in message:
+        return REASONS["shutting_down"]
     status = (grpc_status or "").removeprefix("StatusCode.")
-    by_status = {"UNAVAILABLE": "unavailable", "INVALID_ARGUMENT": "invalid_input", "CANCELLED": "cancelled"}
+    # A bare CANCELLED (no "cancelled:" of ours) comes from tritonserver itself, which cancels the
+    # requests it holds when it stops: the client did not go away, and another replica can serve it.
+    by_status = {"UNAVAILABLE": "unavailable", "INVALID_ARGUMENT": "invalid_input", "CANCELLED": "shutting_down"}
     return REASONS[by_status.get(status, "internal")]
