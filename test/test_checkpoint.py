@@ -203,3 +203,27 @@ def test_serve_check_refuses_a_truncated_shard_and_names_it(tiny_checkpoint, tmp
     assert result.returncode != 0
     assert f"{shard} is truncated" in result.stderr
     assert "ok:" not in result.stdout
+
+
+def test_an_unreadable_snapshot_is_named_with_the_fix(tiny_checkpoint):
+    """As the container's uid 1000 meets a snapshot written by root with mode 600. Root reads any
+    file, so as root the child process drops to an unprivileged uid before the check."""
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="unreadable-", dir="/tmp"))  # traversable by any uid
+    try:
+        folder.chmod(0o755)
+        snapshot = shutil.copytree(tiny_checkpoint, folder / "snapshot")
+        snapshot.chmod(0o755)
+        (snapshot / "model-00001-of-00002.safetensors").chmod(0o600 if os.geteuid() == 0 else 0o000)
+        check = (
+            "import os; from nvembed_triton.checkpoint import check_model_dir\n"
+            "if os.geteuid() == 0: os.setuid(65534)\n"
+            f"check_model_dir({str(snapshot)!r})"
+        )
+        result = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True)
+    finally:
+        shutil.rmtree(folder)
+    assert result.returncode == 1
+    assert "CheckpointError: cannot read" in result.stderr and "model-00001-of-00002.safetensors" in result.stderr
+    assert f"chmod -R a+rX {snapshot}" in result.stderr

@@ -7,6 +7,7 @@ from __future__ import annotations
 import enum
 import json
 import math
+import os
 import struct
 import sys
 from collections.abc import Collection
@@ -219,15 +220,23 @@ def missing_nvembed_files(model_dir: str | Path) -> list[str]:
 
 
 def check_model_dir(model_dir: str | Path) -> Architecture:
-    """The architecture of a servable directory, or CheckpointError naming what is missing or damaged."""
-    architecture = detect_architecture(model_dir)
-    if architecture is Architecture.NV_EMBED_V2:
-        missing = missing_nvembed_files(model_dir)
-        if missing:
-            raise CheckpointError(
-                f"NV-Embed-v2 snapshot {str(model_dir)!r} is incomplete: missing {', '.join(missing)}. {HOW_TO_GET_WEIGHTS}"
-            )
-        check_weight_files(model_dir)
+    """The architecture of a servable directory, or CheckpointError naming what is missing, damaged
+    or unreadable (the container runs as uid 1000: a snapshot written by root with mode 600, as
+    safetensors writes its files, cannot be read there)."""
+    try:
+        architecture = detect_architecture(model_dir)
+        if architecture is Architecture.NV_EMBED_V2:
+            missing = missing_nvembed_files(model_dir)
+            if missing:
+                raise CheckpointError(
+                    f"NV-Embed-v2 snapshot {str(model_dir)!r} is incomplete: missing {', '.join(missing)}. {HOW_TO_GET_WEIGHTS}"
+                )
+            check_weight_files(model_dir)
+    except PermissionError as error:
+        raise CheckpointError(
+            f"cannot read {error.filename} as uid {os.getuid()}: make the snapshot readable by the server "
+            f"(chmod -R a+rX {model_dir})"
+        ) from None
     return architecture
 
 

@@ -138,6 +138,8 @@ def write_tiny_checkpoint(out: str | Path, seed: int = 0, hidden: int = HIDDEN, 
     (out / "config.json").write_text(json.dumps(config, indent=2))
     write_weights(random_state_dict(config, seed), out)
     write_tokenizer(out)
+    for path in out.iterdir():  # safetensors writes mode 600: a server running as another user could not read it
+        path.chmod(0o644)
     return out
 
 
