@@ -9,7 +9,10 @@
 # release whose Python fits the pins (transformers 5 needs >= 3.11); 24.10 has Python 3.10. Its
 # Python-backend stub is built for that Python and also reads BYTES with numpy 2 (python_backend
 # #384); the pins keep numpy < 2 for the 2.51 server the tests run against.
-FROM nvcr.io/nvidia/tritonserver:24.11-py3
+# BASE_IMAGE is for tools/image_check.py, which builds this file unchanged on a local stand-in
+# (no NGC registry there); deployments keep the default.
+ARG BASE_IMAGE=nvcr.io/nvidia/tritonserver:24.11-py3
+FROM ${BASE_IMAGE}
 
 # The base image's Python, the one its backend stub embeds: test_packaging resolves the
 # dependencies for it.
@@ -55,6 +58,10 @@ EXPOSE 8000 8001 8002 8080
 # While serve.sh restarts a broken tritonserver its ports are closed, so this turns unhealthy.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=600s \
     CMD ["curl", "-fsS", "http://localhost:8000/v2/models/nv-embed-v2/ready"]
+# Unprivileged: uid 1000 is the NGC image's triton-server user (deploy/kubernetes runs as it too).
+# HOME for a uid without a home directory elsewhere; nothing is written there.
+USER 1000:1000
+ENV HOME=/tmp
 # SIGTERM drains (serve what was accepted, then exit) within NVEMBED_DRAIN_TIMEOUT_S.
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["./serve.sh"]

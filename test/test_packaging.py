@@ -1,5 +1,5 @@
-"""Files a user runs directly: the Dockerfile (linted; no Docker engine here to build it) and
-serve.sh's early, explicit failures."""
+"""Files a user runs directly: the Dockerfile (linted here; built and run by tools/image_check.py
+after the suite) and serve.sh's early, explicit failures."""
 
 import os
 import re
@@ -21,6 +21,13 @@ def test_dockerfile_passes_hadolint():
     hadolint = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
     result = subprocess.run([hadolint, "Dockerfile"], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_image_ships_nvidias_base_and_runs_unprivileged():
+    """tools/image_check.py builds on a stand-in through BASE_IMAGE; what ships is NVIDIA's."""
+    assert dockerfile_value(r"ARG BASE_IMAGE=(\S+)") == "nvcr.io/nvidia/tritonserver:24.11-py3"
+    assert dockerfile_value(r"(?m)^FROM (\S+)$") == "${BASE_IMAGE}"
+    assert dockerfile_value(r"(?m)^USER (\S+)$") == "1000:1000"
 
 
 def dockerfile_value(pattern: str) -> str:
