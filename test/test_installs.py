@@ -86,3 +86,5 @@ def test_the_light_install_says_which_extra_serving_needs(light_venv, tmp_path):
     refused = subprocess.run([serve, "--device", "cpu", "--model-dir", str(tmp_path)], capture_output=True, text=True, timeout=60)
     assert refused.returncode == 1 and time.monotonic() - started < 20
     assert "pip install 'nvembed-triton[server]'" in refused.stderr and "torch" in refused.stderr
+    corpus = subprocess.run([str(light_venv / "bin" / "nvembed-triton-embed-corpus"), "--help"], capture_output=True, text=True)
+    assert corpus.returncode == 1 and "pip install 'nvembed-triton[corpus]'" in corpus.stderr
