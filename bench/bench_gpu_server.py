@@ -60,7 +60,7 @@ from nvembed_triton.nvembed_encoder import NVEmbedEncoder
 from nvembed_triton.nvembed_model import BACKBONE_PREFIX, HEAD_PREFIX
 from nvembed_triton.serve import parser as serve_parser
 from nvembed_triton.serve import plan, server_settings
-from nvembed_triton.server import TritonServer, free_port
+from nvembed_triton.server import ADMIN_KEY_GRPC_HEADER, TritonServer, free_port
 from nvembed_triton.settings import BY_KEY, EncoderSettings
 from nvembed_triton.tiny_checkpoint import CONFIG as TINY_CONFIG
 from nvembed_triton.tiny_checkpoint import SPECIAL_TOKENS_MAP, TOKENIZER_CONFIG
@@ -139,6 +139,34 @@ def percentiles(samples_ms: list[float]) -> dict:
     return {"p50_ms": at(0.5), "p90_ms": at(0.9), "p99_ms": at(0.99), "mean_ms": statistics.fmean(ordered), "n": len(ordered)}
 
 
+def triton_stage_ns(url: str, admin_key: str) -> dict[str, dict[str, int]]:
+    """Triton's cumulative per-model statistics: {model: {stage: ns, "requests": n, "executions": n}}."""
+    stages = ("queue", "compute_input", "compute_infer", "compute_output", "success")
+    with grpcclient.InferenceServerClient(url) as client:
+        stats = client.get_inference_statistics(headers={ADMIN_KEY_GRPC_HEADER: admin_key}, as_json=True)
+    found = {}
+    for model in stats.get("model_stats", []):
+        inference = model.get("inference_stats", {})
+        found[model["name"]] = {stage: int(inference.get(stage, {}).get("ns", 0)) for stage in stages}
+        found[model["name"]]["requests"] = int(inference.get("success", {}).get("count", 0))
+        found[model["name"]]["executions"] = int(model.get("execution_count", 0))
+    return found
+
+
+def stage_breakdown(before: dict, after: dict) -> dict:
+    """Mean ms per request of each Triton stage, per model, between two snapshots."""
+    breakdown = {}
+    for model, stages in after.items():
+        requests = stages["requests"] - before.get(model, {}).get("requests", 0)
+        if requests:
+            breakdown[model] = {
+                f"{stage}_ms": (stages[stage] - before[model][stage]) / requests / 1e6
+                for stage in ("queue", "compute_input", "compute_infer", "compute_output", "success")
+            }
+            breakdown[model]["requests_per_execution"] = requests / max(1, stages["executions"] - before[model]["executions"])
+    return breakdown
+
+
 def lone_query_latency(url: str, queries: list[str], count: int) -> dict:
     """Sequential single-query calls, as the seed's client makes them."""
     with grpcclient.InferenceServerClient(url) as client:
@@ -181,7 +209,9 @@ def through_server(model_dir: Path, scratch: Path, cuda_graphs: bool, work: dict
         if args.device == "cuda":
             record("gpu_memory_used_gib", (lambda free, total: (total - free) / GIB)(*torch.cuda.mem_get_info()))
         log(f"server (cuda_graphs {'on' if cuda_graphs else 'off'}) ready")
+        before = triton_stage_ns(settings.grpc_url, settings.admin_key)
         record("lone_query", lone_query_latency(settings.grpc_url, work["queries"], args.lone_queries))
+        record("lone_query_triton_stages", stage_breakdown(before, triton_stage_ns(settings.grpc_url, settings.admin_key)))
         log(f"lone query {server_results_line(record.results)}")
         asyncio.run(closed_loop(settings.grpc_url, work["queries"], 16, 2.0, PUBLIC_MODEL))  # warm-up
         rows = []
@@ -190,6 +220,8 @@ def through_server(model_dir: Path, scratch: Path, cuda_graphs: bool, work: dict
             rows.append({"clients": clients, "requests_per_s": done / args.seconds})
             log(f"{clients} clients: {rows[-1]['requests_per_s']:.0f} requests/s")
         record("queries", rows)
+        if args.queries_only:
+            return
         asyncio.run(send_documents(settings.grpc_url, work["documents"][:64]))  # warm-up
         runs = []
         for _ in range(args.repeats):
@@ -349,6 +381,7 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=2, help="runs of the documents, median kept")
     parser.add_argument("--hbm-tbps", type=float, default=4.8, help="the GPU's memory bandwidth (H200: 4.8)")
     parser.add_argument("--phases", default="checkpoint,server-eager,server-graphs,in-process,fp8")
+    parser.add_argument("--queries-only", action="store_true", help="in the server phases, skip the documents")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tiny", action="store_true", help="the tiny network on the CPU: checks the script, measures nothing")
     args = parser.parse_args()
