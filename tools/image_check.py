@@ -9,11 +9,12 @@ the test suite; from the repository root, as root (podman runs rootful here):
    where the NGC image keeps its own). Layers are cached: a warm run takes minutes.
 2. The Dockerfile built with --build-arg BASE_IMAGE=<the stand-in>, pip reaching the package
    registry through this machine's pip configuration, mounted read-only into the build.
-3. The image run as it ships (uid 1000), a tiny random NV-Embed-v2 checkpoint mounted read-only,
-   ports published, NVEMBED_DEVICE=cpu (no GPU here). Checked through the published ports: the
-   seed's gRPC calls (query, documents) against the same checkpoint computed in this process, the
-   OpenAI API with the openai SDK, /v2/health/ready, the image's own HEALTHCHECK, and that a stop
-   drains: requests in flight complete and the container exits 0 within its grace period.
+3. The image run as it ships (uid 1000) on a read-only root filesystem, a tiny random NV-Embed-v2
+   checkpoint mounted read-only, ports published, NVEMBED_DEVICE=cpu (no GPU here); its size
+   printed. Checked through the published ports: the seed's gRPC calls (query, documents) against
+   the same checkpoint computed in this process, the OpenAI API with the openai SDK,
+   /v2/health/ready, the image's own HEALTHCHECK, the uid, and that a stop drains: requests in
+   flight complete and the container exits 0 within its grace period.
 Not covered: the NGC image's Triton 2.52, Python 3.12 and CUDA (the stand-in has none of them).
 """
 
@@ -222,6 +223,8 @@ def main() -> int:
     ensure_debian_base()
     build(ROOT / "tools/image/triton-stand-in.Containerfile", STAND_IN, {"DEBIAN_BASE": DEBIAN_BASE}, docker_format=False)
     build(ROOT / "Dockerfile", IMAGE, {"BASE_IMAGE": STAND_IN}, docker_format=True)  # docker format keeps HEALTHCHECK
+    sizes = {tag: int(podman("image", "inspect", "--format", "{{.Size}}", tag, capture=True).stdout) for tag in (STAND_IN, IMAGE)}
+    log(f"image {sizes[IMAGE] / 1e9:.2f} GB, of which the stand-in base {sizes[STAND_IN] / 1e9:.2f} GB")
     podman("rm", "--force", CONTAINER, capture=True, check=False)
     with tempfile.TemporaryDirectory() as scratch:
         from nvembed_triton.tiny_checkpoint import write_tiny_checkpoint
@@ -230,7 +233,9 @@ def main() -> int:
         os.chmod(scratch, 0o755)  # readable by the container's uid 1000
         ports = {"http": free_port(), "grpc": free_port(), "openai": free_port()}
         podman(
-            "run", *PODMAN_FLAGS, *LIMITS, "--detach", "--name", CONTAINER, "--shm-size=1g",
+            # --read-only: a read-only root filesystem, as deploy/kubernetes runs it (podman mounts
+            # tmpfs on /tmp, /run and /var/tmp, as the manifests' emptyDirs do).
+            "run", *PODMAN_FLAGS, *LIMITS, "--detach", "--read-only", "--name", CONTAINER, "--shm-size=1g",
             "-p", f"127.0.0.1:{ports['http']}:8000", "-p", f"127.0.0.1:{ports['grpc']}:8001",
             "-p", f"127.0.0.1:{ports['openai']}:8080", "-v", f"{checkpoint}:/models/NV-Embed-v2:ro",
             "-e", "NVEMBED_DEVICE=cpu", IMAGE, capture=True,
