@@ -41,10 +41,8 @@ def padded_tokens(lengths: Sequence[int], batches: list[list[int]]) -> int:
 
 
 # A pass is split for parallel CPU workers only into parts of at least this many padded tokens:
-# smaller parts lose more to each pass's fixed cost than running side by side gains. all-MiniLM-L6-v2
-# on 2 cores, queries of ~18 tokens: in-process, 8 queries ran 5% slower in 2 parts and 2-4 queries
-# slower still; through the server at 16 clients (~8 queries per execute), where other processes
-# take cores mid-pass, 2 parts of 4 gave 5-7% more queries/s (7 alternating runs; bench/RESULTS.md).
+# smaller parts lose more to each pass's fixed cost than running side by side gains (measured on
+# short queries in-process and through the server: bench/RESULTS.md, "Second round").
 MIN_SPLIT_TOKENS = 64
 
 

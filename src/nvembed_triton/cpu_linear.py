@@ -1,9 +1,8 @@
 """Linear layers on a CPU in fp32 through oneDNN, each weight packed once at load into the layout
 its kernel reads: the kernels torch.compile's CPU backend (Inductor, with freezing) uses. Eager
-torch runs nn.Linear as MKL sgemm, which on AMD CPUs takes a slower path than on Intel's own: on
-this project's 2-core AMD EPYC (AVX-512), in-process all-MiniLM-L6-v2 embedded 1 query 2.0x, 64
-queries 1.7x and 32 passages 1.6x as fast, the vectors within 2e-7 of the default path's
-(bench/RESULTS.md). The setting `cpu_linear` (`torch`) turns it off."""
+torch runs nn.Linear as MKL sgemm, which on AMD CPUs takes a slower path than on Intel's own, so
+this is faster there with the same vectors (bench/RESULTS.md, "Fourth round: linear layers through
+oneDNN"). The setting `cpu_linear` (`torch`) turns it off."""
 
 from __future__ import annotations
 

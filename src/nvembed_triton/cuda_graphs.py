@@ -1,9 +1,9 @@
 """Small GPU passes replayed from CUDA graphs. Eagerly, one pass of NV-Embed-v2 launches about 600
 kernels (32 layers), and for a lone query the host's launch and dispatch time, not the GPU, sets
-the latency (the 2-layer test network already cost 5.2 ms of host time per query on an H200,
-bench/RESULTS.md). A graph captured per (rows, padded length) bucket replays the whole pass with
-one launch. Captured at load for every bucket up to MAX_GRAPH_TOKENS padded tokens; larger passes
-run eagerly, where the GPU's work per kernel hides the launches."""
+the latency. A graph captured per (rows, padded length) bucket replays the whole pass with one
+launch (measured on an H200: bench/RESULTS.md, "end to end through tritonserver"). Captured at load
+for every bucket up to MAX_GRAPH_TOKENS padded tokens; larger passes run eagerly, where the GPU's
+work per kernel hides the launches."""
 
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 AUTO, GLIBC = "auto", "glibc"  # the `allocator` setting: the measured best when installed, or glibc malloc
 JEMALLOC = "libjemalloc.so.2"  # Debian's and Ubuntu's libjemalloc2; NVIDIA's Triton image ships it
-# Without per-thread caches: with them tritonserver (~150 threads) grew ~20 MB/min all soak long.
+# Without per-thread caches: with them tritonserver's ~150 threads kept growing all soak long.
 JEMALLOC_CONF = "tcache:false"
 
 
@@ -28,11 +28,10 @@ def allocator_environment(allocator: str = AUTO, environ: Mapping[str, str] = os
     """The environment overrides for tritonserver (its stubs inherit its environment) and a line
     for the launcher's log saying which malloc they run with.
 
-    Same 7-minute mixed soaks (bench/RESULTS.md): under glibc malloc the encoder kept 1.4-1.8 GB of
-    freed activations and the server still grew 25-62 MB/min; jemalloc without thread caches ended
-    1.3 GB lower, grew 6-7 MB/min and served as many requests. tcmalloc grew 14-17 MB/min from 300 MB
-    more at start; glibc with MALLOC_ARENA_MAX=2 and MALLOC_TRIM_THRESHOLD_ grew 5-10 MB/min but
-    served half the requests."""
+    jemalloc without thread caches, because in the same mixed soaks it held the least memory and
+    grew the slowest at the same throughput; glibc malloc kept freed activations, tcmalloc started
+    higher and grew faster, a tuned glibc served half the requests (bench/RESULTS.md, "Memory under
+    a soak")."""
     if allocator not in (AUTO, GLIBC):
         raise ValueError(f"allocator must be {AUTO!r} or {GLIBC!r}, got {allocator!r}")
     if preloaded := environ.get("LD_PRELOAD"):  # the operator's choice, inherited as it is

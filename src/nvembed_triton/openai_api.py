@@ -184,7 +184,7 @@ def create_app(
         except EmbeddingError as error:
             raise await api_error_for(error) from None
         # Built without validation (the values are ours) and serialised by pydantic's Rust
-        # serializer: 32 vectors of 4096 floats in 18 ms, json.dumps took 143.
+        # serializer, several times faster than json.dumps on 4096-float vectors.
         data = [
             Embedding.model_construct(index=i, embedding=encode_vector(vector, asked.encoding_format))
             for i, vector in enumerate(result.embeddings)

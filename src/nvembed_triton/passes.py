@@ -1,11 +1,10 @@
 """Running planned forward passes. On a GPU, one after another: the GPU is the parallel part. On a
 CPU, several passes at once, one per core, each on its own thread with one intra-op thread: for
 batches of short texts, torch's intra-op threads scale poorly and wait on each other whenever
-another process (the public instances, tritonserver) takes a core. In-process on 2 cores,
-all-MiniLM-L6-v2: 20 queries in 2 parallel passes 367 queries/s vs 306 as one pass on 2 threads,
-32 passages 29.8 vs 24.9 passages/s; through the server at 64 clients the encoder's CPU per query
-fell from 5.5-5.8 to 5.2-5.4 ms (bench/RESULTS.md). A lone pass keeps every intra-op thread if it
-is large enough to gain from them (MIN_THREADED_PASS_TOKENS); one query runs on one thread."""
+another process (the public instances, tritonserver) takes a core; passes side by side embed more
+texts per second in-process and cost the encoder less CPU per query through the server
+(bench/RESULTS.md, "Second round"). A lone pass keeps every intra-op thread if it is large enough
+to gain from them (MIN_THREADED_PASS_TOKENS); one query runs on one thread."""
 
 from __future__ import annotations
 
@@ -20,10 +19,8 @@ from .encoders import KeepFilter
 
 # A lone pass uses every intra-op thread only from this many padded tokens; a smaller one runs on
 # a pass thread with one. With OMP_WAIT_POLICY=PASSIVE (model.py) every torch op wakes the sleeping
-# threads, which costs more than they add on small inputs: all-MiniLM-L6-v2 in-process on 2 cores,
-# one 14-token query took 7.5 ms on 2 threads and 5.1 ms on 1, 60 tokens 12.1 vs 10.7 ms; from
-# ~120 tokens the two were even, 250 tokens 28 vs 39 ms. Through the server 1 client sent 1.34x as
-# many queries/s (bench/RESULTS.md). Passes this small are never split (batching.MIN_SPLIT_TOKENS).
+# threads, which costs more than they add on small inputs; the two break even at about this size
+# (bench/RESULTS.md, "Second round"). Passes this small are never split (batching.MIN_SPLIT_TOKENS).
 MIN_THREADED_PASS_TOKENS = 128
 
 

@@ -135,7 +135,7 @@ SETTINGS = (
             ENCODER, flag="--model-dir"),
     Setting("device", "cuda:0", "`cpu`, `cuda` or `cuda:N`; an absent GPU is a load error, never a silent CPU "
             "fallback. A KIND_GPU instance uses the GPU Triton gives it", ENCODER, flag="--device"),
-    Setting("dtype", "auto", "`auto` (fp16 on GPU: the checkpoint's own dtype, 100x closer to fp32 than bf16, "
+    Setting("dtype", "auto", "`auto` (fp16 on GPU: the checkpoint's own dtype, far closer to fp32 than bf16, "
             "see bench/RESULTS.md; fp32 on CPU), `bf16`, `fp16` or `fp32`", ENCODER),
     Setting("max_length", "32768", "tokens per text, instruction included; longer texts are truncated (or refused, "
             "with the request's truncate NONE)", ENCODER, positive_int),
@@ -143,8 +143,8 @@ SETTINGS = (
             f"{GPU_BATCH_TOKENS} on GPU (throughput is flat from 8k to 64k on an H200), {CPU_BATCH_TOKENS} on CPU "
             "(smaller passes run faster per text there); see bench/RESULTS.md", ENCODER, auto_or_positive_int),
     Setting("cpu_linear", CPU_LINEAR_ONEDNN, "on a CPU in fp32: `onednn` runs linear layers through oneDNN with "
-            "weights packed at load (each checked against torch's own at load; 1.6-2x the texts/s on the AMD EPYC "
-            "measured, bench/RESULTS.md), `torch` through torch's default kernels", ENCODER, cpu_linear_choice),
+            "weights packed at load (each checked against torch's own at load; faster on the AMD EPYC measured, "
+            "bench/RESULTS.md), `torch` through torch's default kernels", ENCODER, cpu_linear_choice),
     Setting("cuda_graphs", "on", "on a GPU: `on` captures each small pass shape (up to 2048 padded tokens) as a "
             "CUDA graph at load and replays it, so a lone query is not bound by kernel launches (a failed capture "
             "falls back to eager passes and says so in the log); `off` runs every pass eagerly", ENCODER, on_off),
@@ -295,8 +295,8 @@ def resolve_batch_tokens(requested: str | int, device: str) -> int:
 
 
 def resolve_dtype(requested: str, device: str) -> str:
-    """float16 on GPUs: NV-Embed-v2 is published in fp16 and measured at full size it stays 100x
-    closer to fp32 than bf16 does, for 3-4% of throughput (bench/RESULTS.md). float32 on CPUs
+    """float16 on GPUs: NV-Embed-v2 is published in fp16 and measured at full size it stays far
+    closer to fp32 than bf16 does, for a few percent of throughput (bench/RESULTS.md). float32 on CPUs
     (16-bit matmuls are slow on most CPUs)."""
     requested = requested.strip().lower()
     if requested == "auto":

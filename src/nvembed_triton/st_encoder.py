@@ -70,8 +70,8 @@ class SentenceTransformerEncoder:
         """See TextEncoder. Passes share an instruction, are planned by token budget over the texts'
         lengths (batching.plan_batches: sorted, padded only to their own longest) and run by
         passes.PassRunner (side by side on a CPU), so `keep` can drop abandoned texts between
-        passes. Sorting matters on a CPU: 32 passages of 100-250 tokens embed 1.5x as fast sorted
-        as in arrival order (bench/RESULTS.md). sentence-transformers truncates the end; for START
+        passes. Sorting matters on a CPU: less padding, so passages embed much faster sorted than in
+        arrival order (bench/RESULTS.md). sentence-transformers truncates the end; for START
         the text is cut here to the tokens that fit, so that the library keeps them all."""
         truncations = truncations or [TRUNCATE_END] * len(texts)
         from_end = [mode == TRUNCATE_START for mode in truncations]

@@ -14,8 +14,8 @@ import time
 
 # Before torch loads: idle OpenMP threads sleep instead of spinning. On a CPU host spinning takes
 # cores from the front instances and the server: through the server, PASSIVE gave the most
-# queries/s at 1, 16 and 64 clients (ACTIVE -27% at 1 client, the default -12% at 64;
-# bench/RESULTS.md). On a GPU host the CPU threads mostly wait for the GPU, so the same holds.
+# queries/s at 1, 16 and 64 clients (bench/RESULTS.md). On a GPU host the CPU threads mostly wait
+# for the GPU, so the same holds.
 # An OMP_WAIT_POLICY in the environment wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 

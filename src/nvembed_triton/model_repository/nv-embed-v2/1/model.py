@@ -27,13 +27,13 @@ from nvembed_triton.validation import RequestLimits
 
 # When a waiting instance first asks whether its client is still there; each later ask comes after
 # twice the wait before it, at most CANCEL_POLL_MAX_S. Each ask is an IPC call through tritonserver:
-# asking every 50 ms took about a fifth of the instances' CPU at 64 clients, where queries wait ~150 ms
+# asking at a short fixed interval took a large share of the instances' CPU at 64 clients
 # (bench/RESULTS.md). A client that leaves is noticed within about its own wait so far, and at most
 # CANCEL_POLL_MAX_S; a request's own timeout is kept to the millisecond without asking.
 CANCEL_POLL_FIRST_S = 0.2
 CANCEL_POLL_MAX_S = 1.0
-# Threads that send forwarded requests. Reused rather than one started per request (that cost ~15%
-# of an instance's CPU, bench/bench_plumbing.py); several, so the next request is not held up by
+# Threads that send forwarded requests. Reused rather than one started per request (that cost a
+# measurable share of an instance's CPU, bench/bench_plumbing.py); several, so the next request is not held up by
 # forwarded requests still running after their clients left (the encoder drops their remaining
 # work at its next pass) unless SENDER_THREADS of them are.
 SENDER_THREADS = 4
