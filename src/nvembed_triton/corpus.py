@@ -26,26 +26,22 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
-import pyarrow as pa
 from tqdm.auto import tqdm
 
 from nvembed_triton import contract
 from nvembed_triton.client import DEFAULT_MAX_RETRIES, AsyncEmbeddingClient
-from nvembed_triton.corpus_files import (
-    EMBEDDINGS_DIR,
+from nvembed_triton.corpus_files import (  # pyarrow comes in there, with an install hint if missing
     MANIFEST,
-    REJECTS_DIR,
     CorpusError,
+    EmbeddedTexts,
     Shard,
     count_rows,
-    embeddings_table,
     input_format,
-    rejects_table,
     remove_partials,
     shard_name,
     shards,
-    write_atomically,
     write_json_atomically,
+    write_shard,
 )
 from nvembed_triton.errors import EmbeddingError, InvalidInputError
 from nvembed_triton.reasons import reason_of
@@ -97,20 +93,6 @@ class CorpusJob:
             "model": self.model,
             **asdict(self.options),
         }
-
-
-@dataclass
-class EmbeddedTexts:
-    """One batch of texts: vectors for those embedded (at `embedded`, positions in the batch), the
-    reason and message for each refused one."""
-
-    embedded: list[int]
-    vectors: np.ndarray
-    tokens: np.ndarray
-    truncated: np.ndarray
-    rejected: list[int] = field(default_factory=list)
-    reasons: list[str] = field(default_factory=list)
-    messages: list[str] = field(default_factory=list)
 
 
 def grpc_target(urls: tuple[str, ...] | list[str]) -> str:
@@ -250,7 +232,8 @@ async def run(job: CorpusJob, show_progress: bool = True) -> RunSummary:
     async def embed_shard(shard: Shard, progress: tqdm) -> None:
         try:
             result = await embed_texts(client, shard.texts, job.options, job.batch_size)
-            await asyncio.to_thread(write_shard, job, shard, result)  # the loop keeps answering meanwhile
+            # the loop keeps answering meanwhile
+            await asyncio.to_thread(write_shard, job.output_dir, shard, result, job.options.dtype)
             counts = {"rows": len(shard.texts), "embedded": len(result.embedded), "rejected": len(result.rejected),
                       "tokens": int(result.tokens.sum())}  # fmt: skip
             manifest.finish(shard.number, counts)
@@ -287,18 +270,6 @@ async def run(job: CorpusJob, show_progress: bool = True) -> RunSummary:
         await client.close()
     summary.seconds = time.monotonic() - started
     return summary
-
-
-def write_shard(job: CorpusJob, shard: Shard, result: EmbeddedTexts) -> None:
-    """Rejects first, then embeddings, each whole or not at all; the manifest names the shard after."""
-    name = shard_name(shard.number)
-    rejects = rejects_table(shard.ids.take(pa.array(result.rejected, pa.int64())), result.reasons, result.messages)
-    write_atomically(rejects, job.output_dir / REJECTS_DIR / name)
-    embedded = shard.ids.take(pa.array(result.embedded, pa.int64()))
-    write_atomically(
-        embeddings_table(embedded, result.vectors, result.tokens, result.truncated, job.options.dtype),
-        job.output_dir / EMBEDDINGS_DIR / name,
-    )
 
 
 def parser() -> argparse.ArgumentParser:

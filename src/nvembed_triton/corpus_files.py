@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -117,6 +117,20 @@ def _shard(number: int, table: pa.Table) -> Shard:
     return Shard(number, table.column(0).combine_chunks(), texts.to_pylist())
 
 
+@dataclass
+class EmbeddedTexts:
+    """One batch of texts: vectors for those embedded (at `embedded`, positions in the batch), the
+    reason and message for each refused one."""
+
+    embedded: list[int]
+    vectors: np.ndarray
+    tokens: np.ndarray
+    truncated: np.ndarray
+    rejected: list[int] = field(default_factory=list)
+    reasons: list[str] = field(default_factory=list)
+    messages: list[str] = field(default_factory=list)
+
+
 def shard_name(number: int) -> str:
     return f"part-{number:06d}.parquet"
 
@@ -165,3 +179,14 @@ def remove_partials(output_dir: Path) -> None:
     """Files a killed run was writing: never named in the manifest, so never counted."""
     for partial in output_dir.rglob("*.partial"):
         partial.unlink()
+
+
+def write_shard(output_dir: Path, shard: Shard, result: EmbeddedTexts, dtype: str) -> None:
+    """Rejects first, then embeddings, each whole or not at all; the manifest names the shard after."""
+    name = shard_name(shard.number)
+    rejects = rejects_table(shard.ids.take(pa.array(result.rejected, pa.int64())), result.reasons, result.messages)
+    write_atomically(rejects, output_dir / REJECTS_DIR / name)
+    embedded = shard.ids.take(pa.array(result.embedded, pa.int64()))
+    write_atomically(
+        embeddings_table(embedded, result.vectors, result.tokens, result.truncated, dtype), output_dir / EMBEDDINGS_DIR / name
+    )
