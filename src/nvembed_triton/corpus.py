@@ -112,6 +112,17 @@ def grpc_target(urls: tuple[str, ...] | list[str]) -> str:
     return "ipv4:" + ",".join(addresses)
 
 
+def fleet_client(
+    urls: tuple[str, ...] | list[str], model: str, concurrency: int | None, inference_key: str | None, max_retries: int
+) -> AsyncEmbeddingClient:
+    """One client for all the servers: round-robin over them, REQUESTS_PER_SERVER each in flight
+    unless `concurrency` says otherwise."""
+    return AsyncEmbeddingClient(
+        grpc_target(urls), model, max_concurrency=concurrency or REQUESTS_PER_SERVER * len(urls),
+        inference_key=inference_key, max_retries=max_retries,
+    )  # fmt: skip
+
+
 class _Embedded(NamedTuple):
     position: int
     vector: np.ndarray
@@ -217,14 +228,7 @@ async def run(job: CorpusJob, show_progress: bool = True) -> RunSummary:
     remove_partials(job.output_dir)
     manifest = Manifest(job)
     summary, started = RunSummary(), time.monotonic()
-    concurrency = job.concurrency or REQUESTS_PER_SERVER * len(job.urls)
-    client = AsyncEmbeddingClient(
-        grpc_target(job.urls),
-        job.model,
-        max_concurrency=concurrency,
-        inference_key=job.inference_key,
-        max_retries=job.max_retries,
-    )
+    client = fleet_client(job.urls, job.model, job.concurrency, job.inference_key, job.max_retries)
     total = count_rows(job.input)
     done_rows = sum(counts["rows"] for counts in manifest.document["shards"].values())
     slots = asyncio.Semaphore(SHARDS_IN_FLIGHT)

@@ -25,8 +25,8 @@ import numpy as np
 import pyarrow as pa
 
 from nvembed_triton import contract
-from nvembed_triton.client import DEFAULT_MAX_RETRIES, AsyncEmbeddingClient
-from nvembed_triton.corpus import DEFAULT_BATCH_SIZE, REQUESTS_PER_SERVER, EmbeddingOptions, embed_texts, grpc_target
+from nvembed_triton.client import DEFAULT_MAX_RETRIES
+from nvembed_triton.corpus import DEFAULT_BATCH_SIZE, EmbeddingOptions, embed_texts, fleet_client
 from nvembed_triton.corpus_files import vector_list
 
 
@@ -53,10 +53,7 @@ class EmbedBatches:
         self.options = EmbeddingOptions(instruction, truncate, dtype)
         self.batch_size = batch_size
         self.loop = asyncio.new_event_loop()
-        self.client = AsyncEmbeddingClient(
-            grpc_target(urls), model, max_concurrency=concurrency or REQUESTS_PER_SERVER * len(urls),
-            inference_key=inference_key, max_retries=max_retries,
-        )  # fmt: skip
+        self.client = fleet_client(urls, model, concurrency, inference_key, max_retries)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         texts = batch.column(self.text_field).to_pylist()
