@@ -120,6 +120,9 @@ class ServerSettings:
     # Triton's response cache, for benchmarks (bench_plumbing.py --response-cache): its key is the
     # model and its inputs only, not request parameters, so the shipped models do not enable it.
     response_cache_bytes: int = 0
+    # Triton's own per-request timestamps (its trace API, level TIMESTAMPS, every request), written
+    # to this file and its numbered siblings, for benchmarks (bench_latency.py): off when None.
+    trace_file: Path | None = None
     # The stubs' shared-memory regions are named with this prefix (leftovers.py), so a crashed
     # run's regions can be found and removed; empty: the Python backend's default name.
     shm_prefix: str = ""
@@ -275,6 +278,7 @@ class TritonServer:
             f"--metrics-port={s.metrics_port}",
             f"--log-verbose={s.log_verbose}",
             *self.cache_arguments(installation),
+            *self.trace_arguments(),
             *([f"--backend-config=python,shm-region-prefix-name={s.shm_prefix}"] if s.shm_prefix else []),
             *shm_arguments(),
             *self.restriction_arguments(),
@@ -294,6 +298,12 @@ class TritonServer:
             return []
         where = [f"--cache-directory={installation.cache_directory}"] if installation.cache_directory else []
         return [f"--cache-config=local,size={self.settings.response_cache_bytes}", *where]
+
+    def trace_arguments(self) -> list[str]:
+        if self.settings.trace_file is None:
+            return []
+        settings = (f"triton,file={self.settings.trace_file}", "triton,log-frequency=1", "level=TIMESTAMPS", "rate=1")
+        return [argument for setting in settings for argument in ("--trace-config", setting)]
 
     def start(self) -> TritonServer:
         self.settings.run_dir.mkdir(parents=True, exist_ok=True)
@@ -354,15 +364,24 @@ class TritonServer:
         except ProcessLookupError:
             pass
         self._process.wait()
+        self._remove_regions(regions)
+
+    def stop(self, grace_s: float = 75.0) -> int | None:
+        """SIGINT lets Triton unload models cleanly (the 48 front instances take ~1 min on 2 cores);
+        a kill follows after the grace period. Triton gives up unloading after its own exit timeout
+        (30 s) and exits, leaving the regions of the stubs it had not unloaded: they are removed here."""
+        if self._process is None:
+            return None
+        regions = [stub.shm_region for stub in self.stubs()]
+        code = interrupt(self._process, grace_s, self.kill)
+        self._remove_regions(regions)
+        return code
+
+    def _remove_regions(self, regions: list[str]) -> None:
         for region in regions:  # what Triton would have unlinked on a clean unload
             Path("/dev/shm", region).unlink(missing_ok=True)
         if self.settings.shm_prefix:  # also the regions of stubs that had died before
             remove_regions(self.settings.shm_prefix)
-
-    def stop(self, grace_s: float = 75.0) -> int | None:
-        """SIGINT lets Triton unload models cleanly (the 48 front instances take ~1 min on 2 cores);
-        a kill follows after the grace period."""
-        return None if self._process is None else interrupt(self._process, grace_s, self.kill)
 
     def wait(self) -> int:
         return self._process.wait()
