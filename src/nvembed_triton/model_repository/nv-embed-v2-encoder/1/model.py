@@ -8,6 +8,9 @@ BYTES [B, 1]; request parameter `truncate` (END | START | NONE). Outputs: `embed
 execute() only checks each request and hands it to a lane (lanes.py); the lanes compute and answer
 through each request's response sender, so a short request is never held behind a long one."""
 
+# The Python backend imports asyncio when execute() returns (to ask whether it returned a coroutine):
+# ~20 ms on each instance's first request, then never again. Imported here, it is paid at load.
+import asyncio  # noqa: F401
 import json
 import os
 import time
