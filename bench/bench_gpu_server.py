@@ -42,6 +42,8 @@ import numpy as np
 import torch
 import tritonclient.grpc as grpcclient
 from bench_gpu import FULL_TEXT_CONFIG, build_model
+from bench_latency import stage_ms, traces_of
+from bench_latency import summary as latency_summary
 from bench_plumbing import closed_loop
 from bench_server import request_inputs, text_of_tokens
 from safetensors.torch import save_file
@@ -128,9 +130,12 @@ def start_settings(model_dir: Path, scratch: Path, cuda_graphs: bool, device: st
     environ = {**os.environ, "TRITON_GRPC_PORT": str(free_port()), "TRITON_HTTP_PORT": str(free_port()),
                "TRITON_METRICS_PORT": str(free_port())}  # fmt: skip
     plan_ = plan(serve_parser().parse_args(["--model-dir", str(model_dir), "--device", device]), environ)
-    settings = server_settings(plan_, scratch / f"run-graphs-{'on' if cuda_graphs else 'off'}", environ)
+    run_dir = scratch / f"run-graphs-{'on' if cuda_graphs else 'off'}"
+    settings = server_settings(plan_, run_dir, environ)
     graphs = {BY_KEY["cuda_graphs"].variable: "on" if cuda_graphs else "off"}
-    return dataclasses.replace(settings, environment={**settings.environment, **graphs})
+    (run_dir / "trace").mkdir(parents=True, exist_ok=True)
+    trace_file = run_dir / "trace" / "trace.json"  # the lone queries' stages (bench_latency.py); off after them
+    return dataclasses.replace(settings, environment={**settings.environment, **graphs}, trace_file=trace_file)
 
 
 def percentiles(samples_ms: list[float]) -> dict:
@@ -139,38 +144,15 @@ def percentiles(samples_ms: list[float]) -> dict:
     return {"p50_ms": at(0.5), "p90_ms": at(0.9), "p99_ms": at(0.99), "mean_ms": statistics.fmean(ordered), "n": len(ordered)}
 
 
-def triton_stage_ns(url: str, admin_key: str) -> dict[str, dict[str, int]]:
-    """Triton's cumulative per-model statistics: {model: {stage: ns, "requests": n, "executions": n}}."""
-    stages = ("queue", "compute_input", "compute_infer", "compute_output", "success")
+WARM_UP_QUERIES = 20  # fewer than the public model's 48 instances: some measured queries are an instance's first
+
+
+def lone_query_latency(settings, queries: list[str], count: int, record) -> None:
+    """Sequential single-query calls, as the seed's client makes them; then Triton's trace of them,
+    stage by stage (bench_latency.py), and tracing off for what follows."""
+    url = settings.grpc_url
     with grpcclient.InferenceServerClient(url) as client:
-        stats = client.get_inference_statistics(headers={ADMIN_KEY_GRPC_HEADER: admin_key}, as_json=True)
-    found = {}
-    for model in stats.get("model_stats", []):
-        inference = model.get("inference_stats", {})
-        found[model["name"]] = {stage: int(inference.get(stage, {}).get("ns", 0)) for stage in stages}
-        found[model["name"]]["requests"] = int(inference.get("success", {}).get("count", 0))
-        found[model["name"]]["executions"] = int(model.get("execution_count", 0))
-    return found
-
-
-def stage_breakdown(before: dict, after: dict) -> dict:
-    """Mean ms per request of each Triton stage, per model, between two snapshots."""
-    breakdown = {}
-    for model, stages in after.items():
-        requests = stages["requests"] - before.get(model, {}).get("requests", 0)
-        if requests:
-            breakdown[model] = {
-                f"{stage}_ms": (stages[stage] - before[model][stage]) / requests / 1e6
-                for stage in ("queue", "compute_input", "compute_infer", "compute_output", "success")
-            }
-            breakdown[model]["requests_per_execution"] = requests / max(1, stages["executions"] - before[model]["executions"])
-    return breakdown
-
-
-def lone_query_latency(url: str, queries: list[str], count: int) -> dict:
-    """Sequential single-query calls, as the seed's client makes them."""
-    with grpcclient.InferenceServerClient(url) as client:
-        for query in queries[:20]:  # warm-up
+        for query in queries[:WARM_UP_QUERIES]:
             client.infer(PUBLIC_MODEL, request_inputs(QUERY_INPUT, [query]))
         samples = []
         for i in range(count):
@@ -178,7 +160,10 @@ def lone_query_latency(url: str, queries: list[str], count: int) -> dict:
             result = client.infer(PUBLIC_MODEL, request_inputs(QUERY_INPUT, [queries[i % len(queries)]]))
             samples.append((time.perf_counter() - started) * 1e3)
             assert np.isfinite(result.as_numpy(EMBEDDINGS_OUTPUT)).all()
-    return percentiles(samples)
+        client.update_trace_settings(settings={"trace_level": ["OFF"]}, headers={ADMIN_KEY_GRPC_HEADER: settings.admin_key})
+    record("lone_query", percentiles(samples))
+    traces = traces_of(settings.trace_file, WARM_UP_QUERIES + count)[WARM_UP_QUERIES:]
+    record("lone_query_stages", latency_summary([stage_ms(t, c) for t, c in zip(traces, samples, strict=True)]))
 
 
 async def send_documents(url: str, texts: list[str]) -> tuple[float, np.ndarray]:
@@ -209,9 +194,7 @@ def through_server(model_dir: Path, scratch: Path, cuda_graphs: bool, work: dict
         if args.device == "cuda":
             record("gpu_memory_used_gib", (lambda free, total: (total - free) / GIB)(*torch.cuda.mem_get_info()))
         log(f"server (cuda_graphs {'on' if cuda_graphs else 'off'}) ready")
-        before = triton_stage_ns(settings.grpc_url, settings.admin_key)
-        record("lone_query", lone_query_latency(settings.grpc_url, work["queries"], args.lone_queries))
-        record("lone_query_triton_stages", stage_breakdown(before, triton_stage_ns(settings.grpc_url, settings.admin_key)))
+        lone_query_latency(settings, work["queries"], args.lone_queries, record)
         log(f"lone query {server_results_line(record.results)}")
         asyncio.run(closed_loop(settings.grpc_url, work["queries"], 16, 2.0, PUBLIC_MODEL))  # warm-up
         rows = []
@@ -262,6 +245,44 @@ def lone_pass_ms(encoder: NVEmbedEncoder, query: str, count: int) -> dict:
     return {**percentiles(samples), "tokens": len(tokenized[0].ids)}
 
 
+def lone_pass_gpu_ms(encoder: NVEmbedEncoder, query: str, count: int) -> dict:
+    """GPU time of a lone query's pass (copies in, the pass or its graph, copy back), from CUDA events
+    around it: what the wall time of lone_pass_ms spends on the device."""
+    tokenized = encoder.tokenizer.encode([query], [nvembed_query_instruction(RETRIEVAL_TASK)])
+    samples = []
+    for _ in range(count):
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        encoder.embed_tokenized(tokenized)
+        stop.record()
+        stop.synchronize()
+        samples.append(start.elapsed_time(stop))
+    return percentiles(samples)
+
+
+def lone_pass_kernels(encoder: NVEmbedEncoder, query: str, passes: int = 10, top: int = 12) -> dict:
+    """The eager pass's kernels under torch.profiler: count and device ms per pass, and the `top`
+    kernels by device time (a graph replays the same kernels, without the launches between them)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    tokenized = encoder.tokenizer.encode([query], [nvembed_query_instruction(RETRIEVAL_TASK)])
+    with profile(activities=[ProfilerActivity.CUDA]) as profiler:
+        for _ in range(passes):
+            encoder.embed_tokenized(tokenized)
+        torch.cuda.synchronize()
+    kernels = [e for e in profiler.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    device_us = lambda e: getattr(e, "self_device_time_total", None) or e.self_cuda_time_total  # noqa: E731
+    kernels.sort(key=device_us, reverse=True)
+    return {
+        "kernels_per_pass": sum(e.count for e in kernels) / passes,
+        "device_ms_per_pass": sum(device_us(e) for e in kernels) / passes / 1e3,
+        "top": [
+            {"kernel": e.key[:120], "per_pass": e.count / passes, "ms_per_pass": device_us(e) / passes / 1e3}
+            for e in kernels[:top]
+        ],  # fmt: skip
+    }
+
+
 def in_process(model_dir: Path, work: dict, args, record) -> NVEmbedEncoder:
     dtype = "fp16" if args.device == "cuda" else "fp32"  # the server's dtype auto
     settings = EncoderSettings.from_parameters({"model_dir": str(model_dir), "device": args.device, "dtype": dtype})
@@ -274,10 +295,16 @@ def in_process(model_dir: Path, work: dict, args, record) -> NVEmbedEncoder:
     work["in-process vectors"] = vectors
     record("documents_tokens_per_s", work["document_tokens"] / statistics.median(runs))
     log(f"in-process documents: {work['document_tokens'] / statistics.median(runs):.0f} tokens/s")
+    query = work["queries"][0]
     if encoder.graphs:
-        record("lone_pass_graph", lone_pass_ms(encoder, work["queries"][0], args.lone_queries))
+        record("lone_pass_graph", lone_pass_ms(encoder, query, args.lone_queries))
+        if args.device == "cuda":
+            record("lone_pass_graph_gpu", lone_pass_gpu_ms(encoder, query, args.lone_queries))
     graphs, encoder.graphs = encoder.graphs, None
-    record("lone_pass_eager", lone_pass_ms(encoder, work["queries"][0], args.lone_queries))
+    record("lone_pass_eager", lone_pass_ms(encoder, query, args.lone_queries))
+    if args.device == "cuda":
+        record("lone_pass_eager_gpu", lone_pass_gpu_ms(encoder, query, args.lone_queries))
+        record("lone_pass_eager_kernels", lone_pass_kernels(encoder, query))
     encoder.graphs = graphs
     return encoder
 

@@ -1,0 +1,58 @@
+"""The latency benchmarks run end to end on the CPU with the tiny checkpoint, so they still work on
+the day a machine is lent to measure with them: bench/bench_latency.py (Triton's trace of lone
+queries, stage by stage: it only adds up when the encoder's request is traced as the public
+request's child) and bench/bench_gpu_server.py --tiny (the one-call GPU run's own smoke test)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT
+
+pytestmark = pytest.mark.server  # starts real tritonservers
+
+BENCH = ROOT / "bench"
+
+
+def run_bench(script: str, *args: str, timeout_s: float = 420) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    done = subprocess.run([sys.executable, str(BENCH / script), *args], cwd=BENCH, env=env, capture_output=True, text=True,
+                          timeout=timeout_s)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+
+
+def test_bench_latency_splits_a_lone_query_into_stages_that_add_up(tmp_path, tiny_checkpoint):
+    out = tmp_path / "latency.json"
+    run_bench("bench_latency.py", "--model-dir", str(tiny_checkpoint), "--queries", "40", "--rounds", "2", "--json", str(out))
+    results = json.loads(out.read_text())
+    assert len(results["rounds"]) == 2
+    for stages in [*results["rounds"], results["first request of each public instance"]]:
+        total = stages.pop("total (client)")["p50"]
+        assert all(stage["p50"] > 0 for stage in stages.values()), stages
+        # Medians of parts need not add up to the median of the whole, but each part is a slice of it.
+        assert 0.5 * total < sum(stage["p50"] for stage in stages.values()) < 1.5 * total
+        assert stages["lane + back to public"]["p50"] < total
+    assert all(ms > 0 for ms in results["in-process encode p50 ms"])
+
+
+def test_the_gpu_run_script_passes_its_cpu_smoke_test(tmp_path, tiny_checkpoint):
+    out = tmp_path / "gpu-server.json"
+    run_bench(
+        "bench_gpu_server.py", "--tiny", "--tokenizer-dir", str(tiny_checkpoint), "--scratch", str(tmp_path / "scratch"),
+        "--json", str(out), "--documents", "24", "--lone-queries", "30", "--seconds", "1", "--repeats", "1",
+        "--phases", "checkpoint,server-graphs,in-process",
+    )  # fmt: skip
+    results = json.loads(out.read_text())
+    server = results["server cuda_graphs on"]
+    assert "error" not in server and "error" not in results["in-process"], results
+    assert server["lone_query"]["n"] == 30
+    assert set(server["lone_query_stages"]) >= {"public: check, forward", "lane + back to public", "total (client)"}
+    assert [row["clients"] for row in server["queries"]] == [1, 16, 64]
+    assert all(row["requests_per_s"] > 0 for row in server["queries"])
+    assert server["documents_tokens_per_s"] > 0 and results["in-process"]["documents_tokens_per_s"] > 0
+    # The server's vectors are the in-process encoder's (the script computes the cosine itself).
+    assert results["faithfulness"]["server graphs on vs in-process, min cosine"] > 0.9999
