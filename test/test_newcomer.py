@@ -225,16 +225,18 @@ def test_the_snippets_with_the_tiny_nv_embed_v2(nvembed_server, name):
 
 
 def listed_series() -> set[tuple[str, tuple]]:
-    """(metric, labels) for each model, from the Metrics section's table: a label's values are in
-    parentheses where it first appears."""
+    """(metric, labels) for each model, from the Metrics section's table: the models column says
+    which models have the series (encoder, both); a label's values are in parentheses where it
+    first appears."""
     values: dict[str, list[str]] = {}
     series = set()
-    for name, labels in re.findall(r"^\| `(nvembed_\w+)` \| \w+ \|([^|]*)\|", readme_section("Metrics"), re.M):
+    models_of = {"encoder": (encoder_model_name(DEMO_MODEL),), "both": (DEMO_MODEL, encoder_model_name(DEMO_MODEL))}
+    for name, models, labels in re.findall(r"^\| `(nvembed_\w+)` \| \w+ \| (\w+) \|([^|]*)\|", readme_section("Metrics"), re.M):
         label = re.search(r"`(\w+)`(?: \(([^)]*)\))?", labels)
         if label and label.group(2):
             values[label.group(1)] = [v.strip() for v in label.group(2).split(",")]
         label_sets = [{label.group(1): v} for v in values[label.group(1)]] if label else [{}]
-        for model in (DEMO_MODEL, encoder_model_name(DEMO_MODEL)):
+        for model in models_of[models]:
             series.update((name, tuple(sorted({"model": model, **labels}.items()))) for labels in label_sets)
     return series
 
@@ -242,7 +244,8 @@ def listed_series() -> set[tuple[str, tuple]]:
 @pytest.mark.server
 def test_every_listed_series_is_there_at_zero_before_any_request(demo_server):
     listed = listed_series()
-    assert len(listed) == 2 * (2 * 3 + 3 + 6 + 1)  # both models: texts and tokens by 3 prompts, 3 plain, 6 reasons, the gauge
+    # The encoder: texts and tokens by 3 prompts, 3 plain, 6 reasons, the gauge; the public model: 6 reasons, the gauge.
+    assert len(listed) == (2 * 3 + 3 + 6 + 1) + (6 + 1)
     scraped = {key: value for key, value in demo_server.first_scrape.items() if key[0].startswith("nvembed_")}
     assert set(scraped) == listed  # every listed series, and none the README does not list
     assert all(value == 0 for value in scraped.values()), {key: v for key, v in scraped.items() if v}

@@ -24,6 +24,10 @@ COUNTERS = {
     "nvembed_padded_tokens_total": ("Tokens the forward passes computed, padding included", ()),
     "nvembed_rejected_requests_total": (f"Requests answered with an error, by reason: {', '.join(REASONS)}", ("reason",)),
 }  # fmt: skip
+# What each model counts: the encoder computes, so it counts everything; the public model only the
+# requests it refuses itself. A model creates only the series it counts.
+ENCODER_COUNTERS = tuple(COUNTERS)
+PUBLIC_COUNTERS = ("nvembed_rejected_requests_total",)
 # Every value a label can take, known before any request: each series is created at load with 0,
 # so the first scrape shows all of them (a dashboard's rate() needs a series' 0 to see its first event).
 LABEL_VALUES = {"prompt": (*PROMPT_NAMES, CUSTOM_PROMPT), "reason": tuple(REASONS)}
@@ -43,14 +47,15 @@ class ModelMetrics:
     metrics IPC call is made under one lock: the encoder's lanes update from their own threads, and
     two metric calls at once from one stub crash tritonserver 2.51 (SIGSEGV in the Python backend)."""
 
-    def __init__(self, model_name: str):
+    def __init__(self, model_name: str, counters: tuple[str, ...]):
         import triton_python_backend_utils as pb_utils
 
         self.model_name = model_name
-        # Families must outlive their metrics, so both are kept.
+        # Families must outlive their metrics, so both are kept. Only `counters` (ENCODER_COUNTERS,
+        # PUBLIC_COUNTERS): adding to another is a KeyError, not a series nobody lists.
         self._families = {
-            name: pb_utils.MetricFamily(name=name, description=help_, kind=pb_utils.MetricFamily.COUNTER)
-            for name, (help_, _) in COUNTERS.items()
+            name: pb_utils.MetricFamily(name=name, description=COUNTERS[name][0], kind=pb_utils.MetricFamily.COUNTER)
+            for name in counters
         }
         self._metrics = {}
         self._pending: dict[tuple, float] = {}  # counter key -> what to add at the next flush()
@@ -61,7 +66,7 @@ class ModelMetrics:
         )
         self._executing = self._executing_family.Metric(labels={"model": model_name})
         with self.ipc_lock:  # nothing else runs yet, but every metrics IPC call goes under the lock
-            for name in COUNTERS:
+            for name in counters:
                 for labels in series(name):
                     self._metric(name, labels)
 

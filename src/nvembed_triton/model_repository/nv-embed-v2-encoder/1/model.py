@@ -31,7 +31,7 @@ from nvembed_triton.encoders import load_encoder  # noqa: E402
 from nvembed_triton.errors import InvalidInputError  # noqa: E402
 from nvembed_triton.lanes import LaneLimits, Lanes  # noqa: E402
 from nvembed_triton.lifecycle import CancelBoard  # noqa: E402
-from nvembed_triton.metrics import ModelMetrics  # noqa: E402
+from nvembed_triton.metrics import ENCODER_COUNTERS, ModelMetrics  # noqa: E402
 from nvembed_triton.reasons import REASONS  # noqa: E402
 from nvembed_triton.request_rules import Refusal, combine, encoder_request, split  # noqa: E402
 from nvembed_triton.settings import ENCODER, EncoderSettings, model_settings, triton_parameters  # noqa: E402
@@ -58,7 +58,7 @@ class TritonPythonModel:
         self.limits = RequestLimits.from_settings(values)
         check_served_name(args["model_name"], self.encoder.architecture)
         self.cancel_board = CancelBoard()
-        self.metrics = ModelMetrics(args["model_name"])
+        self.metrics = ModelMetrics(args["model_name"], ENCODER_COUNTERS)
         long_request_bytes = LONG_REQUEST_BYTES_PER_BATCH_TOKEN * settings.max_batch_tokens
         limits = LaneLimits(
             max_requests=LANE_MAX_REQUESTS,

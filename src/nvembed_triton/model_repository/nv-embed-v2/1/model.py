@@ -22,7 +22,7 @@ from nvembed_triton.lifecycle import (
     CancelBoard,
     is_closed,
 )
-from nvembed_triton.metrics import ModelMetrics
+from nvembed_triton.metrics import PUBLIC_COUNTERS, ModelMetrics
 from nvembed_triton.reasons import REASONS, reason_of
 from nvembed_triton.request_rules import encoder_model_for, public_request
 from nvembed_triton.settings import PUBLIC, model_settings, triton_parameters
@@ -54,7 +54,7 @@ class TritonPythonModel:
         }
         self.encoder_model = encoder_model_for(args["model_name"], values["encoder_model"])
         self.cancel_board = CancelBoard()
-        self.metrics = ModelMetrics(args["model_name"])
+        self.metrics = ModelMetrics(args["model_name"], PUBLIC_COUNTERS)
         self.senders = ThreadPoolExecutor(SENDER_THREADS, thread_name_prefix="forward")
 
     def finalize(self):
