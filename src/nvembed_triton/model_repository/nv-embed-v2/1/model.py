@@ -32,7 +32,8 @@ from nvembed_triton.validation import RequestLimits
 # twice the wait before it, at most CANCEL_POLL_MAX_S. Each ask is an IPC call through tritonserver:
 # asking at a short fixed interval took a large share of the instances' CPU at 64 clients
 # (bench/RESULTS.md). A client that leaves is noticed within about its own wait so far, and at most
-# CANCEL_POLL_MAX_S; a request's own timeout is kept to the millisecond without asking.
+# CANCEL_POLL_MAX_S; a request's own timeout is kept to the millisecond without asking. (Triton does
+# not end a forwarded request at a timeout once the encoder has taken it: bench/bench_deadline.py.)
 CANCEL_POLL_FIRST_S = 0.2
 CANCEL_POLL_MAX_S = 1.0
 # Threads that send forwarded requests. Reused rather than one started per request (that cost a
