@@ -20,7 +20,7 @@ ARG IMAGE_PYTHON=3.12
 
 WORKDIR /opt/nvembed-triton
 
-# jemalloc, which serve.sh preloads into tritonserver and its stubs (src/nvembed_triton/memory.py): under
+# jemalloc, which serve.sh preloads into tritonserver and its stubs (src/nvembed_triton/serving/memory.py): under
 # a long mixed load glibc malloc's memory kept growing (bench/RESULTS.md). NVIDIA's image ships it
 # (Triton's build.py installs libjemalloc-dev); this installs it only where a base image lacks it.
 # hadolint ignore=DL3008

@@ -46,8 +46,8 @@ def load(engine: str, model_dir: Path):
     """(encode(list[str]) -> (n, D) unit vectors, seconds to load, files written at load)."""
     started = time.perf_counter()
     if engine == "project":
-        from nvembed_triton.encoders import load_encoder
-        from nvembed_triton.settings import EncoderSettings
+        from nvembed_triton.engine.encoders import load_encoder
+        from nvembed_triton.protocol.settings import EncoderSettings
 
         encoder = load_encoder(EncoderSettings.from_parameters({"model_dir": str(model_dir), "device": "cpu"}))
         return (lambda batch: encoder.encode(batch, [""] * len(batch)).embeddings), time.perf_counter() - started, 0
@@ -123,7 +123,7 @@ def main() -> int:
         return 0
     import numpy as np
 
-    from nvembed_triton.serve import demo_model_dir
+    from nvembed_triton.serving.serve import demo_model_dir
 
     model_dir = args.model_dir or demo_model_dir()
     engines = args.engines.split(",")

@@ -30,9 +30,9 @@ import tritonclient.grpc as grpcclient
 from bench_server import request_inputs
 from shared import write_json
 
-from nvembed_triton.contract import DOCUMENTS_INPUT, TEXT_INPUT, encoder_model_name
-from nvembed_triton.serve import parser, plan, server_settings
-from nvembed_triton.server import TritonServer, free_port
+from nvembed_triton.protocol.contract import DOCUMENTS_INPUT, TEXT_INPUT, encoder_model_name
+from nvembed_triton.serving.serve import parser, plan, server_settings
+from nvembed_triton.serving.server import TritonServer, free_port
 
 WORDS = "the quick brown fox jumps over a lazy dog while markets follow supply and demand".split()
 

@@ -41,12 +41,12 @@ import transformers
 from shared import log_uniform_lengths, write_json
 from transformers import MistralModel
 
-from nvembed_triton.batching import padded_tokens, plan_batches
-from nvembed_triton.checkpoint import LatentAttentionSettings
-from nvembed_triton.nvembed_encoder import pad_right
-from nvembed_triton.nvembed_model import LatentAttentionPooling, NVEmbedModel, mistral_config
-from nvembed_triton.tiny_checkpoint import LATENT_CONFIG as TINY_LATENT_CONFIG
-from nvembed_triton.tiny_checkpoint import TEXT_CONFIG as TINY_TEXT_CONFIG
+from nvembed_triton.engine.batching import padded_tokens, plan_batches
+from nvembed_triton.engine.checkpoint import LatentAttentionSettings
+from nvembed_triton.engine.nvembed_encoder import pad_right
+from nvembed_triton.engine.nvembed_model import LatentAttentionPooling, NVEmbedModel, mistral_config
+from nvembed_triton.testing.tiny_checkpoint import LATENT_CONFIG as TINY_LATENT_CONFIG
+from nvembed_triton.testing.tiny_checkpoint import TEXT_CONFIG as TINY_TEXT_CONFIG
 
 # The published text_config's architecture (docs/nv-embed-v2.md); mistral_config drops the sliding window.
 FULL_TEXT_CONFIG = {

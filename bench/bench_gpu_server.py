@@ -6,7 +6,7 @@ before. From the repository root, with nvidia-pytriton (tritonserver) installed:
     PYTHONPATH=src python bench/bench_gpu_server.py --tokenizer-dir DIR [--scratch /dev/shm/x] [--json PATH]
 
 DIR holds the Mistral tokenizer files of a checkpoint (a tiny checkpoint's will do:
-python -m nvembed_triton.tiny_checkpoint DIR).
+python -m nvembed_triton.testing.tiny_checkpoint DIR).
 1. checkpoint: the published layout (config, tokenizer, fp16 safetensors shards with an index),
    transformers' initialisation run on the GPU, written to --scratch.
 2. server, once with cuda_graphs off and once on, each started as serve.sh starts it (device cuda,
@@ -49,8 +49,11 @@ from bench_server import request_inputs, text_of_tokens
 from safetensors.torch import save_file
 from shared import log_uniform_lengths
 
-from nvembed_triton.checkpoint import TOKENIZER_FILE, WEIGHTS_INDEX, LatentAttentionSettings
-from nvembed_triton.contract import (
+from nvembed_triton.engine.checkpoint import TOKENIZER_FILE, WEIGHTS_INDEX, LatentAttentionSettings
+from nvembed_triton.engine.nvembed_encoder import NVEmbedEncoder
+from nvembed_triton.engine.nvembed_model import BACKBONE_PREFIX, HEAD_PREFIX
+from nvembed_triton.engine.tokenization import NVEmbedTokenizer
+from nvembed_triton.protocol.contract import (
     DOCUMENTS_INPUT,
     EMBEDDINGS_OUTPUT,
     PUBLIC_MODEL,
@@ -58,15 +61,12 @@ from nvembed_triton.contract import (
     RETRIEVAL_TASK,
     nvembed_query_instruction,
 )
-from nvembed_triton.nvembed_encoder import NVEmbedEncoder
-from nvembed_triton.nvembed_model import BACKBONE_PREFIX, HEAD_PREFIX
-from nvembed_triton.serve import parser as serve_parser
-from nvembed_triton.serve import plan, server_settings
-from nvembed_triton.server import ADMIN_KEY_GRPC_HEADER, TritonServer, free_port
-from nvembed_triton.settings import BY_KEY, EncoderSettings
-from nvembed_triton.tiny_checkpoint import CONFIG as TINY_CONFIG
-from nvembed_triton.tiny_checkpoint import SPECIAL_TOKENS_MAP, TOKENIZER_CONFIG
-from nvembed_triton.tokenization import NVEmbedTokenizer
+from nvembed_triton.protocol.settings import BY_KEY, EncoderSettings
+from nvembed_triton.serving.serve import parser as serve_parser
+from nvembed_triton.serving.serve import plan, server_settings
+from nvembed_triton.serving.server import ADMIN_KEY_GRPC_HEADER, TritonServer, free_port
+from nvembed_triton.testing.tiny_checkpoint import CONFIG as TINY_CONFIG
+from nvembed_triton.testing.tiny_checkpoint import SPECIAL_TOKENS_MAP, TOKENIZER_CONFIG
 
 GIB = 2**30
 SHARD_BYTES = 5 * 10**9  # the published snapshot's shard size

@@ -30,7 +30,7 @@ from bench_gpu import (
 )
 from shared import log_uniform_lengths
 
-from nvembed_triton.batching import padded_tokens, plan_batches
+from nvembed_triton.engine.batching import padded_tokens, plan_batches
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 

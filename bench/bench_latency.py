@@ -45,12 +45,12 @@ import tritonclient.grpc as grpcclient
 from bench_server import request_inputs, text_of_tokens
 from shared import write_json
 
-from nvembed_triton.contract import EMBEDDINGS_OUTPUT, QUERY_INPUT
-from nvembed_triton.encoders import load_encoder
-from nvembed_triton.serve import parser as serve_parser
-from nvembed_triton.serve import plan, server_settings
-from nvembed_triton.server import TritonServer, free_port
-from nvembed_triton.settings import EncoderSettings
+from nvembed_triton.engine.encoders import load_encoder
+from nvembed_triton.protocol.contract import EMBEDDINGS_OUTPUT, QUERY_INPUT
+from nvembed_triton.protocol.settings import EncoderSettings
+from nvembed_triton.serving.serve import parser as serve_parser
+from nvembed_triton.serving.serve import plan, server_settings
+from nvembed_triton.serving.server import TritonServer, free_port
 
 STAGES = {  # name -> (from, to): (trace, timestamp) with trace "public" or "encoder"
     "into the public model": (("public", "GRPC_WAITREAD_END"), ("public", "COMPUTE_START")),

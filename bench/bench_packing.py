@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 from shared import log_uniform_lengths
 
-from nvembed_triton.batching import padded_tokens, plan_batches
-from nvembed_triton.encoders import load_encoder
-from nvembed_triton.settings import EncoderSettings
+from nvembed_triton.engine.batching import padded_tokens, plan_batches
+from nvembed_triton.engine.encoders import load_encoder
+from nvembed_triton.protocol.settings import EncoderSettings
 
 WORDS = "the model learns patterns from examples while markets set prices by supply and demand".split()
 
@@ -47,7 +47,7 @@ def main() -> None:
     if args.model_dir:
         model_dir = args.model_dir
     else:
-        from nvembed_triton.tiny_checkpoint import write_tiny_checkpoint
+        from nvembed_triton.testing.tiny_checkpoint import write_tiny_checkpoint
 
         model_dir = str(write_tiny_checkpoint(Path(tempfile.mkdtemp()) / "tiny"))
     parameters = {"model_dir": model_dir, "device": args.device, "max_batch_tokens": str(args.max_batch_tokens)}

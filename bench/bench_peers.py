@@ -62,9 +62,9 @@ import numpy as np
 from bench_server import request_inputs, text_of_tokens
 from shared import write_json
 
-from nvembed_triton.contract import DOCUMENTS_INPUT, EMBEDDINGS_OUTPUT, QUERY_INPUT
-from nvembed_triton.serve import parser, plan, server_settings
-from nvembed_triton.server import TritonServer, free_port, own_group_dying_with_parent
+from nvembed_triton.protocol.contract import DOCUMENTS_INPUT, EMBEDDINGS_OUTPUT, QUERY_INPUT
+from nvembed_triton.serving.serve import parser, plan, server_settings
+from nvembed_triton.serving.server import TritonServer, free_port, own_group_dying_with_parent
 
 ROOT = Path(__file__).resolve().parents[1]
 INFINITY = "infinity-emb[torch,server]==0.0.78"
@@ -370,7 +370,7 @@ def in_process(model_dir: Path, requests: dict, seconds: float) -> tuple[dict, n
     import torch
     from sentence_transformers import SentenceTransformer
 
-    from nvembed_triton.cpu_linear import pack_linears
+    from nvembed_triton.engine.cpu_linear import pack_linears
 
     models = {kernels: SentenceTransformer(str(model_dir), device="cpu", local_files_only=True) for kernels in KERNELS}
     pack_linears(models[KERNELS[1]])

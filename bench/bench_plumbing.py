@@ -36,11 +36,11 @@ from pathlib import Path
 
 from bench_server import model_dir_or_tiny, request_inputs, text_of_tokens
 
-from nvembed_triton.contract import PUBLIC_MODEL, QUERY_INPUT, encoder_model_name
-from nvembed_triton.serve import PACKAGED_REPOSITORY, plan, server_settings
-from nvembed_triton.serve import parser as serve_parser
-from nvembed_triton.server import TritonServer, free_port
-from nvembed_triton.settings import BY_KEY, STAND_IN_CONSTANT
+from nvembed_triton.protocol.contract import PUBLIC_MODEL, QUERY_INPUT, encoder_model_name
+from nvembed_triton.protocol.settings import BY_KEY, STAND_IN_CONSTANT
+from nvembed_triton.serving.serve import PACKAGED_REPOSITORY, plan, server_settings
+from nvembed_triton.serving.serve import parser as serve_parser
+from nvembed_triton.serving.server import TritonServer, free_port
 
 MODEL = "plumbing"  # never nv-embed-v2: the stand-in is refused under that name
 CLIENTS = (1, 16, 64)

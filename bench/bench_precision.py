@@ -34,8 +34,8 @@ from bench_gpu import FIRST_ORDINARY_ID, GIB, build_model, model_setup, pad
 from shared import log_uniform_lengths, write_json
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from nvembed_triton.batching import plan_batches
-from nvembed_triton.nvembed_model import NVEmbedModel
+from nvembed_triton.engine.batching import plan_batches
+from nvembed_triton.engine.nvembed_model import NVEmbedModel
 
 TARGET = 0.999
 STARTED = time.perf_counter()

@@ -25,9 +25,9 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 from shared import log_uniform_lengths
 
-from nvembed_triton import contract
-from nvembed_triton.contract import PUBLIC_MODEL, encoder_model_name
-from nvembed_triton.server import ServerSettings, TritonServer, free_port
+from nvembed_triton.protocol import contract
+from nvembed_triton.protocol.contract import PUBLIC_MODEL, encoder_model_name
+from nvembed_triton.serving.server import ServerSettings, TritonServer, free_port
 
 ENCODER = encoder_model_name(PUBLIC_MODEL)
 CONCURRENCY = (1, 4, 16, 64)
@@ -38,7 +38,7 @@ def model_dir_or_tiny(model_dir: str | None, scratch: Path, **tiny_sizes) -> Pat
     """--model-dir, else a tiny random NV-Embed-v2 generated into scratch."""
     if model_dir:
         return Path(model_dir)
-    from nvembed_triton.tiny_checkpoint import write_tiny_checkpoint
+    from nvembed_triton.testing.tiny_checkpoint import write_tiny_checkpoint
 
     return write_tiny_checkpoint(scratch / "tiny", **tiny_sizes)
 

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import tritonclient.grpc as grpcclient
 
-from nvembed_triton.contract import PUBLIC_MODEL, encoder_model_name
-from nvembed_triton.serve import DEMO_MODEL, PACKAGED_REPOSITORY, demo_model_dir
-from nvembed_triton.server import ServerError, free_port, interrupt, log_tail, wait_until_ready
-from nvembed_triton.tiny_checkpoint import write_tiny_checkpoint
+from nvembed_triton.protocol.contract import PUBLIC_MODEL, encoder_model_name
+from nvembed_triton.serving.serve import DEMO_MODEL, PACKAGED_REPOSITORY, demo_model_dir
+from nvembed_triton.serving.server import ServerError, free_port, interrupt, log_tail, wait_until_ready
+from nvembed_triton.testing.tiny_checkpoint import write_tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVE_SH = ROOT / "serve.sh"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import tritonclient.grpc as grpcclient
 
-from nvembed_triton import contract
+from nvembed_triton.protocol import contract
 
 
 def bytes_input(name: str, values: list, shape: list[int]) -> grpcclient.InferInput:

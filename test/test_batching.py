@@ -2,7 +2,7 @@ import random
 
 import pytest
 
-from nvembed_triton.batching import MIN_SPLIT_TOKENS, padded_tokens, plan_batches, split_for_workers
+from nvembed_triton.engine.batching import MIN_SPLIT_TOKENS, padded_tokens, plan_batches, split_for_workers
 
 
 def test_every_index_is_planned_exactly_once():

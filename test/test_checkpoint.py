@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from nvembed_triton.checkpoint import (
+from nvembed_triton.engine.checkpoint import (
     Architecture,
     CheckpointError,
     LatentAttentionSettings,
@@ -19,7 +19,7 @@ from nvembed_triton.checkpoint import (
     check_weight_files,
     missing_nvembed_files,
 )
-from nvembed_triton.serve import demo_model_dir
+from nvembed_triton.serving.serve import demo_model_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARD = "model-00002-of-00002.safetensors"
@@ -217,7 +217,7 @@ def test_an_unreadable_snapshot_is_named_with_the_fix(tiny_checkpoint):
         snapshot.chmod(0o755)
         (snapshot / "model-00001-of-00002.safetensors").chmod(0o600 if os.geteuid() == 0 else 0o000)
         check = (
-            "import os; from nvembed_triton.checkpoint import check_model_dir\n"
+            "import os; from nvembed_triton.engine.checkpoint import check_model_dir\n"
             "if os.geteuid() == 0: os.setuid(65534)\n"
             f"check_model_dir({str(snapshot)!r})"
         )

@@ -12,7 +12,7 @@ import torch
 from grpc_helpers import cosine, embed_documents, embed_query
 from tritonclient.utils import InferenceServerException
 
-from nvembed_triton.client import (
+from nvembed_triton.clients.client import (
     AsyncEmbeddingClient,
     EmbeddingClient,
     EmbeddingError,
@@ -20,7 +20,7 @@ from nvembed_triton.client import (
     ServerUnavailableError,
     _is_retryable,
 )
-from nvembed_triton.contract import PUBLIC_MODEL
+from nvembed_triton.protocol.contract import PUBLIC_MODEL
 
 TEXTS = [f"document number {i} about {topic}" for i, topic in enumerate(["cats", "markets", "flour", "networks"] * 3)]
 
@@ -140,7 +140,7 @@ def test_async_client_matches_the_blocking_one(nvembed_server, client):
 def test_langchain_adapter(nvembed_server, client):
     from langchain_core.embeddings import Embeddings
 
-    from nvembed_triton.langchain_embeddings import NVEmbedTritonEmbeddings
+    from nvembed_triton.clients.langchain_embeddings import NVEmbedTritonEmbeddings
 
     embeddings = NVEmbedTritonEmbeddings(nvembed_server.url)
     assert isinstance(embeddings, Embeddings)
@@ -172,7 +172,7 @@ def test_the_progress_bar_is_one_bar_that_ends_at_100_percent(nvembed_server, fl
 
     call = "c.encode(texts, batch_size=5, show_progress_bar=True)"
     code = (
-        f"import asyncio\nfrom nvembed_triton.client import {flavour}\ntexts = [f'text {{i}}' for i in range(40)]\n"
+        f"import asyncio\nfrom nvembed_triton.clients.client import {flavour}\ntexts = [f'text {{i}}' for i in range(40)]\n"
         + (f"with EmbeddingClient('{nvembed_server.url}') as c: {call}\n" if flavour == "EmbeddingClient" else
            f"async def main():\n    async with AsyncEmbeddingClient('{nvembed_server.url}') as c: await {call}\n"
            "asyncio.run(main())\n")

@@ -18,9 +18,9 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import TEST_MAX_LENGTH, start_tiny_server, stop_server
 
-from nvembed_triton.client import EmbeddingClient
-from nvembed_triton.corpus import CorpusJob, EmbeddingOptions, Manifest, grpc_target
-from nvembed_triton.corpus_files import CorpusError, count_rows, shards
+from nvembed_triton.clients.client import EmbeddingClient
+from nvembed_triton.clients.corpus import CorpusJob, EmbeddingOptions, Manifest, grpc_target
+from nvembed_triton.clients.corpus_files import CorpusError, count_rows, shards
 
 WORDS = "bread flour water salt yeast oven crust crumb dough proof knead bake rye wheat starter".split()
 
@@ -111,7 +111,7 @@ def test_several_servers_make_one_round_robin_target():
 
 
 def embedder(corpus: Path, output_dir: Path, urls: str) -> subprocess.Popen:
-    command = [sys.executable, "-m", "nvembed_triton.corpus", str(corpus), str(output_dir), "--url", urls,
+    command = [sys.executable, "-m", "nvembed_triton.clients.corpus", str(corpus), str(output_dir), "--url", urls,
                "--text-field", "text", "--id-field", "id", "--truncate", "NONE", "--shard-rows", "100",
                "--batch-size", "8", "--concurrency", "2", "--no-progress"]  # fmt: skip
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -194,7 +194,7 @@ def test_fp16_vectors_and_a_finished_run_rerun(nvembed_server, tmp_path):
     rows = corpus_rows(1300)[:300]
     corpus = tmp_path / "corpus.parquet"
     pq.write_table(pa.Table.from_pylist(rows), corpus)
-    command = [sys.executable, "-m", "nvembed_triton.corpus", str(corpus), str(tmp_path / "out"),
+    command = [sys.executable, "-m", "nvembed_triton.clients.corpus", str(corpus), str(tmp_path / "out"),
                "--url", nvembed_server.url, "--text-field", "text", "--id-field", "id", "--dtype", "float16",
                "--shard-rows", "128", "--no-progress"]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
@@ -214,7 +214,7 @@ def test_fp16_vectors_and_a_finished_run_rerun(nvembed_server, tmp_path):
 def test_ray_data_embeds_a_corpus(nvembed_server, tmp_path):
     import ray
 
-    from nvembed_triton.corpus_ray import EmbedBatches
+    from nvembed_triton.clients.corpus_ray import EmbedBatches
 
     rows = corpus_rows(1300)[:400]
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "corpus.parquet")
@@ -244,7 +244,7 @@ def test_ray_data_embeds_a_corpus(nvembed_server, tmp_path):
 
 def test_vector_lists_hold_nulls_without_values():
     """Ray's batches mix embedded and refused rows; a batch may have no vector at all."""
-    from nvembed_triton.corpus_files import vector_list
+    from nvembed_triton.clients.corpus_files import vector_list
 
     mixed = vector_list(np.ones((2, 3), np.float32), "float16", np.array([True, False, True]))
     assert mixed.type == pa.list_(pa.float16()) and mixed.to_pylist() == [[1.0] * 3, None, [1.0] * 3]

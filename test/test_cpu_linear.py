@@ -9,10 +9,10 @@ from sentence_transformers import SentenceTransformer
 from texts import DOCUMENTS
 from torch import nn
 
-from nvembed_triton.cpu_linear import OneDnnLinear, pack_linears, prepare_linears
-from nvembed_triton.encoders import load_encoder
-from nvembed_triton.serve import demo_model_dir
-from nvembed_triton.settings import EncoderSettings, SettingsError
+from nvembed_triton.engine.cpu_linear import OneDnnLinear, pack_linears, prepare_linears
+from nvembed_triton.engine.encoders import load_encoder
+from nvembed_triton.protocol.settings import EncoderSettings, SettingsError
+from nvembed_triton.serving.serve import demo_model_dir
 
 
 def layer(in_features: int, out_features: int, bias: bool = True) -> nn.Linear:

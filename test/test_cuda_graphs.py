@@ -7,11 +7,18 @@ import pytest
 import torch
 from nvembed_reference import ReferenceNVEmbed
 
-from nvembed_triton.contract import RETRIEVAL_TASK, nvembed_query_instruction
-from nvembed_triton.cuda_graphs import MAX_GRAPH_TOKENS, all_buckets, bucket_of, capture_or_none, padded_to_bucket, static_embed
-from nvembed_triton.encoders import load_encoder
-from nvembed_triton.nvembed_encoder import pad_right
-from nvembed_triton.settings import EncoderSettings
+from nvembed_triton.engine.cuda_graphs import (
+    MAX_GRAPH_TOKENS,
+    all_buckets,
+    bucket_of,
+    capture_or_none,
+    padded_to_bucket,
+    static_embed,
+)
+from nvembed_triton.engine.encoders import load_encoder
+from nvembed_triton.engine.nvembed_encoder import pad_right
+from nvembed_triton.protocol.contract import RETRIEVAL_TASK, nvembed_query_instruction
+from nvembed_triton.protocol.settings import EncoderSettings
 
 TEXTS = ["How do neural networks learn?", "x", "Market prices are set by supply and demand. " * 12]
 

@@ -61,7 +61,7 @@ def test_the_light_install_embeds_without_torch(light_venv, nvembed_server):
     python = str(light_venv / "bin" / "python")
     code = (
         "import sys, numpy as np\n"
-        "from nvembed_triton.client import EmbeddingClient\n"
+        "from nvembed_triton.clients.client import EmbeddingClient\n"
         f"with EmbeddingClient('{nvembed_server.url}') as client: vectors = client.encode(['light', 'client'])\n"
         "assert 'torch' not in sys.modules\n"
         "np.save(sys.argv[1], vectors)\n"

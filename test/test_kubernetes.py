@@ -7,8 +7,8 @@ from pathlib import Path
 
 import yaml
 
-from nvembed_triton.contract import PUBLIC_MODEL
-from nvembed_triton.settings import launcher_setting
+from nvembed_triton.protocol.contract import PUBLIC_MODEL
+from nvembed_triton.protocol.settings import launcher_setting
 
 ROOT = Path(__file__).resolve().parents[1]
 MANIFESTS = ROOT / "deploy" / "kubernetes"

@@ -4,7 +4,7 @@ request is answered while the long lane is busy."""
 import threading
 import time
 
-from nvembed_triton.lanes import LaneLimits, Lanes
+from nvembed_triton.serving.lanes import LaneLimits, Lanes
 
 LIMITS = LaneLimits(max_requests=3, max_bytes=1000, batch_bytes=100)
 

@@ -14,8 +14,8 @@ from conftest import start_tiny_server, stop_server
 from grpc_helpers import cosine
 from prometheus_client.parser import text_string_to_metric_families
 
-from nvembed_triton.client import AsyncEmbeddingClient, EmbeddingClient
-from nvembed_triton.contract import PUBLIC_MODEL
+from nvembed_triton.clients.client import AsyncEmbeddingClient, EmbeddingClient
+from nvembed_triton.protocol.contract import PUBLIC_MODEL
 
 pytestmark = pytest.mark.server  # starts real tritonservers
 

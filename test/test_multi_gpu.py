@@ -5,9 +5,9 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
-from nvembed_triton.contract import PUBLIC_MODEL, encoder_model_name
-from nvembed_triton.serve import parser, plan, server_settings
-from nvembed_triton.settings import EncoderSettings, SettingsError
+from nvembed_triton.protocol.contract import PUBLIC_MODEL, encoder_model_name
+from nvembed_triton.protocol.settings import EncoderSettings, SettingsError
+from nvembed_triton.serving.serve import parser, plan, server_settings
 
 
 def serve_plan(tiny_checkpoint):

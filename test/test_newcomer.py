@@ -23,9 +23,9 @@ import pytest
 from conftest import ROOT, SERVE_SH, free_port
 from server_processes import scrape_metrics, wait_for_api
 
-from nvembed_triton.contract import PUBLIC_MODEL, encoder_model_name
-from nvembed_triton.serve import DEMO_MODEL
-from nvembed_triton.server import interrupt, wait_until_ready
+from nvembed_triton.protocol.contract import PUBLIC_MODEL, encoder_model_name
+from nvembed_triton.serving.serve import DEMO_MODEL
+from nvembed_triton.serving.server import interrupt, wait_until_ready
 
 README = ROOT / "README.md"
 SECTION = "From the demo to your own server"
@@ -119,11 +119,12 @@ def test_the_section_follows_serving_nv_embed_v2_and_says_what_it_runs():
     assert text.index("## Serving NV-Embed-v2") < text.index(f"## {SECTION}") < text.index("## Calling it")
     commands = shell_commands(readme_section(SECTION))
     assert "./serve.sh --demo --openai-port 8080" in commands
-    assert f".venv/bin/python -m nvembed_triton.tiny_checkpoint {TINY_DIR}" in commands
+    assert f".venv/bin/python -m nvembed_triton.testing.tiny_checkpoint {TINY_DIR}" in commands
     assert f"./serve.sh --model-dir {TINY_DIR} --device cpu --openai-port 8080" in commands
     # Every command in the section is one the tests below run; a new one needs its test.
-    tested = ("./serve.sh ", ".venv/bin/python -m nvembed_triton.tiny_checkpoint ", ".venv/bin/python test/test-nv-embed-v2.py ",
-              "curl http://localhost:8080/v1/embeddings ", "curl -s localhost:8002/metrics ")  # fmt: skip
+    tested = ("./serve.sh ", ".venv/bin/python -m nvembed_triton.testing.tiny_checkpoint ",
+              ".venv/bin/python test/test-nv-embed-v2.py ", "curl http://localhost:8080/v1/embeddings ",
+              "curl -s localhost:8002/metrics ")  # fmt: skip
     assert [c for c in commands if not c.startswith(tested)] == []
 
 
@@ -263,7 +264,7 @@ def test_the_demo_ends_saying_how_to_serve_it_yourself(tmp_path):
     result = run([sys.executable, "tools/demo.py"], timeout=480, env={**os.environ, **ports})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "3 passed, 0 failed" in result.stdout
-    closing = result.stdout[result.stdout.index("demo: done"):]
+    closing = result.stdout[result.stdout.index("demo: done") :]
     assert "the demo's server has stopped" in closing and f'"{SECTION}"' in closing
     serve = re.search(r"^  (\./serve\.sh .*)$", closing, re.M).group(1)
     assert serve in shell_commands(readme_section(SECTION))  # the command the README explains
@@ -284,7 +285,7 @@ def serve_sh(*args: str, timeout: float = 60, **env: str) -> tuple[subprocess.Co
 
 
 def gpu_visible() -> bool:
-    from nvembed_triton.serve import visible_gpus
+    from nvembed_triton.serving.serve import visible_gpus
 
     found = visible_gpus()
     return found is None or found[0] > 0
@@ -310,7 +311,7 @@ def test_gpus_asked_for_without_a_gpu_name_the_variable(tiny_checkpoint):
 
 def test_torch_is_asked_when_gpu_devices_exist():
     """Where /dev/nvidia* exists, torch decides: CUDA_VISIBLE_DEVICES="" hides every GPU from it."""
-    from nvembed_triton.serve import torch_gpus
+    from nvembed_triton.serving.serve import torch_gpus
 
     count, how = torch_gpus({**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     assert count == 0 and how.startswith("torch sees 0 CUDA device(s) (torch ")
@@ -338,7 +339,7 @@ def test_every_busy_port_is_named_at_once_with_its_flag_and_variable(tiny_checkp
 
 
 def test_every_port_has_a_flag():
-    from nvembed_triton.settings import BY_KEY
+    from nvembed_triton.protocol.settings import BY_KEY
 
     for key in ("grpc_port", "http_port", "metrics_port", "openai_port"):
         assert BY_KEY[key].flag == "--" + key.replace("_", "-")
@@ -383,7 +384,7 @@ def test_an_unreachable_server_is_reported_within_seconds_while_retrying():
     (before: nothing for ~53 s, then the exception). The process has no logging set up: Python's
     last-resort handler prints the warning, as it would for a user's script."""
     port = free_port()
-    code = f"from nvembed_triton.client import EmbeddingClient\nEmbeddingClient('localhost:{port}').encode(['x'])\n"
+    code = f"from nvembed_triton.clients.client import EmbeddingClient\nEmbeddingClient('localhost:{port}').encode(['x'])\n"
     started = time.monotonic()
     process = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True)
     try:

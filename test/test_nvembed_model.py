@@ -9,9 +9,9 @@ import torch
 from grpc_helpers import cosine
 from nvembed_reference import ReferenceNVEmbed
 
-from nvembed_triton.contract import RETRIEVAL_TASK, nvembed_query_instruction
-from nvembed_triton.encoders import load_encoder
-from nvembed_triton.settings import EncoderSettings
+from nvembed_triton.engine.encoders import load_encoder
+from nvembed_triton.protocol.contract import RETRIEVAL_TASK, nvembed_query_instruction
+from nvembed_triton.protocol.settings import EncoderSettings
 
 INSTRUCTION = nvembed_query_instruction(RETRIEVAL_TASK)
 TEXTS = ["How do neural networks learn?", "x", "Market prices are set by supply and demand. " * 12, "café 🙂 中文"]

@@ -33,12 +33,12 @@ from server_processes import wait_for_api
 from texts import AWKWARD, DOCUMENTS
 from tritonclient.utils import InferenceServerException
 
-from nvembed_triton import contract
-from nvembed_triton.client import EmbeddingClient
-from nvembed_triton.contract import PUBLIC_MODEL
-from nvembed_triton.openai_api import body_limit
-from nvembed_triton.serve import DEMO_MODEL, OpenAIServer
-from nvembed_triton.server import ServerSettings, free_port
+from nvembed_triton.clients.client import EmbeddingClient
+from nvembed_triton.clients.openai_api import body_limit
+from nvembed_triton.protocol import contract
+from nvembed_triton.protocol.contract import PUBLIC_MODEL
+from nvembed_triton.serving.serve import DEMO_MODEL, OpenAIServer
+from nvembed_triton.serving.server import ServerSettings, free_port
 
 pytestmark = pytest.mark.server  # starts real tritonservers
 
@@ -331,9 +331,9 @@ def test_the_openai_sdk_sees_the_413_of_a_body_over_the_limit(api):
 
 @contextlib.contextmanager
 def own_front(server, *args: str):
-    """`python -m nvembed_triton.openai_api` in front of the server's Triton, with its own options."""
+    """`python -m nvembed_triton.clients.openai_api` in front of the server's Triton, with its own options."""
     port = free_port()
-    command = [sys.executable, "-m", "nvembed_triton.openai_api", "--triton-url", server.url, "--port", str(port), *args]
+    command = [sys.executable, "-m", "nvembed_triton.clients.openai_api", "--triton-url", server.url, "--port", str(port), *args]
     process = subprocess.Popen(command)
     try:
         wait_for_api(type("Front", (), {"openai_port": port}), timeout_s=30)
@@ -387,7 +387,15 @@ def test_triton_not_ready_is_503(tmp_path):
 
     port = free_port()
     process = subprocess.Popen(
-        [sys.executable, "-m", "nvembed_triton.openai_api", "--triton-url", f"127.0.0.1:{free_port()}", "--port", str(port)]
+        [
+            sys.executable,
+            "-m",
+            "nvembed_triton.clients.openai_api",
+            "--triton-url",
+            f"127.0.0.1:{free_port()}",
+            "--port",
+            str(port),
+        ]
     )
     try:
 

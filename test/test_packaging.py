@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import tritonclient.grpc as grpcclient
 
-from nvembed_triton.contract import PUBLIC_MODEL, encoder_model_name
+from nvembed_triton.protocol.contract import PUBLIC_MODEL, encoder_model_name
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -102,7 +102,7 @@ def test_the_build_context_holds_what_the_image_copies_and_nothing_else():
     copied = [line.split()[1:-1] for line in (ROOT / "Dockerfile").read_text().splitlines() if line.startswith("COPY ")]
     for source in (source for sources in copied for source in sources):
         assert source in context or any(path.startswith(source.rstrip("/") + "/") for path in context), source
-    assert "src/nvembed_triton/model_repository/nv-embed-v2/1/model.py" in context
+    assert "src/nvembed_triton/serving/model_repository/nv-embed-v2/1/model.py" in context
     unwanted = [p for p in context if p.split("/")[0] in (".venv", ".git", "bench", "test") or "__pycache__" in p]
     assert not unwanted, unwanted[:5]
     assert sum((ROOT / p).stat().st_size for p in context if (ROOT / p).is_file()) < 2**21  # a few hundred KB of source
@@ -148,7 +148,7 @@ def test_incomplete_snapshot_names_the_missing_files(tiny_checkpoint, tmp_path):
 
 
 def test_another_model_is_never_served_as_nv_embed_v2():
-    from nvembed_triton.serve import demo_model_dir
+    from nvembed_triton.serving.serve import demo_model_dir
 
     result = serve("--model-dir", str(demo_model_dir()))
     assert result.returncode == 1 and "cannot be served as 'nv-embed-v2'" in result.stderr
@@ -166,8 +166,8 @@ def test_gpu_asked_for_but_absent_is_refused_never_a_cpu_fallback(tiny_checkpoin
     without serve.sh still refuses at load, by the encoder's own check."""
     from conftest import free_port
 
-    from nvembed_triton.serve import PACKAGED_REPOSITORY
-    from nvembed_triton.server import ServerError, ServerSettings, TritonServer
+    from nvembed_triton.serving.serve import PACKAGED_REPOSITORY
+    from nvembed_triton.serving.server import ServerError, ServerSettings, TritonServer
 
     ports = {f"TRITON_{kind}_PORT": str(free_port()) for kind in ("GRPC", "HTTP", "METRICS")}
     result = serve("--model-dir", str(tiny_checkpoint), "--device", "cuda:0", CUDA_VISIBLE_DEVICES="", **ports)
@@ -216,7 +216,7 @@ def test_a_temporary_run_directory_is_removed_on_exit(tiny_checkpoint, tmp_path)
 
     from conftest import free_port
 
-    from nvembed_triton.serve import PACKAGED_REPOSITORY
+    from nvembed_triton.serving.serve import PACKAGED_REPOSITORY
 
     repository = shutil.copytree(PACKAGED_REPOSITORY, tmp_path / "repository", ignore=shutil.ignore_patterns("__pycache__"))
     for model in (PUBLIC_MODEL, encoder_model_name(PUBLIC_MODEL)):
@@ -238,7 +238,7 @@ def test_a_non_editable_install_serves_without_the_checkout(tiny_checkpoint, nve
     from conftest import free_port
     from grpc_helpers import cosine, embed_query
 
-    from nvembed_triton.server import interrupt, wait_until_ready
+    from nvembed_triton.serving.server import interrupt, wait_until_ready
 
     wheels, venv = tmp_path / "wheels", tmp_path / "venv"
     build = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", wheels, ROOT]
@@ -255,7 +255,7 @@ def test_a_non_editable_install_serves_without_the_checkout(tiny_checkpoint, nve
     dependencies = next(p for p in sys.path if p.endswith("site-packages") and Path(p, "torch").is_dir())
     (site / "dependencies.pth").write_text(dependencies + "\n")
     subprocess.run([python, "-m", "pip", "install", "-q", "--no-deps", "--no-index", next(wheels.glob("*.whl"))], check=True)
-    repository = run_python("from nvembed_triton.serve import PACKAGED_REPOSITORY as r; print(r if r.is_dir() else '')")
+    repository = run_python("from nvembed_triton.serving.serve import PACKAGED_REPOSITORY as r; print(r if r.is_dir() else '')")
     assert repository.startswith(str(site)), repository
 
     ports = {f"TRITON_{kind}_PORT": str(free_port()) for kind in ("GRPC", "HTTP", "METRICS")}
@@ -279,7 +279,7 @@ def test_a_non_editable_install_serves_without_the_checkout(tiny_checkpoint, nve
 
 def test_the_response_cache_is_off_unless_a_benchmark_asks(tmp_path):
     """Its key omits request parameters (README "Configuration"), so only bench_plumbing turns it on."""
-    from nvembed_triton.server import ServerSettings, TritonServer, pytriton_installation
+    from nvembed_triton.serving.server import ServerSettings, TritonServer, pytriton_installation
 
     installation = pytriton_installation(tmp_path)
     plain = ServerSettings(model_repository=tmp_path, models=(), run_dir=tmp_path)
@@ -289,5 +289,5 @@ def test_the_response_cache_is_off_unless_a_benchmark_asks(tmp_path):
     assert "--cache-config=local,size=1048576" in command
     assert f"--cache-directory={installation.cache_directory}" in command
     assert (installation.cache_directory / "local" / "libtritoncache_local.so").is_file()
-    shipped = (ROOT / "src/nvembed_triton/model_repository/nv-embed-v2/config.pbtxt").read_text()
+    shipped = (ROOT / "src/nvembed_triton/serving/model_repository/nv-embed-v2/config.pbtxt").read_text()
     assert "response_cache" not in shipped

@@ -10,11 +10,11 @@ from grpc_helpers import cosine
 from sentence_transformers import SentenceTransformer
 from texts import DOCUMENTS
 
-from nvembed_triton.nvembed_encoder import NVEmbedEncoder
-from nvembed_triton.passes import MIN_THREADED_PASS_TOKENS, PassRunner, workers_for
-from nvembed_triton.serve import demo_model_dir
-from nvembed_triton.settings import EncoderSettings
-from nvembed_triton.st_encoder import SentenceTransformerEncoder
+from nvembed_triton.engine.nvembed_encoder import NVEmbedEncoder
+from nvembed_triton.engine.passes import MIN_THREADED_PASS_TOKENS, PassRunner, workers_for
+from nvembed_triton.engine.st_encoder import SentenceTransformerEncoder
+from nvembed_triton.protocol.settings import EncoderSettings
+from nvembed_triton.serving.serve import demo_model_dir
 
 LENGTHS = [40] * 32  # 1280 padded tokens: split in two for 2 workers
 

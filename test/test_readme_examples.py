@@ -11,7 +11,7 @@ import pytest
 from grpc_helpers import embed_documents, embed_query
 from texts import DOCUMENTS, QUERY
 
-from nvembed_triton.contract import PUBLIC_MODEL
+from nvembed_triton.protocol.contract import PUBLIC_MODEL
 
 pytestmark = pytest.mark.server  # starts real tritonservers
 

@@ -4,10 +4,10 @@ retries and the OpenAI API's statuses all come from it, and Triton's message tex
 import pytest
 from tritonclient.utils import InferenceServerException
 
-from nvembed_triton.client import _is_retryable
-from nvembed_triton.errors import EmbeddingError
-from nvembed_triton.openai_api import as_api_error
-from nvembed_triton.reasons import REASONS, reason_of
+from nvembed_triton.clients.client import _is_retryable
+from nvembed_triton.clients.openai_api import as_api_error
+from nvembed_triton.protocol.errors import EmbeddingError
+from nvembed_triton.protocol.reasons import REASONS, reason_of
 
 TRITON_ERROR_CODES = {"INVALID_ARG", "UNAVAILABLE", "CANCELLED", "INTERNAL", "NOT_FOUND", "UNSUPPORTED", "ALREADY_EXISTS"}
 

@@ -6,10 +6,10 @@ import json
 import numpy as np
 import pytest
 
-from nvembed_triton import contract
-from nvembed_triton.errors import InvalidInputError
-from nvembed_triton.lifecycle import CANCEL_TOKEN_PARAMETER
-from nvembed_triton.request_rules import (
+from nvembed_triton.protocol import contract
+from nvembed_triton.protocol.errors import InvalidInputError
+from nvembed_triton.protocol.lifecycle import CANCEL_TOKEN_PARAMETER
+from nvembed_triton.protocol.request_rules import (
     CUSTOM_PROMPT,
     Answer,
     Refusal,
@@ -19,7 +19,7 @@ from nvembed_triton.request_rules import (
     public_request,
     split,
 )
-from nvembed_triton.validation import RequestLimits
+from nvembed_triton.protocol.validation import RequestLimits
 
 LIMITS = RequestLimits(max_documents=4, max_request_bytes=100)
 NO_CONFIG = {contract.QUERY_PROMPT: "", contract.DOCUMENT_PROMPT: ""}

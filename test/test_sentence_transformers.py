@@ -15,9 +15,9 @@ from sentence_transformers.sentence_transformer import modules as models
 from texts import DOCUMENTS
 from transformers import BertConfig, BertModel, BertTokenizerFast, MPNetConfig, MPNetModel
 
-from nvembed_triton.encoders import load_encoder
-from nvembed_triton.serve import DEMO_MODEL, demo_model_dir
-from nvembed_triton.settings import EncoderSettings
+from nvembed_triton.engine.encoders import load_encoder
+from nvembed_triton.protocol.settings import EncoderSettings
+from nvembed_triton.serving.serve import DEMO_MODEL, demo_model_dir
 
 TEXTS = DOCUMENTS
 

@@ -12,10 +12,10 @@ import pytest
 from conftest import TEST_ADMIN_KEY
 from grpc_helpers import bytes_input, cosine, embed_documents, embed_query, infer
 
-from nvembed_triton import contract
-from nvembed_triton.contract import PUBLIC_MODEL, encoder_model_name
-from nvembed_triton.server import ADMIN_KEY_GRPC_HEADER
-from nvembed_triton.supervisor import Timings
+from nvembed_triton.protocol import contract
+from nvembed_triton.protocol.contract import PUBLIC_MODEL, encoder_model_name
+from nvembed_triton.serving.server import ADMIN_KEY_GRPC_HEADER
+from nvembed_triton.serving.supervisor import Timings
 
 pytestmark = pytest.mark.server  # starts real tritonservers
 

@@ -7,8 +7,8 @@ import tritonclient.grpc as grpcclient
 from grpc_helpers import bytes_input, embed_query, infer
 from tritonclient.utils import InferenceServerException
 
-from nvembed_triton import contract
-from nvembed_triton.contract import PUBLIC_MODEL, encoder_model_name
+from nvembed_triton.protocol import contract
+from nvembed_triton.protocol.contract import PUBLIC_MODEL, encoder_model_name
 
 pytestmark = pytest.mark.server  # starts real tritonservers
 

@@ -9,7 +9,7 @@ from nvembed_reference import ReferenceNVEmbed
 from texts import AWKWARD
 from texts import DOCUMENTS as README_DOCUMENTS
 
-from nvembed_triton.contract import PUBLIC_MODEL, RETRIEVAL_TASK, nvembed_query_instruction
+from nvembed_triton.protocol.contract import PUBLIC_MODEL, RETRIEVAL_TASK, nvembed_query_instruction
 
 pytestmark = pytest.mark.server  # starts real tritonservers
 

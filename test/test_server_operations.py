@@ -17,9 +17,9 @@ from server_processes import scrape_metrics
 from tokenizers import Tokenizer
 from tritonclient.utils import InferenceServerException
 
-from nvembed_triton import contract
-from nvembed_triton.client import EmbeddingClient, InvalidInputError
-from nvembed_triton.contract import (
+from nvembed_triton.clients.client import EmbeddingClient, InvalidInputError
+from nvembed_triton.protocol import contract
+from nvembed_triton.protocol.contract import (
     EMBEDDINGS_OUTPUT,
     PUBLIC_MODEL,
     RETRIEVAL_TASK,
@@ -68,7 +68,7 @@ def test_a_burst_over_capacity_is_refused_fast_and_the_rest_is_served(small_queu
 def test_a_full_queue_is_not_mistaken_for_a_broken_server(small_queue_server):
     """Overload for longer than serve.sh's probe interval: its probe meets the full queue, and
     must not restart the server (which would drop the work it holds)."""
-    from nvembed_triton.supervisor import Timings
+    from nvembed_triton.serving.supervisor import Timings
 
     deadline = time.monotonic() + Timings.health_interval_s * 1.6
 
@@ -228,7 +228,7 @@ def test_the_python_client_sends_options_and_reads_usage(nvembed_server, tiny_ch
 
 
 def test_options_work_for_sentence_transformers_models(minilm_server):
-    from nvembed_triton.serve import DEMO_MODEL
+    from nvembed_triton.serving.serve import DEMO_MODEL
 
     long_text = "bread " * 1000
     with EmbeddingClient(minilm_server.url, model=DEMO_MODEL) as client:

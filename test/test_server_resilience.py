@@ -23,11 +23,11 @@ from openai import OpenAI
 from server_processes import http, tritonserver_pid, wait_for_api
 from tritonclient.utils import InferenceServerException
 
-from nvembed_triton.client import EmbeddingClient
-from nvembed_triton.contract import INFERENCE_KEY_HEADER, PUBLIC_MODEL, encoder_model_name, grpc_header
-from nvembed_triton.leftovers import SHM_DIR
-from nvembed_triton.memory import find_jemalloc
-from nvembed_triton.server import ADMIN_KEY_GRPC_HEADER, ADMIN_KEY_HEADER, free_port, stubs_of, wait_until_ready
+from nvembed_triton.clients.client import EmbeddingClient
+from nvembed_triton.protocol.contract import INFERENCE_KEY_HEADER, PUBLIC_MODEL, encoder_model_name, grpc_header
+from nvembed_triton.serving.leftovers import SHM_DIR
+from nvembed_triton.serving.memory import find_jemalloc
+from nvembed_triton.serving.server import ADMIN_KEY_GRPC_HEADER, ADMIN_KEY_HEADER, free_port, stubs_of, wait_until_ready
 
 pytestmark = pytest.mark.server  # starts real tritonservers
 

@@ -22,11 +22,11 @@ from grpc_helpers import bytes_input, cosine, embed_documents, embed_query, infe
 from server_processes import http, memory_mb, tritonserver_pid
 from tritonclient.utils import InferenceServerException
 
-from nvembed_triton import contract
-from nvembed_triton.client import EmbeddingClient
-from nvembed_triton.contract import PUBLIC_MODEL, encoder_model_name
-from nvembed_triton.serve import closed_flag
-from nvembed_triton.server import ADMIN_KEY_GRPC_HEADER, ADMIN_KEY_HEADER, stubs_of
+from nvembed_triton.clients.client import EmbeddingClient
+from nvembed_triton.protocol import contract
+from nvembed_triton.protocol.contract import PUBLIC_MODEL, encoder_model_name
+from nvembed_triton.serving.serve import closed_flag
+from nvembed_triton.serving.server import ADMIN_KEY_GRPC_HEADER, ADMIN_KEY_HEADER, stubs_of
 
 pytestmark = pytest.mark.server  # starts real tritonservers
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from nvembed_triton import serve, settings
-from nvembed_triton.checkpoint import Architecture, CheckpointError, check_served_name
-from nvembed_triton.settings import (
+from nvembed_triton.engine.checkpoint import Architecture, CheckpointError, check_served_name
+from nvembed_triton.protocol import settings
+from nvembed_triton.protocol.settings import (
     ENCODER,
     LAUNCHER,
     PUBLIC,
@@ -24,6 +24,7 @@ from nvembed_triton.settings import (
     resolve_device,
     resolve_dtype,
 )
+from nvembed_triton.serving import serve
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -129,7 +130,7 @@ def test_help_and_readme_follow_the_declarations():
         if setting.flag:
             assert setting.flag in text
     readme = (ROOT / "README.md").read_text()
-    stale = "README table is stale: python -m nvembed_triton.settings --write-readme README.md"
+    stale = "README table is stale: python -m nvembed_triton.protocol.settings --write-readme README.md"
     assert readme_with_table(readme) == readme, stale
 
 
@@ -160,7 +161,7 @@ def test_the_readme_table_is_rewritten_by_the_module(tmp_path):
     stale = (ROOT / "README.md").read_text().replace("| `max_batch_tokens` |", "| `max_batch_tokenz` |")
     path = tmp_path / "README.md"
     path.write_text(stale)
-    subprocess.run([sys.executable, "-m", "nvembed_triton.settings", "--write-readme", str(path)], check=True)
+    subprocess.run([sys.executable, "-m", "nvembed_triton.protocol.settings", "--write-readme", str(path)], check=True)
     assert path.read_text() == (ROOT / "README.md").read_text()
 
 

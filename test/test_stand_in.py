@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nvembed_triton.checkpoint import Architecture, CheckpointError, check_served_name
-from nvembed_triton.encoders import load_encoder
-from nvembed_triton.settings import EncoderSettings, SettingsError
+from nvembed_triton.engine.checkpoint import Architecture, CheckpointError, check_served_name
+from nvembed_triton.engine.encoders import load_encoder
+from nvembed_triton.protocol.settings import EncoderSettings, SettingsError
 
 ROOT = Path(__file__).resolve().parents[1]
 

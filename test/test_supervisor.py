@@ -10,9 +10,9 @@ import pytest
 from prometheus_client import CollectorRegistry, Gauge, start_http_server
 from tritonclient.utils import InferenceServerException
 
-from nvembed_triton.serve import is_busy
-from nvembed_triton.server import free_port
-from nvembed_triton.supervisor import Supervisor, Timings
+from nvembed_triton.serving.serve import is_busy
+from nvembed_triton.serving.server import free_port
+from nvembed_triton.serving.supervisor import Supervisor, Timings
 
 FAST = Timings(stub_check_s=0.05, health_interval_s=0.1, health_timeout_s=0.5, health_failures=3, stall_timeout_s=0.5,
                load_check_s=0.05)
@@ -87,7 +87,7 @@ def supervisor(server, probe=lambda: None):
 
 def first_problem(supervisor, within_s: float, slowest_call_s: list | None = None) -> str | None:
     """Runs the supervisor's checks as its loop does, for up to within_s; the first problem it sees."""
-    from nvembed_triton.supervisor import Watch
+    from nvembed_triton.serving.supervisor import Watch
 
     watch, deadline = Watch(supervisor), time.monotonic() + within_s
     while time.monotonic() < deadline:

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer
 
-from nvembed_triton.contract import RETRIEVAL_TASK, nvembed_query_instruction
-from nvembed_triton.serve import demo_model_dir
-from nvembed_triton.settings import EncoderSettings
-from nvembed_triton.st_encoder import SentenceTransformerEncoder
-from nvembed_triton.tokenization import CUT_MARGIN_TOKENS, EOS_TEXT, NVEmbedTokenizer, cut_at_bytes, max_token_bytes
+from nvembed_triton.engine.st_encoder import SentenceTransformerEncoder
+from nvembed_triton.engine.tokenization import CUT_MARGIN_TOKENS, EOS_TEXT, NVEmbedTokenizer, cut_at_bytes, max_token_bytes
+from nvembed_triton.protocol.contract import RETRIEVAL_TASK, nvembed_query_instruction
+from nvembed_triton.protocol.settings import EncoderSettings
+from nvembed_triton.serving.serve import demo_model_dir
 
 MAX_LENGTHS = (8, 64, 256)
 QUERY = nvembed_query_instruction(RETRIEVAL_TASK)

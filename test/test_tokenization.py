@@ -4,9 +4,9 @@ changes every embedding."""
 import pytest
 import sentencepiece
 
-from nvembed_triton.contract import RETRIEVAL_TASK, nvembed_query_instruction
-from nvembed_triton.errors import InvalidInputError
-from nvembed_triton.tokenization import NVEmbedTokenizer
+from nvembed_triton.engine.tokenization import NVEmbedTokenizer
+from nvembed_triton.protocol.contract import RETRIEVAL_TASK, nvembed_query_instruction
+from nvembed_triton.protocol.errors import InvalidInputError
 
 TEXTS = [
     "x",

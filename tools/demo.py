@@ -14,9 +14,9 @@ import time
 import urllib.request
 from pathlib import Path
 
-from nvembed_triton.serve import DEMO_MODEL, OpenAIServer, parser, plan, server_settings
-from nvembed_triton.server import ServerError, ServerSettings, TritonServer, free_port
-from nvembed_triton.settings import BY_KEY
+from nvembed_triton.protocol.settings import BY_KEY
+from nvembed_triton.serving.serve import DEMO_MODEL, OpenAIServer, parser, plan, server_settings
+from nvembed_triton.serving.server import ServerError, ServerSettings, TritonServer, free_port
 
 TEST_SCRIPT = Path(__file__).resolve().parents[1] / "test" / "test-nv-embed-v2.py"
 README_SECTION = 'README.md, "From the demo to your own server"'

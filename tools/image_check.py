@@ -35,8 +35,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from nvembed_triton.contract import DOCUMENTS_INPUT, EMBEDDINGS_OUTPUT, PUBLIC_MODEL, QUERY_INPUT  # noqa: E402
-from nvembed_triton.server import free_port  # noqa: E402
+from nvembed_triton.protocol.contract import DOCUMENTS_INPUT, EMBEDDINGS_OUTPUT, PUBLIC_MODEL, QUERY_INPUT  # noqa: E402
+from nvembed_triton.serving.server import free_port  # noqa: E402
 
 DEBIAN_BASE = "localhost/nvembed-debian-base"
 STAND_IN = "localhost/nvembed-triton-stand-in"
@@ -136,9 +136,9 @@ def check_grpc(grpc_port: int, checkpoint: Path) -> None:
     """The seed's calls, compared with the same checkpoint computed here."""
     import tritonclient.grpc as grpcclient
 
-    from nvembed_triton.contract import RETRIEVAL_TASK, nvembed_query_instruction
-    from nvembed_triton.encoders import load_encoder
-    from nvembed_triton.settings import EncoderSettings
+    from nvembed_triton.engine.encoders import load_encoder
+    from nvembed_triton.protocol.contract import RETRIEVAL_TASK, nvembed_query_instruction
+    from nvembed_triton.protocol.settings import EncoderSettings
 
     query, documents = "how is bread made?", ["Flour, water, salt and yeast.", "Ovens bake the dough."]
     with grpcclient.InferenceServerClient(f"127.0.0.1:{grpc_port}") as client:
@@ -227,7 +227,7 @@ def main() -> int:
     log(f"image {sizes[IMAGE] / 1e9:.2f} GB, of which the stand-in base {sizes[STAND_IN] / 1e9:.2f} GB")
     podman("rm", "--force", CONTAINER, capture=True, check=False)
     with tempfile.TemporaryDirectory() as scratch:
-        from nvembed_triton.tiny_checkpoint import write_tiny_checkpoint
+        from nvembed_triton.testing.tiny_checkpoint import write_tiny_checkpoint
 
         checkpoint = write_tiny_checkpoint(Path(scratch) / "NV-Embed-v2")
         os.chmod(scratch, 0o755)  # readable by the container's uid 1000

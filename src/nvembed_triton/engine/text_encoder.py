@@ -1,0 +1,47 @@
+"""What an encoder is: the interface the serving layer and the pass runner use (TextEncoder), its
+result (Encoded), and the filter a caller passes to drop texts nobody waits for (KeepFilter).
+Kept apart from encoders.py, which loads the implementations, so none of them imports its loader."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from nvembed_triton.engine.checkpoint import Architecture
+
+# Indices of texts about to be computed -> those still wanted (their clients have not gone).
+KeepFilter = Callable[[list[int]], list[int]]
+
+
+@dataclass
+class Encoded:
+    """An encode call's result: the vectors and what it took to make them."""
+
+    embeddings: np.ndarray  # (N, D) unit FP32 rows; NaN rows for texts that `keep` dropped
+    token_counts: np.ndarray  # (N,) int32: the tokens each text was embedded with (special ones included)
+    truncated: np.ndarray  # (N,) bool: the text had more than max_length tokens and was cut
+    passes: int = 0  # forward passes run
+    padded_tokens: int = 0  # tokens those passes computed, padding included
+
+
+class TextEncoder(Protocol):
+    architecture: Architecture
+    dimension: int
+    max_length: int
+    linear_kernels: str  # what its linear layers run on (cpu_linear.prepare_linears), for the load log
+
+    def default_instruction(self, prompt_name: str) -> str: ...
+
+    def check_instruction(self, instruction: str) -> None: ...
+
+    def encode(
+        self, texts: list[str], instructions: list[str], keep: KeepFilter | None = None, truncations: list[str] | None = None
+    ) -> Encoded:
+        """Row i for texts[i] with instructions[i]. Before each forward pass, `keep` (if given)
+        receives the indices of the pass's texts and returns those still wanted. truncations: per
+        text, END (default), START or NONE; a text over max_length with NONE is not computed (its
+        row stays NaN, `truncated` marks it and `token_counts` holds its whole length)."""
+        ...

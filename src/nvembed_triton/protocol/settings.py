@@ -1,0 +1,357 @@
+"""Every operator knob, declared once (SETTINGS): its name, default, type, help and environment
+variable. The models read theirs from config.pbtxt `parameters` with NVEMBED_* environment
+overrides; serve.sh reads its own from flags and the environment. serve.sh's --help and the
+README's configuration table are generated from the same declarations (test_settings checks both).
+
+    python -m nvembed_triton.protocol.settings --write-readme README.md   # after adding or changing a knob
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+# Which part of the stack reads a setting.
+ENCODER = "encoder"  # the encoder model's config.pbtxt (the model with the weights)
+PUBLIC = "public"  # the public model's config.pbtxt
+BOTH = "both models"  # both config.pbtxt files, each for its own requests
+LAUNCHER = "serve.sh"  # the launcher only: environment variable or flag
+STAND_IN_CONSTANT = "constant"  # the stand_in setting's one value (stand_in.py)
+
+DTYPE_NAMES = {
+    "bf16": "bfloat16", "bfloat16": "bfloat16",
+    "fp16": "float16", "float16": "float16", "half": "float16",
+    "fp32": "float32", "float32": "float32", "float": "float32",
+}  # fmt: skip
+
+
+# cpu_linear: how fp32 linear layers run on a CPU (cpu_linear.py).
+CPU_LINEAR_ONEDNN, CPU_LINEAR_TORCH = "onednn", "torch"
+
+GPU_BATCH_TOKENS = 16384  # max_batch_tokens auto, by device (measured: bench/RESULTS.md)
+CPU_BATCH_TOKENS = 4096
+
+
+class SettingsError(ValueError):
+    """A configuration that cannot work; the model (or serve.sh) refuses to start and says why."""
+
+
+def number(convert: Callable[[str], float], smallest: float, what: str) -> Callable[[str], Any]:
+    """A parser of numbers of at least `smallest`, whose errors say `what` was expected."""
+
+    def parse(raw: str):
+        try:
+            value = convert(raw)
+        except ValueError:
+            raise SettingsError(f"must be {what}, got {raw!r}") from None
+        if value < smallest:
+            raise SettingsError(f"must be {what}, got {value}")
+        return value
+
+    return parse
+
+
+positive_int = number(int, 1, "a positive integer")
+seconds = number(float, 0, "a number of seconds >= 0")
+positive_seconds = number(float, 0.1, "a number of seconds >= 0.1")
+
+
+def auto_or_positive_int(raw: str) -> str | int:
+    return "auto" if raw.strip().lower() == "auto" else positive_int(raw)
+
+
+def stand_in_choice(raw: str) -> str:
+    if raw not in ("", STAND_IN_CONSTANT):
+        raise SettingsError(f'must be empty (the real model) or "constant" (benchmarks only), got {raw!r}')
+    return raw
+
+
+def allocator_choice(raw: str) -> str:
+    if raw not in ("auto", "glibc"):
+        raise SettingsError(f'must be "auto" or "glibc", got {raw!r}')
+    return raw
+
+
+def cpu_linear_choice(raw: str) -> str:
+    if raw not in (CPU_LINEAR_ONEDNN, CPU_LINEAR_TORCH):
+        raise SettingsError(f'must be "{CPU_LINEAR_ONEDNN}" or "{CPU_LINEAR_TORCH}", got {raw!r}')
+    return raw
+
+
+def on_off(raw: str) -> bool:
+    if raw.strip().lower() not in ("on", "off"):
+        raise SettingsError(f'must be "on" or "off", got {raw!r}')
+    return raw.strip().lower() == "on"
+
+
+def port(raw: str) -> int | None:
+    """A TCP port; empty means off (for the optional OpenAI API)."""
+    if not raw:
+        return None
+    if not raw.isdigit() or not 0 < int(raw) < 65536:
+        raise SettingsError(f"must be a port number, got {raw!r}")
+    return int(raw)
+
+
+def gpu_list(raw: str) -> list[int]:
+    """ "0,1" -> [0, 1]; empty -> [] (the encoder config's own instance_group)."""
+    try:
+        gpus = [int(part) for part in raw.replace(" ", "").split(",") if part]
+    except ValueError:
+        raise SettingsError(f"must list GPU indices like 0,1; got {raw!r}") from None
+    if any(gpu < 0 for gpu in gpus) or len(set(gpus)) != len(gpus):
+        raise SettingsError(f"must list distinct GPU indices; got {raw!r}")
+    return gpus
+
+
+@dataclass(frozen=True)
+class Setting:
+    key: str  # the config.pbtxt parameter key (model settings) and the Python name
+    default: str  # as written in config.pbtxt or the environment
+    help: str
+    scope: str
+    parse: Callable[[str], Any] = str
+    env: str | None = ""  # "" -> NVEMBED_<KEY>; None -> config.pbtxt only (see the help)
+    flag: str | None = None  # serve.sh's command-line flag, which wins over the environment
+
+    @property
+    def variable(self) -> str | None:
+        return f"NVEMBED_{self.key.upper()}" if self.env == "" else self.env
+
+    def value(self, raw: str, source: str) -> Any:
+        try:
+            return self.parse(raw)
+        except SettingsError as error:
+            raise SettingsError(f"{self.key} ({source}) {error}") from None
+
+
+SETTINGS = (
+    Setting("model_dir", "/models/NV-Embed-v2", "the local model snapshot (NV-Embed-v2 or sentence-transformers)",
+            ENCODER, flag="--model-dir"),
+    Setting("device", "cuda:0", "`cpu`, `cuda` or `cuda:N`; an absent GPU is a load error, never a silent CPU "
+            "fallback. A KIND_GPU instance uses the GPU Triton gives it", ENCODER, flag="--device"),
+    Setting("dtype", "auto", "`auto` (fp16 on GPU: the checkpoint's own dtype, far closer to fp32 than bf16, "
+            "see bench/RESULTS.md; fp32 on CPU), `bf16`, `fp16` or `fp32`", ENCODER),
+    Setting("max_length", "32768", "tokens per text, instruction included; longer texts are truncated (or refused, "
+            "with the request's truncate NONE)", ENCODER, positive_int),
+    Setting("max_batch_tokens", "auto", "padded tokens per forward pass: bounds activation memory. `auto`: "
+            f"{GPU_BATCH_TOKENS} on GPU (throughput is flat from 8k to 64k on an H200), {CPU_BATCH_TOKENS} on CPU "
+            "(smaller passes run faster per text there); see bench/RESULTS.md", ENCODER, auto_or_positive_int),
+    Setting("cpu_linear", CPU_LINEAR_ONEDNN, "on a CPU in fp32: `onednn` runs linear layers through oneDNN with "
+            "weights packed at load (each checked against torch's own at load; faster on the AMD EPYC measured, "
+            "bench/RESULTS.md), `torch` through torch's default kernels", ENCODER, cpu_linear_choice),
+    Setting("cuda_graphs", "on", "on a GPU: `on` captures each small pass shape (up to 2048 padded tokens) as a "
+            "CUDA graph at load and replays it, so a lone query is not bound by kernel launches (a failed capture "
+            "falls back to eager passes and says so in the log); `off` runs every pass eagerly", ENCODER, on_off),
+    Setting("stand_in", "", "benchmarks only: `constant` replaces the network with a constant unit vector "
+            "(tokenisation and all the plumbing still run) to measure the serving stack's own ceiling; refused "
+            "under the name nv-embed-v2", ENCODER, stand_in_choice),
+    Setting("max_documents", "1024", "most texts per request. config.pbtxt only: clients read it from the "
+            "model config (the Python client splits its input by it)", BOTH, positive_int, env=None),
+    Setting("max_request_bytes", "16777216", "most UTF-8 bytes of text per request (16 MiB). config.pbtxt "
+            "only, as max_documents", BOTH, positive_int, env=None),
+    Setting("query_instruction", "", "the prefix queries get; empty: the model's own (NV-Embed-v2: its "
+            "retrieval instruction)", PUBLIC),
+    Setting("document_instruction", "", "the prefix documents get; empty: the model's own (NV-Embed-v2: none)",
+            PUBLIC),
+    Setting("encoder_model", "", "the model the public model forwards to; empty: its own name + `-encoder`",
+            PUBLIC),
+    Setting("model_repository", "", "the model repository to serve from; empty: the one installed with the "
+            "package", LAUNCHER, flag="--model-repository"),
+    Setting("host", "127.0.0.1", "the address all ports bind to (the container image sets 0.0.0.0)", LAUNCHER,
+            env="TRITON_HOST", flag="--host"),
+    Setting("grpc_port", "8001", "Triton's gRPC port", LAUNCHER, port, env="TRITON_GRPC_PORT", flag="--grpc-port"),
+    Setting("http_port", "8000", "Triton's HTTP port", LAUNCHER, port, env="TRITON_HTTP_PORT", flag="--http-port"),
+    Setting("metrics_port", "8002", "Triton's Prometheus metrics port", LAUNCHER, port, env="TRITON_METRICS_PORT",
+            flag="--metrics-port"),
+    Setting("openai_port", "", "also serve the OpenAI/NIM-compatible embeddings API on this port; empty: off",
+            LAUNCHER, port, flag="--openai-port"),
+    Setting("gpus", "", "e.g. `0,1`: one encoder instance, with its own copy of the weights, per listed GPU; "
+            "empty: the encoder config's instance_group", LAUNCHER, gpu_list),
+    Setting("drain_timeout_s", "25", "how long a stop may spend serving accepted requests (inside "
+            "Kubernetes' default 30 s grace period)", LAUNCHER, seconds),
+    Setting("allocator", "auto", "the malloc of tritonserver and its stubs: `auto` preloads jemalloc where it is installed "
+            "(libjemalloc2; under a long mixed load glibc malloc kept growing, bench/RESULTS.md), `glibc` keeps glibc's; "
+            "an LD_PRELOAD already set wins", LAUNCHER, allocator_choice),
+    Setting("health_interval_s", "5", "how often the supervisor asks tritonserver whether it is live and sends "
+            "it a real query (three unanswered liveness checks in a row restart it)", LAUNCHER, positive_seconds),
+    Setting("stall_timeout_s", "300", "how long requests may wait while nothing progresses (no request or "
+            "forward pass ends and the encoder uses no CPU) before tritonserver is restarted; a slow request that "
+            "computes is never a stall", LAUNCHER, positive_seconds),
+    Setting("admin_key", "", "the value of the `nvembed-admin-key` header that unlocks Triton's shared-memory, "
+            "logging, trace, statistics and repository APIs; empty: a random key per start (closed to everyone)",
+            LAUNCHER),
+    Setting("api_key", "", "require `Authorization: Bearer <key>` on the OpenAI/NIM API (health endpoints "
+            "excepted); empty: no key", LAUNCHER),
+    Setting("inference_key", "", "require the header `nvembed-inference-key: <key>` (gRPC: "
+            "`triton-grpc-protocol-nvembed-inference-key`) on Triton's inference and model-config APIs; the seed's "
+            "clients must then send it. Health, metadata and metrics stay open; empty: no key", LAUNCHER),
+)  # fmt: skip
+BY_KEY = {setting.key: setting for setting in SETTINGS}
+
+
+def model_settings(scope: str, parameters: Mapping[str, str], environ: Mapping[str, str] = os.environ) -> dict[str, Any]:
+    """A model's settings: the environment variable, else the config.pbtxt parameter, else the
+    default; parsed, with errors naming the setting and where its value came from. Parameters
+    that no setting declares are refused: a misspelt key must not be silently ignored. Upper-case
+    keys belong to the Python backend itself (EXECUTION_ENV_PATH, FORCE_CPU_ONLY_INPUT_TENSORS, ...)."""
+    scopes = (scope, BOTH)
+    ours = [key for key in parameters if not key.isupper()]
+    unknown = sorted(key for key in ours if key not in BY_KEY or BY_KEY[key].scope not in scopes)
+    if unknown:
+        known = ", ".join(s.key for s in SETTINGS if s.scope in scopes)
+        raise SettingsError(f"unknown config.pbtxt parameter(s) {', '.join(unknown)}; this model takes {known}")
+    values = {}
+    for setting in (s for s in SETTINGS if s.scope in scopes):
+        if setting.variable and environ.get(setting.variable):
+            values[setting.key] = setting.value(environ[setting.variable], setting.variable)
+        elif parameters.get(setting.key):
+            values[setting.key] = setting.value(parameters[setting.key], "config.pbtxt")
+        else:
+            values[setting.key] = setting.value(setting.default, "default")
+    return values
+
+
+def launcher_setting(key: str, environ: Mapping[str, str] = os.environ, flag_value: Any = None) -> Any:
+    """A serve.sh setting: its flag, else its environment variable, else its default."""
+    setting = BY_KEY[key]
+    if flag_value not in (None, ""):
+        return setting.value(str(flag_value), setting.flag or "flag")
+    if setting.variable and environ.get(setting.variable):
+        return setting.value(environ[setting.variable], setting.variable)
+    return setting.value(setting.default, "default")
+
+
+def triton_parameters(model_config: Mapping) -> dict[str, str]:
+    """config.pbtxt `parameters { key: K value { string_value: V } }` as a plain dict."""
+    return {key: value["string_value"] for key, value in model_config.get("parameters", {}).items()}
+
+
+@dataclass(frozen=True)
+class EncoderSettings:
+    model_dir: str
+    device: str  # "cpu" or "cuda:N"
+    dtype: str  # a torch dtype name
+    max_length: int
+    max_batch_tokens: int
+    stand_in: str = ""  # "constant": benchmarks only (stand_in.py)
+    cpu_linear: str = CPU_LINEAR_ONEDNN  # how fp32 linear layers run on a CPU (cpu_linear.py)
+    cuda_graphs: bool = True  # small GPU passes replayed from CUDA graphs (cuda_graphs.py)
+
+    @classmethod
+    def from_parameters(
+        cls,
+        parameters: Mapping[str, str],
+        instance_kind: str = "",
+        instance_device_id: str = "0",
+        environ: Mapping[str, str] | None = None,
+    ) -> EncoderSettings:
+        """From config.pbtxt-style parameters, and `environ`'s overrides when given (tests and
+        benchmarks pass none, so a deployment's NVEMBED_* variables cannot leak into them)."""
+        return cls.from_settings(model_settings(ENCODER, parameters, environ or {}), instance_kind, instance_device_id)
+
+    @classmethod
+    def from_settings(cls, values: Mapping[str, Any], instance_kind: str = "", instance_device_id: str = "0") -> EncoderSettings:
+        """From the encoder's settings (model_settings(ENCODER, ...)) and the instance Triton made."""
+        device = resolve_device(values["device"], instance_kind, instance_device_id)
+        return cls(
+            model_dir=values["model_dir"],
+            device=device,
+            dtype=resolve_dtype(values["dtype"], device),
+            max_length=values["max_length"],
+            max_batch_tokens=resolve_batch_tokens(values["max_batch_tokens"], device),
+            stand_in=values["stand_in"],
+            cpu_linear=values["cpu_linear"],
+            cuda_graphs=values["cuda_graphs"],
+        )
+
+
+def resolve_device(requested: str, instance_kind: str, instance_device_id: str) -> str:
+    """The device to load on. A KIND_GPU instance uses the GPU Triton gave it; "cuda" alone means
+    cuda:0. Whether that GPU exists is checked by check_device_available, at load time."""
+    requested = requested.strip().lower()
+    if instance_kind.upper() in ("GPU", "KIND_GPU"):
+        if requested == "cpu":
+            raise SettingsError('instance_group is KIND_GPU but parameter device is "cpu"; use KIND_CPU to run on the CPU')
+        return f"cuda:{instance_device_id}"
+    if requested == "cpu":
+        return "cpu"
+    if requested == "cuda":
+        return "cuda:0"
+    if requested.startswith("cuda:") and requested[5:].isdigit():
+        return requested
+    raise SettingsError(f'parameter device must be "cpu", "cuda" or "cuda:N", got {requested!r}')
+
+
+def resolve_batch_tokens(requested: str | int, device: str) -> int:
+    if requested == "auto":
+        return CPU_BATCH_TOKENS if device == "cpu" else GPU_BATCH_TOKENS
+    return requested
+
+
+def resolve_dtype(requested: str, device: str) -> str:
+    """float16 on GPUs: NV-Embed-v2 is published in fp16 and measured at full size it stays far
+    closer to fp32 than bf16 does, for a few percent of throughput (bench/RESULTS.md). float32 on CPUs
+    (16-bit matmuls are slow on most CPUs)."""
+    requested = requested.strip().lower()
+    if requested == "auto":
+        return "float32" if device == "cpu" else "float16"
+    if requested not in DTYPE_NAMES:
+        raise SettingsError(f"parameter dtype must be one of auto, bf16, fp16, fp32, got {requested!r}")
+    return DTYPE_NAMES[requested]
+
+
+# ---- What is generated from SETTINGS: serve.sh --help and the README table ----
+
+
+def _shown_default(setting: Setting) -> str:
+    return setting.default or "(empty)"
+
+
+def environment_help() -> str:
+    """serve.sh --help's epilog: every environment variable, its default and meaning."""
+    lines = ["environment (flags win over these):"]
+    for setting in (s for s in SETTINGS if s.variable):
+        where = "" if setting.scope == LAUNCHER else f" [{setting.key} in the {setting.scope} config.pbtxt]"
+        lines.append(f"  {setting.variable}  default {_shown_default(setting)}{where}")
+        lines.append(f"      {setting.help.replace('`', '')}")
+    return "\n".join(lines)
+
+
+def markdown_table() -> str:
+    header = "| setting | environment | serve.sh flag | default | read by | meaning |\n|---|---|---|---|---|---|"
+    rows = [
+        f"| `{s.key}` | {f'`{s.variable}`' if s.variable else '-'} | {f'`{s.flag}`' if s.flag else '-'} | "
+        f"`{s.default}` | {s.scope} | {s.help} |".replace("``", "empty")
+        for s in SETTINGS
+    ]
+    return "\n".join([header, *rows])
+
+
+README_BEGIN = "<!-- settings table: generated by python -m nvembed_triton.protocol.settings --write-readme README.md -->"
+README_END = "<!-- end of settings table -->"
+_README_SECTION = re.compile(re.escape(README_BEGIN) + ".*?" + re.escape(README_END), re.S)
+
+
+def readme_with_table(readme: str) -> str:
+    if not _README_SECTION.search(readme):
+        raise SettingsError(f"the README has no settings table between {README_BEGIN!r} and {README_END!r}")
+    return _README_SECTION.sub(lambda _: f"{README_BEGIN}\n{markdown_table()}\n{README_END}", readme)
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) == 2 and argv[0] == "--write-readme":
+        path = Path(argv[1])
+        path.write_text(readme_with_table(path.read_text(encoding="utf-8")), encoding="utf-8")
+        return 0
+    print(markdown_table())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,117 @@
+"""The models' own Prometheus metrics on Triton's /metrics, through the Python backend's custom
+metrics API. Triton's counters know nothing of texts or tokens, and count a request refused with
+INVALID_ARGUMENT as a success. Only inside a Triton Python-backend stub."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from contextlib import contextmanager
+
+from nvembed_triton.protocol.contract import PROMPT_NAMES
+from nvembed_triton.protocol.reasons import REASONS
+from nvembed_triton.protocol.request_rules import CUSTOM_PROMPT
+
+# A gauge: requests a model holds now, from execute() until their response is sent (serve.sh's
+# drain waits for it to reach 0, and its supervisor reads it as work in progress).
+EXECUTING_METRIC = "nvembed_requests_executing"
+# name -> (help, label names besides `model`)
+COUNTERS = {
+    "nvembed_texts_total": ("Texts embedded, by prompt (query, document, custom)", ("prompt",)),
+    "nvembed_tokens_total": ("Tokens embedded, special and instruction tokens included, by prompt", ("prompt",)),
+    "nvembed_truncated_texts_total": ("Texts cut to max_length tokens", ()),
+    "nvembed_forward_passes_total": ("Forward passes run", ()),
+    "nvembed_padded_tokens_total": ("Tokens the forward passes computed, padding included", ()),
+    "nvembed_rejected_requests_total": (f"Requests answered with an error, by reason: {', '.join(REASONS)}", ("reason",)),
+}  # fmt: skip
+# What each model counts: the encoder computes, so it counts everything; the public model only the
+# requests it refuses itself. A model creates only the series it counts.
+ENCODER_COUNTERS = tuple(COUNTERS)
+PUBLIC_COUNTERS = ("nvembed_rejected_requests_total",)
+# Every value a label can take, known before any request: each series is created at load with 0,
+# so the first scrape shows all of them (a dashboard's rate() needs a series' 0 to see its first event).
+LABEL_VALUES = {"prompt": (*PROMPT_NAMES, CUSTOM_PROMPT), "reason": tuple(REASONS)}
+
+
+def series(name: str) -> list[dict[str, str]]:
+    """The label sets (besides `model`) of a counter's series: one per combination of its labels' values."""
+    label_names = COUNTERS[name][1]
+    return [dict(zip(label_names, values, strict=True)) for values in itertools.product(*map(LABEL_VALUES.get, label_names))]
+
+
+class ModelMetrics:
+    """Counters and the executing gauge, labelled with this model's name; every instance of a model
+    adds to the same series. Each metric update is an IPC call to the server (~50 µs, measured with
+    bench/bench_plumbing.py), so counter additions are summed and sent once per execute() (or lane
+    batch) by flush(); the gauge, which a drain waits on, is sent at once. Thread-safe, and every
+    metrics IPC call is made under one lock: the encoder's lanes update from their own threads, and
+    two metric calls at once from one stub crash tritonserver 2.51 (SIGSEGV in the Python backend)."""
+
+    def __init__(self, model_name: str, counters: tuple[str, ...]):
+        import triton_python_backend_utils as pb_utils
+
+        self.model_name = model_name
+        # Families must outlive their metrics, so both are kept. Only `counters` (ENCODER_COUNTERS,
+        # PUBLIC_COUNTERS): adding to another is a KeyError, not a series nobody lists.
+        self._families = {
+            name: pb_utils.MetricFamily(name=name, description=COUNTERS[name][0], kind=pb_utils.MetricFamily.COUNTER)
+            for name in counters
+        }
+        self._metrics = {}
+        self._pending: dict[tuple, float] = {}  # counter key -> what to add at the next flush()
+        self.ipc_lock = threading.Lock()  # around every metrics IPC call (see the class docstring)
+        self._executing_family = pb_utils.MetricFamily(
+            name=EXECUTING_METRIC, description="Requests the model holds, until their response is sent",
+            kind=pb_utils.MetricFamily.GAUGE,
+        )
+        self._executing = self._executing_family.Metric(labels={"model": model_name})
+        with self.ipc_lock:  # nothing else runs yet, but every metrics IPC call goes under the lock
+            for name in counters:
+                for labels in series(name):
+                    self._metric(name, labels)
+
+    @contextmanager
+    def executing(self, requests: int):
+        """Around an execute(): the gauge counts its requests while it runs; then the counters
+        collected meanwhile are sent, and the gauge comes down whatever happens (a drain waits on it)."""
+        self.hold(requests)
+        try:
+            yield
+        finally:
+            try:
+                self.flush()
+            finally:
+                self.release(requests)
+
+    def hold(self, requests: int) -> None:
+        """Requests taken on: the gauge goes up now."""
+        with self.ipc_lock:
+            self._executing.increment(requests)
+
+    def release(self, requests: int) -> None:
+        """Requests answered: the gauge comes down now."""
+        with self.ipc_lock:
+            self._executing.increment(-requests)
+
+    def add(self, name: str, value: float, **labels: str) -> None:
+        if value > 0:
+            key = (name, *sorted(labels.items()))
+            with self.ipc_lock:
+                self._pending[key] = self._pending.get(key, 0) + value
+
+    def flush(self) -> None:
+        """Sends what add() collected: one update per counter and label set."""
+        with self.ipc_lock:
+            pending, self._pending = self._pending, {}  # taken first: a failed send is not counted twice
+            for (name, *labels), value in pending.items():
+                self._metric(name, dict(labels)).increment(value)
+
+    def _metric(self, name: str, labels: dict[str, str]):
+        """The counter's series for these labels, created (at 0) on first use; call under ipc_lock."""
+        key = (name, *sorted(labels.items()))
+        if key not in self._metrics:
+            self._metrics[key] = self._families[name].Metric(labels={"model": self.model_name, **labels})
+        return self._metrics[key]
+
+    def rejected(self, reason: str) -> None:
+        self.add("nvembed_rejected_requests_total", 1, reason=reason)

@@ -1,0 +1,157 @@
+"""The public model: the client contract (`query` BYTES [1] or `documents` BYTES [1, N] ->
+`embeddings` FP32 [1 or N, D]). It validates and routes; the encoder model `<name>-encoder` batches
+concurrent requests and computes. CPU instances: many of them can wait on the encoder at once."""
+
+# The Python backend imports asyncio when execute() returns (to ask whether it returned a coroutine):
+# ~20 ms on each instance's first request, then never again. Imported here, it is paid at load.
+import asyncio  # noqa: F401
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from nvembed_triton.protocol import contract
+from nvembed_triton.protocol.errors import InvalidInputError
+from nvembed_triton.protocol.lifecycle import (
+    CANCEL_TOKEN_PARAMETER,
+    CANCELLED_MESSAGE,
+    CLOSED_MESSAGE,
+    CancelBoard,
+    is_closed,
+)
+from nvembed_triton.protocol.reasons import REASONS, reason_of
+from nvembed_triton.protocol.request_rules import encoder_model_for, public_request
+from nvembed_triton.protocol.settings import PUBLIC, model_settings, triton_parameters
+from nvembed_triton.protocol.validation import RequestLimits
+from nvembed_triton.serving.metrics import PUBLIC_COUNTERS, ModelMetrics
+
+# When a waiting instance first asks whether its client is still there; each later ask comes after
+# twice the wait before it, at most CANCEL_POLL_MAX_S. Each ask is an IPC call through tritonserver:
+# asking at a short fixed interval took a large share of the instances' CPU at 64 clients
+# (bench/RESULTS.md). A client that leaves is noticed within about its own wait so far, and at most
+# CANCEL_POLL_MAX_S; a request's own timeout is kept to the millisecond without asking. (Triton does
+# not end a forwarded request at a timeout once the encoder has taken it: bench/bench_deadline.py.)
+CANCEL_POLL_FIRST_S = 0.2
+CANCEL_POLL_MAX_S = 1.0
+# Threads that send forwarded requests. Reused rather than one started per request (that cost a
+# measurable share of an instance's CPU, bench/bench_plumbing.py); several, so the next request is not held up by
+# forwarded requests still running after their clients left (the encoder drops their remaining
+# work at its next pass) unless SENDER_THREADS of them are.
+SENDER_THREADS = 4
+OUTPUTS = (contract.EMBEDDINGS_OUTPUT, contract.TOKEN_COUNTS_OUTPUT, contract.TRUNCATED_OUTPUT)
+TIMEOUT_MESSAGE = "the request's timeout passed before its embeddings were ready"
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        values = model_settings(PUBLIC, triton_parameters(json.loads(args["model_config"])))
+        self.limits = RequestLimits.from_settings(values)
+        self.instructions = {
+            contract.QUERY_PROMPT: values["query_instruction"],
+            contract.DOCUMENT_PROMPT: values["document_instruction"],
+        }
+        self.encoder_model = encoder_model_for(args["model_name"], values["encoder_model"])
+        self.cancel_board = CancelBoard()
+        self.metrics = ModelMetrics(args["model_name"], PUBLIC_COUNTERS)
+        self.senders = ThreadPoolExecutor(SENDER_THREADS, thread_name_prefix="forward")
+
+    def finalize(self):
+        self.senders.shutdown(wait=False, cancel_futures=True)
+
+    def execute(self, requests):
+        with self.metrics.executing(len(requests)):
+            return [self._respond(request) for request in requests]
+
+    def _respond(self, request):
+        response = self._answer(request)
+        if response.has_error():
+            self.metrics.rejected(reason_of(response.error().message()).name)
+        return response
+
+    def _answer(self, request):
+        if is_closed():  # a drain has served what was queued; this request came later
+            return _refuse("shutting_down", CLOSED_MESSAGE)
+        if request.is_cancelled():  # the client gave up while the request was queued
+            return _refuse("cancelled", CANCELLED_MESSAGE)
+        timeout_us = request.timeout()  # the request's own timeout (tritonclient's `timeout`), 0 if none
+        deadline = time.monotonic() + timeout_us / 1e6 if timeout_us else None
+
+        def tensor(name):
+            found = pb_utils.get_input_tensor_by_name(request, name)
+            return None if found is None else found.as_numpy()
+
+        try:
+            query, documents = tensor(contract.QUERY_INPUT), tensor(contract.DOCUMENTS_INPUT)
+            forward = public_request(query, documents, request.parameters(), self.limits, self.instructions)
+        except InvalidInputError as error:
+            return _refuse("invalid_input", str(error))
+        inputs = [
+            pb_utils.Tensor(contract.TEXT_INPUT, forward.texts),
+            pb_utils.Tensor(contract.PROMPT_NAME_INPUT, np.array([[forward.prompt_name.encode()]], dtype=object)),
+        ]
+        if forward.instruction is not None:
+            inputs.append(pb_utils.Tensor(contract.INSTRUCTION_INPUT, np.array([[forward.instruction.encode()]], dtype=object)))
+        options = {contract.TRUNCATE_PARAMETER: forward.truncate} if forward.truncate else {}
+        response = self._forward(request, inputs, deadline, options)
+        if isinstance(response, Exception):
+            return _refuse("internal", f"forwarding to the encoder failed: {response}")
+        if response is None:
+            return _refuse("cancelled", CANCELLED_MESSAGE if deadline is None else TIMEOUT_MESSAGE)
+        if response.has_error():  # the encoder's message, with the code BLS lost restored from it
+            message = response.error().message()
+            return _error(message, getattr(pb_utils.TritonError, reason_of(message).triton_code))
+        # The encoder's [1, N, ...] outputs become the contract's [N, ...], copied: as_numpy() is a view
+        # into the BLS response's shared memory, which may be reused once `response` is gone, while
+        # Triton reads this response's tensors only after execute() returns.
+        outputs = [np.array(pb_utils.get_output_tensor_by_name(response, name).as_numpy()[0]) for name in OUTPUTS]
+        return pb_utils.InferenceResponse([pb_utils.Tensor(name, array) for name, array in zip(OUTPUTS, outputs, strict=True)])
+
+    def _forward(self, request, inputs, deadline, parameters):
+        """The encoder's response, or None once the client has cancelled or the deadline passed.
+        The request goes out on a sender thread while this one watches the client: if it goes, the
+        forwarded request is marked on the cancel board so the encoder skips the rest of its work."""
+        token = self.cancel_board.new_token()
+        parameters = {**parameters, **({CANCEL_TOKEN_PARAMETER: token} if token else {})}
+        forwarded = pb_utils.InferenceRequest(
+            model_name=self.encoder_model,
+            inputs=inputs,
+            requested_output_names=list(OUTPUTS),
+            parameters=parameters,
+            trace=request.trace(),  # with Triton's tracing on, the encoder's request is traced as this one's child
+        )
+        outcome = []
+        done = threading.Event()
+
+        def send():
+            try:
+                outcome.append(forwarded.exec())
+            except Exception as error:  # handed to the waiting thread, which raises it
+                outcome.append(error)
+            finally:
+                done.set()
+                self.cancel_board.clear(token)
+
+        self.senders.submit(send)
+        poll_s = CANCEL_POLL_FIRST_S
+        while True:
+            wait_s = poll_s if deadline is None else min(poll_s, max(0.0, deadline - time.monotonic()))
+            if done.wait(wait_s):
+                return outcome[0]
+            if (deadline is not None and time.monotonic() >= deadline) or request.is_cancelled():
+                self.cancel_board.mark(token)
+                if done.is_set():  # finished meanwhile: leave no mark behind
+                    self.cancel_board.clear(token)
+                return None
+            poll_s = min(2 * poll_s, CANCEL_POLL_MAX_S)
+
+
+def _refuse(reason, message):
+    """An error response whose message starts with its reason, as the encoder's do."""
+    return _error(f"{reason}: {message}", getattr(pb_utils.TritonError, REASONS[reason].triton_code))
+
+
+def _error(message, code):
+    return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code))
