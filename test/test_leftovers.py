@@ -2,11 +2,13 @@
 swept, a run with any process alive (the launcher, or tritonserver holding the inherited lock) is
 not, and nothing outside the run's names is touched."""
 
+import json
 import os
 import subprocess
 import sys
+import time
 
-from nvembed_triton.leftovers import SHM_DIR, RunRecord, shm_prefix, sweep
+from nvembed_triton.serving.leftovers import DEAD_LAUNCHER_GRACE_S, SHM_DIR, RunRecord, shm_prefix, sweep
 
 
 def fake_region(prefix: str, name: str):
@@ -47,3 +49,45 @@ def test_a_dead_runs_regions_and_run_directory_are_swept_and_a_live_ones_are_not
 
 def test_region_names_carry_the_run_id():
     assert shm_prefix("0123abcd") == "nvembed-0123abcd_"
+
+
+def test_a_run_whose_launcher_died_is_swept_once_its_last_process_ends_moments_later(tmp_path):
+    """kill -9 of serve.sh, then serve.sh again at once: tritonserver follows its launcher, and its
+    stubs, holding the inherited lock, follow a fraction of a second later. The new launcher waits
+    for them (up to DEAD_LAUNCHER_GRACE_S) instead of leaving the run's regions to the next start."""
+    records = tmp_path / "records"
+    run = RunRecord.create(tmp_path / "nvembed-triton-run", temporary=True, records_dir=records)
+    region = fake_region(run.shm_prefix, "region")
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    path = records / f"{run.run_id}.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "pid": gone.pid}))  # the launcher: dead
+    stub = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.7)"], pass_fds=(run.fd,))
+    os.close(run.fd)  # only the lingering "stub" holds the lock now
+    started = time.monotonic()
+    swept = sweep(records)
+    assert stub.poll() is not None and time.monotonic() - started < DEAD_LAUNCHER_GRACE_S
+    assert len(swept) == 1 and not region.exists() and not path.exists()
+
+
+def test_a_run_that_outlives_its_dead_launcher_is_left_alone(tmp_path):
+    """A run still holding its lock after the grace period (a tritonserver still unloading) is not
+    touched; the sweep gives up after DEAD_LAUNCHER_GRACE_S."""
+    records = tmp_path / "records"
+    run = RunRecord.create(tmp_path / "nvembed-triton-run", temporary=True, records_dir=records)
+    region = fake_region(run.shm_prefix, "region")
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    path = records / f"{run.run_id}.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "pid": gone.pid}))
+    holder = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE, pass_fds=(run.fd,))
+    os.close(run.fd)
+    try:
+        started = time.monotonic()
+        assert sweep(records) == []
+        assert DEAD_LAUNCHER_GRACE_S <= time.monotonic() - started < DEAD_LAUNCHER_GRACE_S + 2
+        assert region.exists() and path.exists()
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=10)
+        region.unlink(missing_ok=True)

@@ -16,11 +16,16 @@ import json
 import os
 import shutil
 import tempfile
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 RECORDS_DIR = Path(tempfile.gettempdir()) / "nvembed-triton-runs"
+# A run whose launcher is dead ends within moments: tritonserver follows its parent, its stubs follow
+# tritonserver a fraction of a second later, and they hold the inherited lock until then. A launcher
+# started right after waits this long for such a run's lock, so it sweeps what the run leaves.
+DEAD_LAUNCHER_GRACE_S = 5.0
 SHM_DIR = Path("/dev/shm")
 SHM_PREFIX = "nvembed-"
 
@@ -81,12 +86,14 @@ def sweep(records_dir: Path = RECORDS_DIR) -> list[str]:
         except FileNotFoundError:  # another launcher swept it meanwhile
             continue
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:  # a live run holds it
+            record = json.loads(os.read(fd, 1 << 16) or b"{}")
+        except json.JSONDecodeError:  # a launcher writing its record this instant: it is alive
+            record = {}
+        launcher = record.get("pid")
+        if not _lock(fd, DEAD_LAUNCHER_GRACE_S if launcher and not _alive(launcher) else 0.0):  # a live run holds it
             os.close(fd)
             continue
         try:
-            record = json.loads(os.read(fd, 1 << 16) or b"{}")
             regions = remove_regions(shm_prefix(path.stem))
             run_dir = Path(record.get("run_dir", ""))
             if record.get("temporary") and run_dir.name.startswith("nvembed-triton-"):
@@ -97,3 +104,26 @@ def sweep(records_dir: Path = RECORDS_DIR) -> list[str]:
         finally:
             os.close(fd)
     return swept
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        pass
+    return True
+
+
+def _lock(fd: int, wait_s: float) -> bool:
+    """The record's lock, trying for up to wait_s; False if its run still holds it."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.05)
