@@ -54,7 +54,23 @@ class RunningServer:
             return self.process.poll() is None and client.is_server_live() and client.is_model_ready(self.model)
 
 
+PORT_ATTEMPTS = 3  # free_port() races with every other process's ephemeral ports: pick again if one is taken
+
+
 def start_server(tmp: Path, model: str, args: list[str], extra_env: dict[str, str]) -> RunningServer:
+    for _ in range(PORT_ATTEMPTS - 1):
+        try:
+            return _start_server(tmp, model, args, extra_env)
+        except PortTakenError:
+            continue
+    return _start_server(tmp, model, args, extra_env)
+
+
+class PortTakenError(RuntimeError):
+    """serve.sh refused a port that was free when the test picked it."""
+
+
+def _start_server(tmp: Path, model: str, args: list[str], extra_env: dict[str, str]) -> RunningServer:
     grpc_port, http_port, metrics_port, openai_port = free_port(), free_port(), free_port(), free_port()
     env = {
         **os.environ,
@@ -79,7 +95,10 @@ def start_server(tmp: Path, model: str, args: list[str], extra_env: dict[str, st
         wait_until_ready(server.url, (model, encoder_model_name(model)), process, server.log_path, STARTUP_TIMEOUT_S)
     except ServerError as error:
         stop_server(server)
-        raise RuntimeError(f"{error}\nserve.sh's output:\n{server.console_path.read_text()}") from None
+        output = server.console_path.read_text()
+        if "that cannot be used; nothing was started" in output:
+            raise PortTakenError(output) from None
+        raise RuntimeError(f"{error}\nserve.sh's output:\n{output}") from None
     return server
 
 
