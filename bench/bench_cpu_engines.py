@@ -47,10 +47,11 @@ def load(engine: str, model_dir: Path):
     started = time.perf_counter()
     if engine == "project":
         from nvembed_triton.engine.encoders import load_encoder
+        from nvembed_triton.protocol.options import TextOptions
         from nvembed_triton.protocol.settings import EncoderSettings
 
         encoder = load_encoder(EncoderSettings.from_parameters({"model_dir": str(model_dir), "device": "cpu"}))
-        return (lambda batch: encoder.encode(batch, [""] * len(batch)).embeddings), time.perf_counter() - started, 0
+        return (lambda batch: encoder.encode(batch, TextOptions.each(len(batch))).embeddings), time.perf_counter() - started, 0
     from sentence_transformers import SentenceTransformer
 
     backend = {"st-torch": "torch", "st-onnx": "onnx", "st-openvino": "openvino"}[engine]

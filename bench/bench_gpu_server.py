@@ -61,6 +61,7 @@ from nvembed_triton.protocol.contract import (
     RETRIEVAL_TASK,
     nvembed_query_instruction,
 )
+from nvembed_triton.protocol.options import TextOptions
 from nvembed_triton.protocol.settings import BY_KEY, EncoderSettings
 from nvembed_triton.serving.serve import parser as serve_parser
 from nvembed_triton.serving.serve import plan, server_settings
@@ -228,7 +229,7 @@ def timed_encode(encoder: NVEmbedEncoder, texts: list[str], repeats: int) -> tup
     runs, result = [], None
     for _ in range(repeats):
         started = time.perf_counter()
-        result = encoder.encode(texts, [""] * len(texts))
+        result = encoder.encode(texts, TextOptions.each(len(texts)))
         runs.append(time.perf_counter() - started)
     return runs, result.embeddings
 

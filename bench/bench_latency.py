@@ -47,6 +47,7 @@ from shared import write_json
 
 from nvembed_triton.engine.encoders import load_encoder
 from nvembed_triton.protocol.contract import EMBEDDINGS_OUTPUT, QUERY_INPUT
+from nvembed_triton.protocol.options import TextOptions
 from nvembed_triton.protocol.settings import EncoderSettings
 from nvembed_triton.serving.serve import parser as serve_parser
 from nvembed_triton.serving.serve import plan, server_settings
@@ -152,13 +153,13 @@ def in_process(model_dir: str, texts: list[list[str]]) -> list[float]:
     """p50 ms of encode() of one text, per round, with the server's encoder settings on the CPU."""
     encoder = load_encoder(EncoderSettings.from_parameters({"model_dir": model_dir, "device": "cpu"}))
     for text in texts[0][:50]:
-        encoder.encode([text], [""])
+        encoder.encode([text], [TextOptions()])
     medians = []
     for round_texts in texts[1:]:
         samples = []
         for text in round_texts:
             started = time.perf_counter()
-            encoder.encode([text], [""])
+            encoder.encode([text], [TextOptions()])
             samples.append((time.perf_counter() - started) * 1e3)
         medians.append(statistics.median(samples))
     return medians

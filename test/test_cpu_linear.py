@@ -11,6 +11,7 @@ from torch import nn
 
 from nvembed_triton.engine.cpu_linear import OneDnnLinear, pack_linears, prepare_linears
 from nvembed_triton.engine.encoders import load_encoder
+from nvembed_triton.protocol.options import TextOptions
 from nvembed_triton.protocol.settings import EncoderSettings, SettingsError
 from nvembed_triton.serving.serve import demo_model_dir
 
@@ -105,7 +106,7 @@ def test_the_minilm_encoder_packs_by_default_and_matches_sentence_transformers()
     assert any(isinstance(module, OneDnnLinear) for module in packed.model.modules())
     assert not any(isinstance(module, OneDnnLinear) for module in plain.model.modules())
     expected = SentenceTransformer(str(demo_model_dir()), device="cpu").encode(DOCUMENTS, normalize_embeddings=True)
-    ours = packed.encode(DOCUMENTS, [""] * len(DOCUMENTS)).embeddings
+    ours = packed.encode(DOCUMENTS, TextOptions.each(len(DOCUMENTS))).embeddings
     assert np.abs(ours - expected).max() < 1e-5 and np.all(cosine(ours, expected) >= 0.99999)
 
 

@@ -11,6 +11,7 @@ from nvembed_reference import ReferenceNVEmbed
 
 from nvembed_triton.engine.encoders import load_encoder
 from nvembed_triton.protocol.contract import RETRIEVAL_TASK, nvembed_query_instruction
+from nvembed_triton.protocol.options import TextOptions
 from nvembed_triton.protocol.settings import EncoderSettings
 
 INSTRUCTION = nvembed_query_instruction(RETRIEVAL_TASK)
@@ -33,14 +34,14 @@ def encoder(tiny_checkpoint):
 
 @pytest.mark.parametrize("instruction", ["", INSTRUCTION])
 def test_fp32_matches_the_reference(encoder, reference, instruction):
-    ours = encoder.encode(TEXTS, [instruction] * len(TEXTS)).embeddings
+    ours = encoder.encode(TEXTS, TextOptions.each(len(TEXTS), instruction=instruction)).embeddings
     expected = np.stack([reference.embed(t, instruction) for t in TEXTS])
     assert np.abs(ours - expected).max() < 1e-5
     assert np.all(cosine(ours, expected) >= 0.99999)
 
 
 def test_bf16_stays_close_to_fp32(tiny_checkpoint, reference):
-    ours = encoder_for(tiny_checkpoint, dtype="bf16").encode(TEXTS, [""] * len(TEXTS)).embeddings
+    ours = encoder_for(tiny_checkpoint, dtype="bf16").encode(TEXTS, TextOptions.each(len(TEXTS))).embeddings
     expected = np.stack([reference.embed(t) for t in TEXTS])
     assert np.all(cosine(ours, expected) >= 0.99)
 
@@ -113,6 +114,6 @@ def test_the_snapshots_own_python_files_never_run(tiny_checkpoint, tmp_path, ref
     for module in ("modeling_nvembed.py", "configuration_nvembed.py"):
         (snapshot / module).write_text(f"import pathlib\npathlib.Path({str(marker)!r}).write_text('ran')\n")
     assert "auto_map" in (snapshot / "config.json").read_text()
-    ours = encoder_for(snapshot).encode(TEXTS, [""] * len(TEXTS)).embeddings
+    ours = encoder_for(snapshot).encode(TEXTS, TextOptions.each(len(TEXTS))).embeddings
     assert not marker.exists()
     assert np.all(cosine(ours, np.stack([reference.embed(t) for t in TEXTS])) >= 0.99999)

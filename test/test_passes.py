@@ -13,6 +13,7 @@ from texts import DOCUMENTS
 from nvembed_triton.engine.nvembed_encoder import NVEmbedEncoder
 from nvembed_triton.engine.passes import MIN_THREADED_PASS_TOKENS, PassRunner, workers_for
 from nvembed_triton.engine.st_encoder import SentenceTransformerEncoder
+from nvembed_triton.protocol.options import TextOptions
 from nvembed_triton.protocol.settings import EncoderSettings
 from nvembed_triton.serving.serve import demo_model_dir
 
@@ -96,7 +97,7 @@ def test_sentence_transformers_in_parallel_passes_equals_the_library(tmp_path):
     texts = [f"{DOCUMENTS[i % len(DOCUMENTS)]} " * (1 + i % 5) for i in range(48)]
     expected = reference.encode(texts, normalize_embeddings=True, batch_size=1)
     for _ in range(10):
-        result = encoder.encode(texts, [""] * len(texts))
+        result = encoder.encode(texts, TextOptions.each(len(texts)))
         assert result.passes >= 2
         assert np.all(cosine(result.embeddings, expected) >= 0.99999)
 
@@ -106,8 +107,8 @@ def test_nvembed_in_parallel_passes_equals_one_pass_at_a_time(tiny_checkpoint):
     encoder = NVEmbedEncoder(settings)
     texts = [f"{DOCUMENTS[i % len(DOCUMENTS)]} " * (1 + i % 7) for i in range(40)]
     encoder.passes = PassRunner(workers=1)
-    serial = encoder.encode(texts, [""] * len(texts))
+    serial = encoder.encode(texts, TextOptions.each(len(texts)))
     encoder.passes = PassRunner(workers=2)
-    parallel = encoder.encode(texts, [""] * len(texts))
+    parallel = encoder.encode(texts, TextOptions.each(len(texts)))
     assert parallel.passes >= 2  # the passes ran side by side
     np.testing.assert_allclose(parallel.embeddings, serial.embeddings, atol=1e-5)

@@ -9,6 +9,7 @@ import pytest
 from nvembed_triton.protocol import contract
 from nvembed_triton.protocol.errors import InvalidInputError
 from nvembed_triton.protocol.lifecycle import CANCEL_TOKEN_PARAMETER
+from nvembed_triton.protocol.options import TextOptions
 from nvembed_triton.protocol.request_rules import (
     CUSTOM_PROMPT,
     Answer,
@@ -43,7 +44,7 @@ def test_a_query_becomes_one_text_with_the_models_own_query_instruction():
     assert forward.texts.shape == (1, 1) and forward.texts[0, 0] == b"what is x?"
     assert forward.prompt_name == contract.QUERY_PROMPT
     assert forward.instruction is None  # the encoder applies the model's own
-    assert forward.truncate is None
+    assert forward.parameters == {}
 
 
 def test_documents_keep_their_order():
@@ -73,7 +74,8 @@ def test_document_instruction_applies_to_documents_only():
 
 
 def test_truncate_is_normalised_and_passed_on():
-    assert public_request(texts("q"), None, params(truncate="start"), LIMITS, NO_CONFIG).truncate == "START"
+    forward = public_request(texts("q"), None, params(truncate="start"), LIMITS, NO_CONFIG)
+    assert forward.parameters == {contract.TRUNCATE_PARAMETER: "START"}
 
 
 @pytest.mark.parametrize(
@@ -126,26 +128,28 @@ def encoder(text, prompt_names=None, instructions=None, options=None, seen=None)
 def test_rows_get_their_prompts_and_an_explicit_instruction_wins():
     seen = []
     job = encoder(texts("a", "b", "c", "d", shape=(2, 2)), prompt_names=texts("query", "query", shape=(2, 1)), seen=seen)
-    assert job.rows == [["a", "b"], ["c", "d"]] and job.instructions == ["Q: ", "Q: "] and seen == ["Q: ", "Q: "]
+    assert job.rows == [["a", "b"], ["c", "d"]] and seen == ["Q: ", "Q: "]
+    assert [o.instruction for o in job.options] == ["Q: ", "Q: "]
     job = encoder(texts("a", shape=(1, 1)), texts("query", shape=(1, 1)), texts("own: ", shape=(1, 1)))
-    assert job.instructions == ["own: "] and job.prompts == [contract.QUERY_PROMPT]
+    assert [o.instruction for o in job.options] == ["own: "] and job.prompts == [contract.QUERY_PROMPT]
 
 
 def test_without_prompt_name_or_instruction_a_row_is_a_document():
     job = encoder(texts("a", shape=(1, 1)))
-    assert job.instructions == [DEFAULTS[contract.DOCUMENT_PROMPT]] and job.prompts == [contract.DOCUMENT_PROMPT]
+    assert [o.instruction for o in job.options] == [DEFAULTS[contract.DOCUMENT_PROMPT]]
+    assert job.prompts == [contract.DOCUMENT_PROMPT]
 
 
 def test_an_instruction_alone_is_labelled_custom():
     job = encoder(texts("a", shape=(1, 1)), instructions=texts("x: ", shape=(1, 1)))
-    assert job.prompts == [CUSTOM_PROMPT] and job.instructions == ["x: "]
+    assert job.prompts == [CUSTOM_PROMPT] and [o.instruction for o in job.options] == ["x: "]
 
 
 def test_options_and_cancel_token():
     token = "ab" * 16
     job = encoder(texts("a", shape=(1, 1)), options=params(truncate="none", **{CANCEL_TOKEN_PARAMETER: token}))
-    assert job.truncate == contract.TRUNCATE_NONE and job.cancel_token == token
-    assert encoder(texts("a", shape=(1, 1))).truncate == contract.TRUNCATE_END
+    assert job.options == [TextOptions("", contract.TRUNCATE_NONE)] and job.cancel_token == token
+    assert encoder(texts("a", shape=(1, 1))).options == [TextOptions("", contract.TRUNCATE_END)]
 
 
 def test_the_instruction_check_can_refuse():
@@ -180,9 +184,9 @@ def test_combine_then_split_returns_each_requests_rows_in_order():
     ]
     call = combine(jobs)
     assert call.texts == list("abcdefg")
-    assert call.instructions == ["Q: ", "Q: ", "", "", "", "", ""]
+    assert [o.instruction for o in call.options] == ["Q: ", "Q: ", "", "", "", "", ""]
     assert call.owners == [0, 0, 0, 0, 1, 2, 2]
-    assert call.truncations == ["END"] * 5 + ["NONE"] * 2
+    assert [o.truncate for o in call.options] == ["END"] * 5 + ["NONE"] * 2
     embeddings = np.arange(7 * 3, dtype=np.float32).reshape(7, 3)  # row i: distinct values
     counts = np.arange(10, 17)
     truncated = np.zeros(7, dtype=bool)

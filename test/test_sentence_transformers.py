@@ -16,6 +16,7 @@ from texts import DOCUMENTS
 from transformers import BertConfig, BertModel, BertTokenizerFast, MPNetConfig, MPNetModel
 
 from nvembed_triton.engine.encoders import load_encoder
+from nvembed_triton.protocol.options import TextOptions
 from nvembed_triton.protocol.settings import EncoderSettings
 from nvembed_triton.serving.serve import DEMO_MODEL, demo_model_dir
 
@@ -89,7 +90,7 @@ def test_other_architectures_load_and_use_their_own_prompts(tmp_path, architectu
     query_prompt = prompts.get("query", "")
     assert encoder.default_instruction("query") == query_prompt
     assert encoder.default_instruction("document") == prompts.get("passage", "")
-    ours = encoder.encode(TEXTS, [query_prompt] * len(TEXTS)).embeddings
+    ours = encoder.encode(TEXTS, TextOptions.each(len(TEXTS), instruction=query_prompt)).embeddings
     expected = reference.encode(TEXTS, prompt=query_prompt, normalize_embeddings=True)
     assert np.all(cosine(ours, expected) >= 0.9999)
     np.testing.assert_allclose(np.linalg.norm(ours, axis=1), 1, atol=1e-5)
@@ -105,6 +106,6 @@ def test_python_files_in_a_sentence_transformers_directory_never_run(tmp_path):
     config["auto_map"] = {"AutoModel": "modeling_custom.CustomModel", "AutoConfig": "modeling_custom.CustomConfig"}
     (directory / "config.json").write_text(json.dumps(config))
     encoder = load_encoder(EncoderSettings.from_parameters({"model_dir": str(directory), "device": "cpu"}))
-    ours = encoder.encode(TEXTS, [""] * len(TEXTS)).embeddings
+    ours = encoder.encode(TEXTS, TextOptions.each(len(TEXTS))).embeddings
     assert not marker.exists()
     np.testing.assert_allclose(np.linalg.norm(ours, axis=1), 1, atol=1e-5)

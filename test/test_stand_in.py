@@ -11,6 +11,7 @@ import pytest
 
 from nvembed_triton.engine.checkpoint import Architecture, CheckpointError, check_served_name
 from nvembed_triton.engine.encoders import load_encoder
+from nvembed_triton.protocol.options import TextOptions
 from nvembed_triton.protocol.settings import EncoderSettings, SettingsError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,7 +49,7 @@ def test_the_stand_in_tokenises_plans_and_answers_without_a_network(tiny_checkpo
     stand_in = load_encoder(encoder_settings(tiny_checkpoint, stand_in="constant", max_batch_tokens="64"))
     real = load_encoder(encoder_settings(tiny_checkpoint, max_batch_tokens="64"))
     texts = ["a short one", "a longer text about bread and flour " * 8, "x"]
-    ours, expected = stand_in.encode(texts, [""] * 3), real.encode(texts, [""] * 3)
+    ours, expected = stand_in.encode(texts, TextOptions.each(3)), real.encode(texts, TextOptions.each(3))
     assert not hasattr(stand_in, "model")  # no weights were loaded
     assert ours.embeddings.shape == (3, 4096) and np.allclose(np.linalg.norm(ours.embeddings, axis=1), 1.0)
     assert (ours.token_counts == expected.token_counts).all()  # the same tokenisation

@@ -11,6 +11,7 @@ from tokenizers import Tokenizer
 from nvembed_triton.engine.st_encoder import SentenceTransformerEncoder
 from nvembed_triton.engine.tokenization import CUT_MARGIN_TOKENS, EOS_TEXT, NVEmbedTokenizer, cut_at_bytes, max_token_bytes
 from nvembed_triton.protocol.contract import RETRIEVAL_TASK, nvembed_query_instruction
+from nvembed_triton.protocol.options import TextOptions
 from nvembed_triton.protocol.settings import EncoderSettings
 from nvembed_triton.serving.serve import demo_model_dir
 
@@ -232,15 +233,15 @@ def test_st_texts_around_the_bound(st_encoders, st_raw, instruction):
 def test_st_huge_text_is_cut_and_encoded_quickly(st_encoders, monkeypatch):
     encoder = st_encoders[256]
     text = "héllo 世界 naïve café, the quick brown fox. " * 110_000  # ~5 MB
-    expected = encoder.encode([text[:5_000]], [QUERY]).embeddings  # already past 256 tokens
+    expected = encoder.encode([text[:5_000]], [TextOptions(QUERY)]).embeddings  # already past 256 tokens
     start = time.perf_counter()
-    embedding = encoder.encode([text], [QUERY]).embeddings
+    embedding = encoder.encode([text], [TextOptions(QUERY)]).embeddings
     assert time.perf_counter() - start < 1.0  # a check that the cut happened, not a benchmark
     np.testing.assert_allclose(embedding, expected, rtol=1e-5, atol=1e-6)
     seen = []
     real_encode = encoder.model.encode
     monkeypatch.setattr(encoder.model, "encode", lambda texts, **kw: seen.extend(texts) or real_encode(texts, **kw))
-    encoder.encode([text, "short"], [QUERY, QUERY])
+    encoder.encode([text, "short"], TextOptions.each(2, instruction=QUERY))
     assert len(seen) == 2 and seen[1] == "short"
     assert encoder.cutter.max_text_bytes - 4 < utf8_len(seen[0]) <= encoder.cutter.max_text_bytes
 

@@ -138,6 +138,7 @@ def check_grpc(grpc_port: int, checkpoint: Path) -> None:
 
     from nvembed_triton.engine.encoders import load_encoder
     from nvembed_triton.protocol.contract import RETRIEVAL_TASK, nvembed_query_instruction
+    from nvembed_triton.protocol.options import TextOptions
     from nvembed_triton.protocol.settings import EncoderSettings
 
     query, documents = "how is bread made?", ["Flour, water, salt and yeast.", "Ovens bake the dough."]
@@ -149,8 +150,8 @@ def check_grpc(grpc_port: int, checkpoint: Path) -> None:
         documents_input.set_data_from_numpy(np.array([documents], dtype=object))
         served_documents = client.infer(PUBLIC_MODEL, [documents_input]).as_numpy(EMBEDDINGS_OUTPUT).reshape(len(documents), -1)
     encoder = load_encoder(EncoderSettings.from_parameters({"model_dir": str(checkpoint), "device": "cpu"}))
-    local_query = encoder.encode([query], [nvembed_query_instruction(RETRIEVAL_TASK)]).embeddings[0]
-    local_documents = encoder.encode(documents, ["", ""]).embeddings
+    local_query = encoder.encode([query], [TextOptions(nvembed_query_instruction(RETRIEVAL_TASK))]).embeddings[0]
+    local_documents = encoder.encode(documents, TextOptions.each(2)).embeddings
     assert float(served_query @ local_query) > 0.99999, "query vector differs from the in-process one"
     assert np.all(np.sum(served_documents * local_documents, axis=1) > 0.99999), "document vectors differ"
     log("gRPC query and documents: equal to the in-process vectors")

@@ -16,6 +16,7 @@ from nvembed_triton.engine.passes import PassRunner, workers_for
 from nvembed_triton.engine.text_encoder import Encoded, KeepFilter
 from nvembed_triton.engine.tokenization import PAD_ID, NVEmbedTokenizer, TokenizedText
 from nvembed_triton.protocol.contract import DOCUMENT_PROMPT, QUERY_PROMPT, RETRIEVAL_TASK, nvembed_query_instruction
+from nvembed_triton.protocol.options import TextOptions
 from nvembed_triton.protocol.settings import EncoderSettings
 
 
@@ -40,11 +41,9 @@ class NVEmbedEncoder:
     def check_instruction(self, instruction: str) -> None:
         self.tokenizer.check_instruction(instruction)
 
-    def encode(
-        self, texts: list[str], instructions: list[str], keep: KeepFilter | None = None, truncations: list[str] | None = None
-    ) -> Encoded:
+    def encode(self, texts: list[str], options: list[TextOptions], keep: KeepFilter | None = None) -> Encoded:
         """See TextEncoder."""
-        tokenized = self.tokenizer.encode(texts, instructions, truncations)
+        tokenized = self.tokenizer.encode(texts, [o.instruction for o in options], [o.truncate for o in options])
         counts = np.array([len(t.ids) for t in tokenized], dtype=np.int32)
         result = Encoded(
             np.full((len(texts), self.dimension), np.nan, dtype=np.float32), counts, np.array([t.truncated for t in tokenized])

@@ -13,8 +13,9 @@ from nvembed_triton.engine.cpu_linear import prepare_linears
 from nvembed_triton.engine.passes import PassRunner, workers_for
 from nvembed_triton.engine.text_encoder import Encoded, KeepFilter
 from nvembed_triton.engine.tokenization import TextCutter
-from nvembed_triton.protocol.contract import DOCUMENT_PROMPT, QUERY_PROMPT, TRUNCATE_END, TRUNCATE_NONE, TRUNCATE_START
+from nvembed_triton.protocol.contract import DOCUMENT_PROMPT, QUERY_PROMPT, TRUNCATE_NONE, TRUNCATE_START
 from nvembed_triton.protocol.errors import InvalidInputError
+from nvembed_triton.protocol.options import TextOptions
 from nvembed_triton.protocol.settings import EncoderSettings
 
 # Names under which sentence-transformers configs store their prompts (config_sentence_transformers.json).
@@ -64,16 +65,14 @@ class SentenceTransformerEncoder:
     def check_instruction(self, instruction: str) -> None:
         """sentence-transformers truncates prompt and text together; any instruction is accepted."""
 
-    def encode(
-        self, texts: list[str], instructions: list[str], keep: KeepFilter | None = None, truncations: list[str] | None = None
-    ) -> Encoded:
+    def encode(self, texts: list[str], options: list[TextOptions], keep: KeepFilter | None = None) -> Encoded:
         """See TextEncoder. Passes share an instruction, are planned by token budget over the texts'
         lengths (batching.plan_batches: sorted, padded only to their own longest) and run by
         passes.PassRunner (side by side on a CPU), so `keep` can drop abandoned texts between
         passes. Sorting matters on a CPU: less padding, so passages embed much faster sorted than in
         arrival order (bench/RESULTS.md). sentence-transformers truncates the end; for START
         the text is cut here to the tokens that fit, so that the library keeps them all."""
-        truncations = truncations or [TRUNCATE_END] * len(texts)
+        instructions, truncations = [o.instruction for o in options], [o.truncate for o in options]
         from_end = [mode == TRUNCATE_START for mode in truncations]
         if self.cutter is not None:
             texts = self.cutter.cut(texts, instructions, from_end)

@@ -11,6 +11,7 @@ from typing import Protocol
 import numpy as np
 
 from nvembed_triton.engine.checkpoint import Architecture
+from nvembed_triton.protocol.options import TextOptions
 
 # Indices of texts about to be computed -> those still wanted (their clients have not gone).
 KeepFilter = Callable[[list[int]], list[int]]
@@ -37,11 +38,9 @@ class TextEncoder(Protocol):
 
     def check_instruction(self, instruction: str) -> None: ...
 
-    def encode(
-        self, texts: list[str], instructions: list[str], keep: KeepFilter | None = None, truncations: list[str] | None = None
-    ) -> Encoded:
-        """Row i for texts[i] with instructions[i]. Before each forward pass, `keep` (if given)
-        receives the indices of the pass's texts and returns those still wanted. truncations: per
-        text, END (default), START or NONE; a text over max_length with NONE is not computed (its
-        row stays NaN, `truncated` marks it and `token_counts` holds its whole length)."""
+    def encode(self, texts: list[str], options: list[TextOptions], keep: KeepFilter | None = None) -> Encoded:
+        """Row i for texts[i] embedded with options[i]. Before each forward pass, `keep` (if given)
+        receives the indices of the pass's texts and returns those still wanted. A text over
+        max_length with truncate NONE is not computed (its row stays NaN, `truncated` marks it and
+        `token_counts` holds its whole length)."""
         ...

@@ -13,9 +13,12 @@ import numpy as np
 from nvembed_triton.protocol import contract
 from nvembed_triton.protocol.errors import InvalidInputError
 from nvembed_triton.protocol.lifecycle import CANCEL_TOKEN_PARAMETER, CANCELLED_MESSAGE
+from nvembed_triton.protocol.options import TextOptions
 from nvembed_triton.protocol.validation import RequestLimits, decode_one, decode_texts, request_options
 
 PUBLIC_OPTIONS = (contract.INSTRUCTION_PARAMETER, contract.TRUNCATE_PARAMETER, contract.PROMPT_NAME_PARAMETER)
+# The public request's parameters that the encoder's request carries on as they are.
+FORWARDED_OPTIONS = (contract.TRUNCATE_PARAMETER,)
 ENCODER_OPTIONS = (contract.TRUNCATE_PARAMETER, CANCEL_TOKEN_PARAMETER)
 CUSTOM_PROMPT = "custom"  # the metrics' prompt label for a text sent with its own instruction
 
@@ -32,7 +35,7 @@ class Forward:
     texts: np.ndarray  # the request's BYTES, checked, shaped [1, N]
     prompt_name: str
     instruction: str | None  # None: the encoder's own for prompt_name
-    truncate: str | None  # None: the encoder's default (END)
+    parameters: dict[str, str]  # the encoder request's parameters (FORWARDED_OPTIONS the request set)
 
 
 def public_request(
@@ -66,7 +69,8 @@ def public_request(
     limits.check(texts, name)
     decode_texts(texts, name)  # refused here, in the parallel front instances, not in the encoder
     instruction = options.get(contract.INSTRUCTION_PARAMETER, configured_instructions.get(prompt_name) or None)
-    return Forward(texts.reshape(1, -1), prompt_name, instruction, options.get(contract.TRUNCATE_PARAMETER))
+    forwarded = {name: options[name] for name in FORWARDED_OPTIONS if name in options}
+    return Forward(texts.reshape(1, -1), prompt_name, instruction, forwarded)
 
 
 @dataclass(frozen=True)
@@ -74,9 +78,8 @@ class EncoderJob:
     """One encoder request's share of an execute() call."""
 
     rows: list[list[str]]  # [B][N] texts
-    instructions: list[str]  # one per row
+    options: list[TextOptions]  # one per row: every text of a row is embedded with them
     prompts: list[str]  # per row: the prompt name, or CUSTOM_PROMPT (for the metrics)
-    truncate: str
     cancel_token: str | None
 
     @property
@@ -117,7 +120,8 @@ def encoder_request(
         resolved.append(instruction)
         prompts.append(prompt_name or CUSTOM_PROMPT)
     truncate = options.get(contract.TRUNCATE_PARAMETER, contract.TRUNCATE_END)
-    return EncoderJob(rows, resolved, prompts, truncate, options.get(CANCEL_TOKEN_PARAMETER))
+    text_options = [TextOptions(instruction=instruction, truncate=truncate) for instruction in resolved]
+    return EncoderJob(rows, text_options, prompts, options.get(CANCEL_TOKEN_PARAMETER))
 
 
 def _per_row(array: np.ndarray | None, name: str, rows: int) -> list[str | None]:
@@ -134,18 +138,16 @@ class EncodeCall:
     token-budget planner packs across requests)."""
 
     texts: list[str]
-    instructions: list[str]
-    truncations: list[str]
+    options: list[TextOptions]  # options[i]: text i's
     owners: list[int]  # owners[i]: the position in `jobs` of text i
 
 
 def combine(jobs: list[EncoderJob]) -> EncodeCall:
-    call = EncodeCall([], [], [], [])
+    call = EncodeCall([], [], [])
     for position, job in enumerate(jobs):
-        for row, instruction in zip(job.rows, job.instructions, strict=True):
+        for row, options in zip(job.rows, job.options, strict=True):
             call.texts.extend(row)
-            call.instructions.extend([instruction] * len(row))
-            call.truncations.extend([job.truncate] * len(row))
+            call.options.extend([options] * len(row))
             call.owners.extend([position] * len(row))
     return call
 
@@ -179,7 +181,8 @@ def split(
         shape = job.shape
         span = slice(start, start + shape[0] * shape[1])
         start = span.stop
-        too_long = np.flatnonzero(truncated[span]) if job.truncate == contract.TRUNCATE_NONE else []
+        refuses_long = np.repeat([options.truncate == contract.TRUNCATE_NONE for options in job.options], shape[1])
+        too_long = np.flatnonzero(truncated[span] & refuses_long)
         vectors = embeddings[span].reshape(*shape, -1)
         if position in abandoned:
             outcomes.append(Refusal("cancelled", CANCELLED_MESSAGE))

@@ -155,7 +155,7 @@ class TritonPythonModel:
             return [i for i in batch if call.owners[i] not in abandoned]
 
         try:
-            result = self.encoder.encode(call.texts, call.instructions, keep, call.truncations)
+            result = self.encoder.encode(call.texts, call.options, keep)
         except InvalidInputError as error:
             return [Refusal("invalid_input", str(error))] * len(jobs)
         except Exception as error:  # e.g. out of memory: these requests fail, the model stays up

@@ -94,8 +94,7 @@ class TritonPythonModel:
         ]
         if forward.instruction is not None:
             inputs.append(pb_utils.Tensor(contract.INSTRUCTION_INPUT, np.array([[forward.instruction.encode()]], dtype=object)))
-        options = {contract.TRUNCATE_PARAMETER: forward.truncate} if forward.truncate else {}
-        response = self._forward(request, inputs, deadline, options)
+        response = self._forward(request, inputs, deadline, forward.parameters)
         if isinstance(response, Exception):
             return _refuse("internal", f"forwarding to the encoder failed: {response}")
         if response is None:
