@@ -51,17 +51,23 @@ def test_region_names_carry_the_run_id():
     assert shm_prefix("0123abcd") == "nvembed-0123abcd_"
 
 
-def test_a_run_whose_launcher_died_is_swept_once_its_last_process_ends_moments_later(tmp_path):
-    """kill -9 of serve.sh, then serve.sh again at once: tritonserver follows its launcher, and its
-    stubs, holding the inherited lock, follow a fraction of a second later. The new launcher waits
-    for them (up to DEAD_LAUNCHER_GRACE_S) instead of leaving the run's regions to the next start."""
+def run_of_a_dead_launcher(tmp_path):
+    """A run's record, one region of it, and the record's path; the launcher it names has exited."""
     records = tmp_path / "records"
     run = RunRecord.create(tmp_path / "nvembed-triton-run", temporary=True, records_dir=records)
     region = fake_region(run.shm_prefix, "region")
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
     path = records / f"{run.run_id}.json"
-    path.write_text(json.dumps({**json.loads(path.read_text()), "pid": gone.pid}))  # the launcher: dead
+    path.write_text(json.dumps({**json.loads(path.read_text()), "pid": gone.pid}))
+    return records, run, region, path
+
+
+def test_a_run_whose_launcher_died_is_swept_once_its_last_process_ends_moments_later(tmp_path):
+    """kill -9 of serve.sh, then serve.sh again at once: tritonserver follows its launcher, and its
+    stubs, holding the inherited lock, follow a fraction of a second later. The new launcher waits
+    for them (up to DEAD_LAUNCHER_GRACE_S) instead of leaving the run's regions to the next start."""
+    records, run, region, path = run_of_a_dead_launcher(tmp_path)
     stub = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.7)"], pass_fds=(run.fd,))
     os.close(run.fd)  # only the lingering "stub" holds the lock now
     started = time.monotonic()
@@ -73,13 +79,7 @@ def test_a_run_whose_launcher_died_is_swept_once_its_last_process_ends_moments_l
 def test_a_run_that_outlives_its_dead_launcher_is_left_alone(tmp_path):
     """A run still holding its lock after the grace period (a tritonserver still unloading) is not
     touched; the sweep gives up after DEAD_LAUNCHER_GRACE_S."""
-    records = tmp_path / "records"
-    run = RunRecord.create(tmp_path / "nvembed-triton-run", temporary=True, records_dir=records)
-    region = fake_region(run.shm_prefix, "region")
-    gone = subprocess.Popen([sys.executable, "-c", "pass"])
-    gone.wait()
-    path = records / f"{run.run_id}.json"
-    path.write_text(json.dumps({**json.loads(path.read_text()), "pid": gone.pid}))
+    records, run, region, path = run_of_a_dead_launcher(tmp_path)
     holder = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE, pass_fds=(run.fd,))
     os.close(run.fd)
     try:
