@@ -189,7 +189,9 @@ def check_drain(grpc_port: int) -> None:
     import tritonclient.grpc as grpcclient
 
     results: list[str] = []
-    texts = np.array([[" ".join(["dough"] * 250)] * 256], dtype=object)  # 64k tokens: seconds on the CPU
+    # ~400k tokens each: seconds on the CPU even for the tiny network (4 requests of 64k tokens were
+    # all answered within 0.5 s once each instance's first-request stall was gone; these drain in ~14 s).
+    texts = np.array([[" ".join(["dough"] * 400)] * 1024], dtype=object)
 
     def send() -> None:
         try:
