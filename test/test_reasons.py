@@ -31,6 +31,8 @@ def test_every_reason_has_a_code_a_status_and_a_retry_rule():
         # a tritonserver stopping (seen when a replica's serve.sh is killed mid-run, test_corpus)
         ("Request for unknown model: 'nv-embed-v2' has no available versions", "StatusCode.NOT_FOUND", "shutting_down"),
         ("Request for unknown model: 'nv-embed-v3' is not found", "StatusCode.NOT_FOUND", "internal"),  # a wrong name
+        # the public model's forwarded request while that tritonserver stops (test_corpus, once in a CI run)
+        ("Model nv-embed-v2-encoder - Error when running inference: Server not ready", "StatusCode.INTERNAL", "shutting_down"),
         ("CANCELLED", "StatusCode.CANCELLED", "shutting_down"),  # tritonserver cancels what it holds as it stops
         ("cancelled: the client went away", "StatusCode.CANCELLED", "cancelled"),  # our models' own
         ("something else", None, "internal"),

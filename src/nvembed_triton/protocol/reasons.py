@@ -48,7 +48,8 @@ def reason_of(message: str, grpc_status: str | None = None) -> Reason:
     # A stopping tritonserver unloads its models while connections are still open (NOT_FOUND);
     # another replica, or this one once restarted, serves the request. A misspelt model name is
     # "unknown model: 'x' is not found" instead, and is not retried.
-    if "has no available versions" in message:
+    # So does a forwarded (BLS) request made while it stops: "Server not ready", INTERNAL after BLS.
+    if "has no available versions" in message or "Server not ready" in message:
         return REASONS["shutting_down"]
     status = (grpc_status or "").removeprefix("StatusCode.")
     # A bare CANCELLED (no "cancelled:" of ours) comes from tritonserver itself, which cancels the
