@@ -3,8 +3,10 @@ engine a user would pick"):
 
     .venv/bin/python bench/bench_cpu_engines.py --onnx-python VENV/bin/python --openvino-python VENV2/bin/python
 
-- project: the encoder this project serves (torch, fp32, linear layers through packed oneDNN,
-  token-budget passes side by side);
+- project: the encoder this project serves (its default CPU engine: the transformer through
+  OpenVINO in fp32, engine/openvino_runtime.py; token-budget passes);
+- project-onednn: the same encoder with cpu_engine onednn (torch, linear layers through packed
+  oneDNN, passes side by side), its engine until 2026-11-30;
 - st-torch: sentence-transformers' own encode (torch, fp32);
 - st-onnx / st-openvino: sentence-transformers' ONNX Runtime and OpenVINO backends (exported from the
   same local model at first load: that time and the files' size are reported).
@@ -31,7 +33,7 @@ import time
 from pathlib import Path
 
 WORDS = "the model learns patterns from examples while markets set prices by supply and demand".split()
-ENGINES = ("project", "st-torch", "st-onnx", "st-openvino")
+ENGINES = ("project", "project-onednn", "st-torch", "st-onnx", "st-openvino")
 OTHER_ENVIRONMENTS = {"st-onnx": "onnx_python", "st-openvino": "openvino_python"}  # engine -> its --*-python
 
 
@@ -45,12 +47,14 @@ def texts() -> dict[str, list[str]]:
 def load(engine: str, model_dir: Path):
     """(encode(list[str]) -> (n, D) unit vectors, seconds to load, files written at load)."""
     started = time.perf_counter()
-    if engine == "project":
+    if engine.startswith("project"):
         from nvembed_triton.engine.encoders import load_encoder
         from nvembed_triton.protocol.options import TextOptions
         from nvembed_triton.protocol.settings import EncoderSettings
 
-        encoder = load_encoder(EncoderSettings.from_parameters({"model_dir": str(model_dir), "device": "cpu"}))
+        cpu_engine = "onednn" if engine == "project-onednn" else "openvino"
+        parameters = {"model_dir": str(model_dir), "device": "cpu", "cpu_engine": cpu_engine}
+        encoder = load_encoder(EncoderSettings.from_parameters(parameters))
         return (lambda batch: encoder.encode(batch, TextOptions.each(len(batch))).embeddings), time.perf_counter() - started, 0
     from sentence_transformers import SentenceTransformer
 

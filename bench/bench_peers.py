@@ -4,7 +4,7 @@ all-MiniLM-L6-v2 on the CPU of this machine with the same texts.
     .venv/bin/python bench/bench_peers.py [--seconds 10] [--repeats 3] [--json bench/results/peers.json]
                                           [--results-md bench/RESULTS.md]
 
-The first run installs infinity-emb[torch,server] into its own venv outside the checkout
+The first run installs infinity-emb[torch,server,optimum] into its own venv outside the checkout
 (~/.cache/nvembed-triton/bench/infinity; it needs its own transformers), with the same CPU torch
 as .venv; later runs reuse it. Infinity runs with --no-trust-remote-code: like this project, it
 executes no code from the model directory.
@@ -41,11 +41,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import importlib.metadata
 import itertools
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import statistics
@@ -54,7 +56,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import AsyncExitStack, ExitStack, asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,22 +65,27 @@ from bench_server import request_inputs, text_of_tokens
 from shared import write_json
 
 from nvembed_triton.protocol.contract import DOCUMENTS_INPUT, EMBEDDINGS_OUTPUT, QUERY_INPUT
+from nvembed_triton.protocol.settings import EncoderSettings
 from nvembed_triton.serving.serve import parser, plan, server_settings
 from nvembed_triton.serving.server import TritonServer, free_port, own_group_dying_with_parent
 
 ROOT = Path(__file__).resolve().parents[1]
-INFINITY = "infinity-emb[torch,server]==0.0.78"
+INFINITY = "infinity-emb[torch,server,optimum]==0.0.78"  # optimum: its ONNX Runtime engine
 # Outside the checkout: a peer's site-packages is not part of this project.
 INFINITY_VENV = Path.home() / ".cache" / "nvembed-triton" / "bench" / "infinity"
 CPU_TORCH_INDEX = "https://download.pytorch.org/whl/cpu"
-REPORTED_PACKAGES = ("infinity-emb", "torch", "transformers", "sentence-transformers")
+REPORTED_PACKAGES = ("infinity-emb", "torch", "transformers", "sentence-transformers", "onnxruntime", "optimum")
 INFINITY_BATCH_SIZE = 64  # see the docstring
 MARKERS = ("<!-- bench_peers:begin -->", "<!-- bench_peers:end -->")
-SERVERS = ("project", "infinity")
+# Infinity's two CPU engines (--engine): torch and ONNX Runtime (optimum), each a server of its own.
+INFINITY_ENGINES = {"infinity-torch": "torch", "infinity-onnx": "optimum"}
+SERVERS = ("project", *INFINITY_ENGINES)
 PASSAGES = 32  # per passage request
 QUERY_POOL, PASSAGE_POOL = 1024, 2048  # distinct texts each cell cycles through
 FIDELITY_QUERIES = 8
-KERNELS = ("torch kernels", "linear layers packed")  # in-process ceiling: the library's own, this project's encoder's
+# In-process ceiling: the library's own torch forward pass (what Infinity's torch engine runs) and
+# this project's CPU engine (engine/openvino_runtime.py).
+KERNELS = ("torch", "OpenVINO")
 
 
 @dataclass(frozen=True)
@@ -142,7 +149,8 @@ def ensure_infinity(venv: Path = INFINITY_VENV) -> dict:
     run_logged([sys.executable, "-m", "venv", str(venv)])
     pip = [str(venv / "bin" / "python"), "-m", "pip", "install"]
     index = ["--extra-index-url", CPU_TORCH_INDEX] if reachable(CPU_TORCH_INDEX) else []
-    run_logged([*pip, *index, INFINITY, f"torch=={importlib.metadata.version('torch')}"])  # pinned: no CUDA build
+    torch_pin = f"torch=={importlib.metadata.version('torch')}"  # pinned: no CUDA build
+    run_logged([*pip, *index, INFINITY, torch_pin])
     versions = {**venv_versions(venv), "install_s": round(time.monotonic() - started, 1)}
     record.write_text(json.dumps(versions))
     log(f"installed {versions}")
@@ -153,31 +161,63 @@ def ensure_infinity(venv: Path = INFINITY_VENV) -> dict:
 
 
 @contextmanager
-def project_server(run_dir: Path):
-    """serve.sh --demo (all-MiniLM-L6-v2 on the CPU) on free loopback ports; yields (url, model, model_dir)."""
+def project_server(run_dir: Path, cpu_engine: str | None = None):
+    """serve.sh --demo (all-MiniLM-L6-v2 on the CPU) on free loopback ports, with its default CPU
+    engine or `cpu_engine`; yields (url, model, model_dir)."""
     plan_ = plan(parser().parse_args(["--demo"]))
     ports = {name: str(free_port()) for name in ("TRITON_GRPC_PORT", "TRITON_HTTP_PORT", "TRITON_METRICS_PORT")}
     environ = {**os.environ, **ports, "TRITON_HOST": "127.0.0.1"}  # never the defaults: other servers may hold them
     environ.pop("NVEMBED_GPUS", None)
-    with TritonServer(server_settings(plan_, run_dir, environ)) as server:
+    settings = server_settings(plan_, run_dir, environ)
+    if cpu_engine:  # tritonserver's environment: the encoder reads its settings there
+        settings = dataclasses.replace(settings, environment={**settings.environment, "NVEMBED_CPU_ENGINE": cpu_engine})
+    with TritonServer(settings) as server:
         yield server.settings.grpc_url, plan_.name, plan_.model_dir
 
 
-@contextmanager
-def infinity_server(venv: Path, model_dir: Path, served_name: str, batch_size: int, log_path: Path):
-    """Infinity's CLI in its own venv, offline, on a free loopback port; yields its base URL."""
-    port = free_port()
-    command = [str(venv / "bin" / "infinity_emb"), "v2", "--model-id", str(model_dir), "--served-model-name", served_name,
-               "--port", str(port), "--host", "127.0.0.1", "--device", "cpu", "--engine", "torch",
-               "--batch-size", str(batch_size), "--no-vector-disk-cache",
-               "--no-trust-remote-code"]  # its default trusts code from the model directory  # fmt: skip
+def export_onnx(venv: Path, model_dir: Path, destination: Path) -> dict:
+    """A copy of the model with its ONNX export beside it (model.onnx), made offline by torch's
+    exporter in Infinity's venv (onnx_export.py): Infinity's ONNX engine loads an ONNX file from the
+    model directory and exports nothing itself. Returns how long it took and the file's size."""
+    shutil.copytree(model_dir, destination)
+    started = time.monotonic()
+    onnx = destination / "model.onnx"
+    command = [str(venv / "bin" / "python"), str(ROOT / "bench" / "onnx_export.py"), str(destination), str(onnx)]
+    subprocess.run(command, check=True, capture_output=True, env=infinity_environment())
+    log(f"exported {onnx} ({onnx.stat().st_size / 1e6:.0f} MB)")
+    return {"export_s": round(time.monotonic() - started, 1), "onnx_bytes": onnx.stat().st_size}
+
+
+def infinity_environment() -> dict[str, str]:
+    """Offline, no usage statistics, nothing of .venv leaking into Infinity's interpreter."""
     environ = {**os.environ, "HF_HUB_OFFLINE": "1", "INFINITY_ANONYMOUS_USAGE_STATS": "0", "DO_NOT_TRACK": "1"}
-    for name in ("PYTHONPATH", "VIRTUAL_ENV"):  # nothing of .venv leaks into Infinity's interpreter
+    for name in ("PYTHONPATH", "VIRTUAL_ENV"):
         environ.pop(name, None)
-    log(f"starting Infinity on port {port}; log: {log_path}")
+    return environ
+
+
+@contextmanager
+def infinity_server(venv: Path, model_dir: Path, served_name: str, engine: str, batch_size: int, log_path: Path):
+    """Infinity's CLI in its own venv, offline, on a free loopback port, with `engine` (torch or
+    optimum, its ONNX Runtime engine); yields its base URL."""
+    port = free_port()
+    # Run from inside the model directory as "." for the ONNX engine: Infinity 0.0.78 names the
+    # ONNX file by its path under --model-id, and optimum 2 looks it up by bare name, so only a
+    # file at the top of a model given as "." is found.
+    model_id, cwd = (".", model_dir) if engine == "optimum" else (str(model_dir), None)
+    # Its ONNX engine pools the CLS token unless told otherwise (its torch engine reads the model's
+    # pooling config): mean, as all-MiniLM-L6-v2's 1_Pooling config says.
+    pooling = ["--pooling-method", "mean"] if engine == "optimum" else []
+    command = [str(venv / "bin" / "infinity_emb"), "v2", "--model-id", model_id, "--served-model-name", served_name,
+               "--port", str(port), "--host", "127.0.0.1", "--device", "cpu", "--engine", engine,
+               "--batch-size", str(batch_size), "--no-vector-disk-cache",
+               "--no-trust-remote-code", *pooling]  # its default trusts code from the model directory  # fmt: skip
+    # Its optimised ONNX file goes under HF_HOME: kept inside the run's scratch directory.
+    environ = {**infinity_environment(), "HF_HOME": str(log_path.parent / "hf-home")}
+    log(f"starting Infinity ({engine}) on port {port}; log: {log_path}")
     with open(log_path, "wb") as log_file:
         process = subprocess.Popen(
-            command, stdout=log_file, stderr=subprocess.STDOUT, env=environ, preexec_fn=own_group_dying_with_parent
+            command, stdout=log_file, stderr=subprocess.STDOUT, env=environ, preexec_fn=own_group_dying_with_parent, cwd=cwd
         )
     try:
         url = f"http://127.0.0.1:{port}"
@@ -250,21 +290,23 @@ def infinity_sender(client, model: str, encoding: str):
 
 @asynccontextmanager
 async def senders(urls: dict, models: dict, encoding: str, connections: int):
-    """One gRPC channel (aio) for this project, one httpx pool for Infinity; yields
+    """One gRPC channel (aio) for this project, one httpx pool per Infinity server; yields
     sender(server, passages) -> async send(texts). Opened inside the one event loop that uses them."""
     import httpx
     from tritonclient.grpc import aio
 
     limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
-    async with (
-        aio.InferenceServerClient(urls["project"]) as grpc,
-        httpx.AsyncClient(base_url=urls["infinity"], limits=limits, timeout=300) as http,
-    ):
+    async with AsyncExitStack() as stack:
+        grpc = await stack.enter_async_context(aio.InferenceServerClient(urls["project"]))
+        http = {
+            server: await stack.enter_async_context(httpx.AsyncClient(base_url=urls[server], limits=limits, timeout=300))
+            for server in INFINITY_ENGINES
+        }
 
         def sender(server: str, passages: bool):
             if server == "project":
                 return project_sender(grpc, models["project"], passages)
-            return infinity_sender(http, models["infinity"], encoding)
+            return infinity_sender(http[server], models[server], encoding)
 
         yield sender
 
@@ -339,7 +381,7 @@ async def sweep(sender, requests: dict, args: argparse.Namespace) -> dict:
                 send = sender(server, workload.passages)
                 cell = await closed_loop(send, pool_of(requests, workload), workload.clients, args.seconds, args.requests)
                 runs[name][server].append(cell)
-                log(f"run {repeat + 1} {name:22} {server:8}: {cell['requests_per_s']:7.1f} req/s ({cell['requests']} requests)")
+                log(f"run {repeat + 1} {name:22} {server:14}: {cell['requests_per_s']:7.1f} req/s ({cell['requests']} requests)")
     return runs
 
 
@@ -365,15 +407,15 @@ def fidelity(vectors: dict[str, np.ndarray]) -> dict:
 
 def in_process(model_dir: Path, requests: dict, seconds: float) -> tuple[dict, np.ndarray]:
     """sentence-transformers in this process, servers stopped: the ceiling, with the library's own
-    eager kernels (what Infinity runs) and with the linear layers packed as this project's encoder
-    packs them (cpu_linear.py); and the reference vectors, from the library's own kernels."""
+    torch forward pass (what Infinity's torch engine runs) and through OpenVINO as this project's
+    encoder runs it (openvino_runtime.py); and the reference vectors, from the library's own."""
     import torch
     from sentence_transformers import SentenceTransformer
 
-    from nvembed_triton.engine.cpu_linear import pack_linears
+    from nvembed_triton.engine.openvino_runtime import use_openvino
 
     models = {kernels: SentenceTransformer(str(model_dir), device="cpu", local_files_only=True) for kernels in KERNELS}
-    pack_linears(models[KERNELS[1]])
+    use_openvino(models[KERNELS[1]], torch.get_num_threads(), "float32")
 
     def encode(texts: list[str], kernels: str = KERNELS[0]) -> np.ndarray:
         return models[kernels].encode(texts, batch_size=len(texts), normalize_embeddings=True, convert_to_numpy=True)
@@ -419,38 +461,44 @@ def summarize(runs: dict) -> dict:
             rates = [cell["requests_per_s"] for cell in cells]
             row[server] = {key: statistics.median(cell[key] for cell in cells) for key in cells[0]}
             row[server].update(min_requests_per_s=min(rates), max_requests_per_s=max(rates))
-        row["ratio"] = row["project"]["requests_per_s"] / row["infinity"]["requests_per_s"]
+        best = max(INFINITY_ENGINES, key=lambda server: row[server]["requests_per_s"])
+        row["ratios"] = {server: row["project"]["requests_per_s"] / row[server]["requests_per_s"] for server in INFINITY_ENGINES}
+        row["best_infinity"], row["ratio"] = best, row["ratios"][best]
         summary[name] = row
     return summary
 
 
 def markdown(results: dict) -> str:
-    setup, versions = results["setup"], results["infinity_install"]
+    setup, versions, export = results["setup"], results["infinity_install"], results["onnx_export"]
     cell = f"{setup['requests']} requests" if setup["requests"] else f"{setup['seconds']:g} s"
     lines = [
-        "## This project vs Infinity (`bench/bench_peers.py`)",
+        "## This project vs Infinity's torch and ONNX engines (`bench/bench_peers.py`)",
         "",
-        f"all-MiniLM-L6-v2 on the CPU ({setup['cpus']} cores), both servers up throughout. Cells of {cell}, "
-        f"{setup['repeats']} round(s) alternating which server goes first; medians (min-max). This project over gRPC; "
-        f"Infinity {versions.get('infinity-emb')} (torch {versions.get('torch')}, transformers "
-        f"{versions.get('transformers')}, --batch-size {setup['infinity_batch_size']}) over HTTP, "
-        f"encoding_format {setup['infinity_encoding']}.",
+        f"all-MiniLM-L6-v2 on the CPU ({setup['cpus']} cores), all three servers up throughout. Cells of {cell}, "
+        f"{setup['repeats']} round(s) alternating the order of the servers; medians (min-max). This project over gRPC "
+        f"(CPU engine: {setup['project_engine']}); Infinity {versions.get('infinity-emb')} over HTTP, encoding_format "
+        f"{setup['infinity_encoding']}, --batch-size {setup['infinity_batch_size']}: with --engine torch (torch "
+        f"{versions.get('torch')}, transformers {versions.get('transformers')}) and with --engine optimum (ONNX Runtime "
+        f"{versions.get('onnxruntime')}, optimum {versions.get('optimum')}; the model exported offline by torch's exporter in "
+        f"{export['export_s']:g} s, {export['onnx_bytes'] / 1e6:.0f} MB).",
         "",
-        "| workload | project req/s | Infinity req/s | project / Infinity | passages/s project / Infinity "
-        "| p50 ms project / Infinity |",
-        "|---|---|---|---|---|---|",
+        "| workload | project req/s | Infinity torch req/s | Infinity ONNX req/s | project / best Infinity "
+        "| passages/s project / torch / ONNX | p50 ms project / torch / ONNX |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, row in results["summary"].items():
-        ours, theirs = row["project"], row["infinity"]
-        passages = f"{ours['texts_per_s']:.1f} / {theirs['texts_per_s']:.1f}" if WORKLOADS[name].passages else "-"
+        servers = [row[server] for server in SERVERS]
+        passages = " / ".join(f"{each['texts_per_s']:.1f}" for each in servers) if WORKLOADS[name].passages else "-"
+        latencies = " / ".join(f"{each['p50_ms']:.1f}" for each in servers)
+        best = "ONNX" if row["best_infinity"] == "infinity-onnx" else "torch"
         lines.append(
-            f"| {name} | {rate(ours)} | {rate(theirs)} | {row['ratio']:.2f} | {passages} "
-            f"| {ours['p50_ms']:.1f} / {theirs['p50_ms']:.1f} |"
+            f"| {name} | {' | '.join(rate(each) for each in servers)} | **{row['ratio']:.2f}x** ({best}) | {passages} "
+            f"| {latencies} |"
         )
     threads = next(iter(results["ceiling"].values()))["torch_threads"]
     lines += [
         "",
-        f"| in-process sentence-transformers (servers stopped, {threads} torch threads) | calls/s | texts/s | req/s equivalent |",
+        f"| in-process sentence-transformers (servers stopped, {threads} threads) | calls/s | texts/s | req/s equivalent |",
         "|---|---|---|---|",
     ]
     for name, row in results["ceiling"].items():
@@ -502,14 +550,19 @@ def main() -> int:
     versions = ensure_infinity()
     requests = make_requests(args.seed)
     with tempfile.TemporaryDirectory(prefix="nvembed-bench-peers-") as scratch:
-        with project_server(Path(scratch) / "run") as (grpc_url, model, model_dir):
+        scratch = Path(scratch)
+        with ExitStack() as servers:
+            grpc_url, model, model_dir = servers.enter_context(project_server(scratch / "run"))
             log(f"this project ready on {grpc_url} as {model}")
-            with infinity_server(
-                INFINITY_VENV, model_dir, model, args.infinity_batch_size, Path(scratch) / "infinity.log"
-            ) as http_url:
-                urls, models = {"project": grpc_url, "infinity": http_url}, {"project": model, "infinity": model}
-                runs, vectors = asyncio.run(measure(urls, models, requests, args))
-                log("stopping both servers")
+            export = export_onnx(INFINITY_VENV, model_dir, scratch / "onnx-model")
+            urls, models = {"project": grpc_url}, {server: model for server in SERVERS}
+            for server, engine in INFINITY_ENGINES.items():
+                served_dir = scratch / "onnx-model" if engine == "optimum" else model_dir
+                urls[server] = servers.enter_context(
+                    infinity_server(INFINITY_VENV, served_dir, model, engine, args.infinity_batch_size, scratch / f"{server}.log")
+                )
+            runs, vectors = asyncio.run(measure(urls, models, requests, args))
+            log("stopping the servers")
     ceiling, reference = in_process(model_dir, requests, args.seconds)
     results = {
         "setup": {
@@ -517,10 +570,14 @@ def main() -> int:
             "cpus": os.cpu_count(),
             "model_dir": str(model_dir),
             "model": model,
+            "project_engine": EncoderSettings.from_parameters({}, environ=os.environ).cpu_engine,
             "workloads": {name: vars(w) for name, w in WORKLOADS.items()},
         },
         "infinity_install": versions,
-        "project_versions": {p: importlib.metadata.version(p) for p in (*REPORTED_PACKAGES[1:], "tritonclient", "httpx")},
+        "onnx_export": export,
+        "project_versions": {
+            p: importlib.metadata.version(p) for p in (*REPORTED_PACKAGES[1:4], "openvino", "tritonclient", "httpx")
+        },
         "summary": summarize(runs),
         "ceiling": ceiling,
         "fidelity": fidelity({**vectors, "sentence-transformers": reference}),

@@ -1,5 +1,6 @@
 """Linear layers packed for oneDNN on the CPU (cpu_linear.py): same outputs as nn.Linear, only
-plain fp32 layers are touched, and the encoders use it by default on a CPU and not when told not to."""
+plain fp32 layers are touched, and the encoders use it on a CPU where OpenVINO does not run (NV-Embed-v2,
+cpu_engine onednn) and not when told not to."""
 
 import numpy as np
 import pytest
@@ -84,25 +85,26 @@ def test_prepare_packs_only_on_a_cpu_in_fp32_with_onednn_chosen():
         described = prepare_linears(model, EncoderSettings("unused", **values))
         return described, type(model[0]).__name__
 
-    assert kinds() == ("oneDNN (1 packed)", "OneDnnLinear")
-    assert kinds(cpu_linear="torch") == ("torch", "Linear")
+    assert kinds() == ("torch, linear layers through oneDNN (1 packed)", "OneDnnLinear")  # cpu_engine openvino falls back to it
+    assert kinds(cpu_engine="onednn") == ("torch, linear layers through oneDNN (1 packed)", "OneDnnLinear")
+    assert kinds(cpu_engine="torch") == ("torch", "Linear")
     assert kinds(dtype="bfloat16") == ("torch", "Linear")
     assert kinds(device="cuda:0") == ("torch", "Linear")
 
 
-def test_cpu_linear_is_onednn_by_default_and_refuses_other_values():
-    assert EncoderSettings.from_parameters({}, environ={}).cpu_linear == "onednn"
-    assert EncoderSettings.from_parameters({}, environ={"NVEMBED_CPU_LINEAR": "torch"}).cpu_linear == "torch"
-    with pytest.raises(SettingsError, match="cpu_linear .*must be \"onednn\" or \"torch\", got 'mkl'"):
-        EncoderSettings.from_parameters({"cpu_linear": "mkl"}, environ={})
+def test_cpu_engine_is_openvino_by_default_and_refuses_other_values():
+    assert EncoderSettings.from_parameters({}, environ={}).cpu_engine == "openvino"
+    assert EncoderSettings.from_parameters({}, environ={"NVEMBED_CPU_ENGINE": "torch"}).cpu_engine == "torch"
+    with pytest.raises(SettingsError, match="cpu_engine .*must be one of openvino, onednn, torch, got 'mkl'"):
+        EncoderSettings.from_parameters({"cpu_engine": "mkl"}, environ={})
 
 
-def test_the_minilm_encoder_packs_by_default_and_matches_sentence_transformers():
+def test_the_minilm_encoder_packs_with_onednn_chosen_and_matches_sentence_transformers():
     """Against the library's own eager forward pass, which packs nothing."""
     parameters = {"model_dir": str(demo_model_dir()), "device": "cpu"}
-    packed = load_encoder(EncoderSettings.from_parameters(parameters))
-    plain = load_encoder(EncoderSettings.from_parameters({**parameters, "cpu_linear": "torch"}))
-    assert packed.linear_kernels.startswith("oneDNN") and plain.linear_kernels == "torch"
+    packed = load_encoder(EncoderSettings.from_parameters({**parameters, "cpu_engine": "onednn"}))
+    plain = load_encoder(EncoderSettings.from_parameters({**parameters, "cpu_engine": "torch"}))
+    assert packed.runs_on.startswith("torch, linear layers through oneDNN") and plain.runs_on == "torch"
     assert any(isinstance(module, OneDnnLinear) for module in packed.model.modules())
     assert not any(isinstance(module, OneDnnLinear) for module in plain.model.modules())
     expected = SentenceTransformer(str(demo_model_dir()), device="cpu").encode(DOCUMENTS, normalize_embeddings=True)
@@ -110,7 +112,8 @@ def test_the_minilm_encoder_packs_by_default_and_matches_sentence_transformers()
     assert np.abs(ours - expected).max() < 1e-5 and np.all(cosine(ours, expected) >= 0.99999)
 
 
-def test_the_nvembed_encoder_packs_on_a_cpu(tiny_checkpoint):
+def test_the_nvembed_encoder_packs_on_a_cpu_by_default(tiny_checkpoint):
+    """cpu_engine openvino (the default) applies to sentence-transformers models; NV-Embed-v2 runs torch with oneDNN."""
     encoder = load_encoder(EncoderSettings.from_parameters({"model_dir": str(tiny_checkpoint), "device": "cpu"}))
     linear_layers = sum(type(m) in (nn.Linear, OneDnnLinear) for m in encoder.model.modules())
-    assert encoder.linear_kernels == f"oneDNN ({linear_layers} packed)"
+    assert encoder.runs_on == f"torch, linear layers through oneDNN ({linear_layers} packed)"

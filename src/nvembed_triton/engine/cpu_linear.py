@@ -2,14 +2,14 @@
 its kernel reads: the kernels torch.compile's CPU backend (Inductor, with freezing) uses. Eager
 torch runs nn.Linear as MKL sgemm, which on AMD CPUs takes a slower path than on Intel's own, so
 this is faster there with the same vectors (bench/RESULTS.md, "Fourth round: linear layers through
-oneDNN"). The setting `cpu_linear` (`torch`) turns it off."""
+oneDNN"). The setting `cpu_engine` `torch` turns it off."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from nvembed_triton.protocol.settings import CPU_LINEAR_ONEDNN, EncoderSettings
+from nvembed_triton.protocol.settings import CPU_ENGINE_TORCH, EncoderSettings
 
 # A packed layer is kept only if, on a random probe, its output is this close to nn.Linear's
 # (relative to the output's largest magnitude): fp32 sums in another order differ by ~1e-7.
@@ -76,8 +76,9 @@ def pack_linears(model: nn.Module) -> int:
 
 
 def prepare_linears(model: nn.Module, settings: EncoderSettings) -> str:
-    """Packs `model`'s linear layers where the settings ask for it (CPU, fp32, cpu_linear onednn);
-    returns what its linear layers run on, for the load log line."""
-    if settings.device != "cpu" or settings.dtype != "float32" or settings.cpu_linear != CPU_LINEAR_ONEDNN:
+    """Packs `model`'s linear layers where the settings ask for it (CPU, fp32, cpu_engine other than
+    torch: `openvino` falls back to this where it does not apply); returns what its forward pass runs
+    on, for the load log line."""
+    if settings.device != "cpu" or settings.dtype != "float32" or settings.cpu_engine == CPU_ENGINE_TORCH:
         return "torch"
-    return f"oneDNN ({pack_linears(model)} packed)"
+    return f"torch, linear layers through oneDNN ({pack_linears(model)} packed)"

@@ -31,7 +31,7 @@ class NVEmbedEncoder:
         self.passes = PassRunner(workers_for(settings.device))
         self.tokenizer = NVEmbedTokenizer(Path(settings.model_dir) / TOKENIZER_FILE, self.max_length)
         self.model = load_nvembed(settings.model_dir, self.device, getattr(torch, settings.dtype))
-        self.linear_kernels = prepare_linears(self.model, settings)
+        self.runs_on = prepare_linears(self.model, settings)
         self.graphs = capture_or_none(self.model, self.device, settings.cuda_graphs)
         self.dimension = self.model.dimension
 

@@ -16,7 +16,7 @@ from nvembed_triton.engine.tokenization import TextCutter
 from nvembed_triton.protocol.contract import DOCUMENT_PROMPT, QUERY_PROMPT, TRUNCATE_NONE, TRUNCATE_START
 from nvembed_triton.protocol.errors import InvalidInputError
 from nvembed_triton.protocol.options import TextOptions
-from nvembed_triton.protocol.settings import EncoderSettings
+from nvembed_triton.protocol.settings import CPU_ENGINE_OPENVINO, EncoderSettings
 
 # Names under which sentence-transformers configs store their prompts (config_sentence_transformers.json).
 _PROMPT_ALIASES = {QUERY_PROMPT: ("query",), DOCUMENT_PROMPT: ("document", "passage", "corpus")}
@@ -26,21 +26,23 @@ class SentenceTransformerEncoder:
     architecture = Architecture.SENTENCE_TRANSFORMERS
 
     def __init__(self, settings: EncoderSettings):
+        # OpenVINO converts the fp32 network and computes in the settings' dtype itself.
+        self.openvino = settings.device == "cpu" and settings.cpu_engine == CPU_ENGINE_OPENVINO
         options = {
             "device": settings.device,
             "local_files_only": True,
             "trust_remote_code": False,  # the library's default, stated: no code from the model directory runs
-            "model_kwargs": {"dtype": getattr(torch, settings.dtype)},
+            "model_kwargs": {"dtype": torch.float32 if self.openvino else getattr(torch, settings.dtype)},
         }
         self.model = SentenceTransformer(settings.model_dir, **options)
         self.model.eval()
-        self.linear_kernels = prepare_linears(self.model, settings)
+        self.runs_on, workers = self._prepare_forward(settings)
         # The model's own limit wins: beyond its position embeddings it cannot go.
         self.max_length = min(settings.max_length, self.model.max_seq_length or settings.max_length)
         self.model.max_seq_length = self.max_length
         self.dimension = self.model.get_embedding_dimension()
         self.max_batch_tokens = settings.max_batch_tokens
-        self.passes = PassRunner(workers_for(settings.device))
+        self.passes = PassRunner(workers)
         # Texts are cut before the library tokenises them all (it truncates only afterwards); the
         # check of a cut uses a copy of the model's fast tokenizer that never truncates or pads.
         backend = getattr(self.model.tokenizer, "backend_tokenizer", None)
@@ -53,6 +55,22 @@ class SentenceTransformerEncoder:
         # One call before passes run side by side: the library sets its tokenizer's truncation and
         # padding on the first call (a change while another thread tokenises fails), later ones match.
         self.model.encode(["warm-up"], normalize_embeddings=True)
+
+    def _prepare_forward(self, settings: EncoderSettings) -> tuple[str, int]:
+        """What runs the forward pass (for the load log) and how many passes run at once. OpenVINO
+        gives each pass every core itself (openvino_runtime.py); torch runs passes side by side
+        (passes.py)."""
+        workers = workers_for(settings.device)
+        if not self.openvino:
+            return prepare_linears(self.model, settings), workers
+        from nvembed_triton.engine.openvino_runtime import NotConvertible, use_openvino  # imported only when used
+
+        try:
+            return use_openvino(self.model, torch.get_num_threads(), settings.dtype), 1
+        except NotConvertible as why:
+            self.openvino = False
+            self.model.to(getattr(torch, settings.dtype))
+            return f"{prepare_linears(self.model, settings)}; not OpenVINO: {why}", workers
 
     def default_instruction(self, prompt_name: str) -> str:
         # sentence-transformers fills in empty "query"/"document" prompts, so the first non-empty
@@ -68,7 +86,8 @@ class SentenceTransformerEncoder:
     def encode(self, texts: list[str], options: list[TextOptions], keep: KeepFilter | None = None) -> Encoded:
         """See TextEncoder. Passes share an instruction, are planned by token budget over the texts'
         lengths (batching.plan_batches: sorted, padded only to their own longest) and run by
-        passes.PassRunner (side by side on a CPU), so `keep` can drop abandoned texts between
+        passes.PassRunner (side by side on a CPU with torch; one at a time, each on every core,
+        through OpenVINO), so `keep` can drop abandoned texts between
         passes. Sorting matters on a CPU: less padding, so passages embed much faster sorted than in
         arrival order (bench/RESULTS.md). sentence-transformers truncates the end; for START
         the text is cut here to the tokens that fit, so that the library keeps them all."""

@@ -28,7 +28,7 @@ class ConstantEncoder(NVEmbedEncoder):
         self.passes = PassRunner(workers=1)  # nothing to compute in parallel
         self.tokenizer = NVEmbedTokenizer(Path(settings.model_dir) / TOKENIZER_FILE, self.max_length)
         self.dimension = DIMENSION
-        self.linear_kernels = "none (stand-in)"
+        self.runs_on = "none (stand-in)"
         self._row = np.zeros(DIMENSION, dtype=np.float32)
         self._row[0] = 1.0
 

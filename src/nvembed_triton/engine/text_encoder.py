@@ -32,7 +32,7 @@ class TextEncoder(Protocol):
     architecture: Architecture
     dimension: int
     max_length: int
-    linear_kernels: str  # what its linear layers run on (cpu_linear.prepare_linears), for the load log
+    runs_on: str  # what its forward pass runs on (openvino_runtime, cpu_linear), for the load log
 
     def default_instruction(self, prompt_name: str) -> str: ...
 

@@ -30,8 +30,9 @@ DTYPE_NAMES = {
 }  # fmt: skip
 
 
-# cpu_linear: how fp32 linear layers run on a CPU (cpu_linear.py).
-CPU_LINEAR_ONEDNN, CPU_LINEAR_TORCH = "onednn", "torch"
+# cpu_engine: what runs an fp32 model's forward pass on a CPU (openvino_runtime.py, cpu_linear.py).
+CPU_ENGINE_OPENVINO, CPU_ENGINE_ONEDNN, CPU_ENGINE_TORCH = "openvino", "onednn", "torch"
+CPU_ENGINES = (CPU_ENGINE_OPENVINO, CPU_ENGINE_ONEDNN, CPU_ENGINE_TORCH)
 
 GPU_BATCH_TOKENS = 16384  # max_batch_tokens auto, by device (measured: bench/RESULTS.md)
 CPU_BATCH_TOKENS = 4096
@@ -77,9 +78,9 @@ def allocator_choice(raw: str) -> str:
     return raw
 
 
-def cpu_linear_choice(raw: str) -> str:
-    if raw not in (CPU_LINEAR_ONEDNN, CPU_LINEAR_TORCH):
-        raise SettingsError(f'must be "{CPU_LINEAR_ONEDNN}" or "{CPU_LINEAR_TORCH}", got {raw!r}')
+def cpu_engine_choice(raw: str) -> str:
+    if raw not in CPU_ENGINES:
+        raise SettingsError(f"must be one of {', '.join(CPU_ENGINES)}, got {raw!r}")
     return raw
 
 
@@ -142,9 +143,12 @@ SETTINGS = (
     Setting("max_batch_tokens", "auto", "padded tokens per forward pass: bounds activation memory. `auto`: "
             f"{GPU_BATCH_TOKENS} on GPU (throughput is flat from 8k to 64k on an H200), {CPU_BATCH_TOKENS} on CPU "
             "(smaller passes run faster per text there); see bench/RESULTS.md", ENCODER, auto_or_positive_int),
-    Setting("cpu_linear", CPU_LINEAR_ONEDNN, "on a CPU in fp32: `onednn` runs linear layers through oneDNN with "
-            "weights packed at load (each checked against torch's own at load; faster on the AMD EPYC measured, "
-            "bench/RESULTS.md), `torch` through torch's default kernels", ENCODER, cpu_linear_choice),
+    Setting("cpu_engine", CPU_ENGINE_OPENVINO, "on a CPU: `openvino` runs a sentence-transformers model's "
+            "transformer through OpenVINO, converted in memory at load and computed in `dtype` (a lone query "
+            "2.3x faster than torch here, batches alike in fp32; bench/RESULTS.md); NV-Embed-v2 and models it "
+            "cannot convert run as `onednn`. `onednn` runs torch with fp32 linear layers through oneDNN, weights "
+            "packed at load (each checked against torch's own); `torch` runs torch's default kernels", ENCODER,
+            cpu_engine_choice),
     Setting("cuda_graphs", "on", "on a GPU: `on` captures each small pass shape (up to 2048 padded tokens) as a "
             "CUDA graph at load and replays it, so a lone query is not bound by kernel launches (a failed capture "
             "falls back to eager passes and says so in the log); `off` runs every pass eagerly", ENCODER, on_off),
@@ -240,7 +244,7 @@ class EncoderSettings:
     max_length: int
     max_batch_tokens: int
     stand_in: str = ""  # "constant": benchmarks only (stand_in.py)
-    cpu_linear: str = CPU_LINEAR_ONEDNN  # how fp32 linear layers run on a CPU (cpu_linear.py)
+    cpu_engine: str = CPU_ENGINE_OPENVINO  # what runs an fp32 forward pass on a CPU (openvino_runtime.py, cpu_linear.py)
     cuda_graphs: bool = True  # small GPU passes replayed from CUDA graphs (cuda_graphs.py)
 
     @classmethod
@@ -266,7 +270,7 @@ class EncoderSettings:
             max_length=values["max_length"],
             max_batch_tokens=resolve_batch_tokens(values["max_batch_tokens"], device),
             stand_in=values["stand_in"],
-            cpu_linear=values["cpu_linear"],
+            cpu_engine=values["cpu_engine"],
             cuda_graphs=values["cuda_graphs"],
         )
 

@@ -13,6 +13,11 @@ AUTO, GLIBC = "auto", "glibc"  # the `allocator` setting: the measured best when
 JEMALLOC = "libjemalloc.so.2"  # Debian's and Ubuntu's libjemalloc2; NVIDIA's Triton image ships it
 # Without per-thread caches: with them tritonserver's ~150 threads kept growing all soak long.
 JEMALLOC_CONF = "tcache:false"
+# oneTBB (OpenVINO's threads) loads its topology library, and with it hwloc, with RTLD_DEEPBIND,
+# which binds hwloc's free() to glibc's even where another malloc is preloaded: OpenVINO's first
+# compile then aborts ("free(): invalid pointer"). This variable, meant for sanitizers (which also
+# replace malloc), makes oneTBB load it without DEEPBIND. Set wherever a malloc is preloaded.
+TBB_WITH_PRELOADED_MALLOC = {"TBB_ENABLE_SANITIZERS": "1"}
 
 
 def library_dirs() -> list[Path]:
@@ -35,13 +40,14 @@ def allocator_environment(allocator: str = AUTO, environ: Mapping[str, str] = os
     if allocator not in (AUTO, GLIBC):
         raise ValueError(f"allocator must be {AUTO!r} or {GLIBC!r}, got {allocator!r}")
     if preloaded := environ.get("LD_PRELOAD"):  # the operator's choice, inherited as it is
-        return {}, f"malloc: LD_PRELOAD={preloaded} as set"
+        return dict(TBB_WITH_PRELOADED_MALLOC), f"malloc: LD_PRELOAD={preloaded} as set"
     if allocator == GLIBC:
         return {}, "malloc: glibc (allocator glibc)"
     if (library := find_jemalloc()) is None:
         return {}, f"malloc: glibc; {JEMALLOC} not found (apt-get install libjemalloc2), so memory grows more under load"
     conf = {} if "MALLOC_CONF" in environ else {"MALLOC_CONF": JEMALLOC_CONF}  # an operator's tuning stays
-    return {"LD_PRELOAD": str(library), **conf}, f"malloc: jemalloc ({library}, {environ.get('MALLOC_CONF', JEMALLOC_CONF)})"
+    line = f"malloc: jemalloc ({library}, {environ.get('MALLOC_CONF', JEMALLOC_CONF)})"
+    return {"LD_PRELOAD": str(library), **conf, **TBB_WITH_PRELOADED_MALLOC}, line
 
 
 # The Python backend's shared memory: one region per stub in /dev/shm, through which every tensor

@@ -68,7 +68,7 @@ class TritonPythonModel:
         self.lanes = Lanes(self._run_batch, long_request_bytes, limits)
         pb_utils.Logger.log_info(
             f"{args['model_name']}: {self.encoder.architecture.value} from {settings.model_dir} on {settings.device} "
-            f"({settings.dtype}, linear layers: {self.encoder.linear_kernels}), dimension {self.encoder.dimension}, "
+            f"({settings.dtype}, {self.encoder.runs_on}), dimension {self.encoder.dimension}, "
             f"max_length {self.encoder.max_length}, loaded in {time.monotonic() - started:.1f} s"
         )
 
