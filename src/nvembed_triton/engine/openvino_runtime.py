@@ -1,9 +1,10 @@
 """A sentence-transformers model's transformer run through OpenVINO on a CPU. At load the library's
 torch module is traced once and converted in memory by OpenVINO's PyTorch frontend, then compiled
-for the CPU in fp32; the library keeps doing tokenisation, pooling and normalisation around it, so
-only the network's forward pass changes. On the machines measured it embeds a lone query ~3x and a
-batch ~2x faster than torch with packed oneDNN layers, within 1e-4 of torch's vectors
-(bench/RESULTS.md, "CPU engines"). Nothing is written to disk.
+for the CPU in the settings' dtype (fp32 unless told); the library keeps doing tokenisation,
+pooling and normalisation around it, so only the network's forward pass changes. Measured on a
+2-core AMD EPYC in fp32: a lone query 2.5x and batches 1.06-1.14x as fast as torch with packed
+oneDNN layers, within 1e-5 of torch's vectors (bench/RESULTS.md, "OpenVINO as the CPU engine").
+Nothing is written to disk.
 
 Why not sentence-transformers' own `backend="openvino"`: it goes through optimum-intel, which pins
 an older transformers than the one NV-Embed-v2's native model is tested with. Why the frontend and
