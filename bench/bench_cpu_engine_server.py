@@ -27,35 +27,39 @@ ENGINES = ("openvino", "onednn")
 
 
 async def sweep(urls: dict[str, str], model: str, requests: dict, args: argparse.Namespace) -> dict:
+    """Every WORKLOADS cell on each server (`urls`: name -> gRPC URL), rounds alternating which goes first."""
     from tritonclient.grpc import aio
 
-    runs: dict = {name: {engine: [] for engine in ENGINES} for name in WORKLOADS}
+    sides = list(urls)
+    runs: dict = {name: {side: [] for side in sides} for name in WORKLOADS}
     async with AsyncExitStack() as stack:
-        clients = {engine: await stack.enter_async_context(aio.InferenceServerClient(urls[engine])) for engine in ENGINES}
-        for engine in ENGINES:  # every connection and code path once
+        clients = {side: await stack.enter_async_context(aio.InferenceServerClient(urls[side])) for side in sides}
+        for side in sides:  # every connection and code path once
             for workload in WORKLOADS.values():
-                send = project_sender(clients[engine], model, workload.passages)
+                send = project_sender(clients[side], model, workload.passages)
                 await closed_loop(send, pool_of(requests, workload), workload.clients, None, workload.clients)
         for repeat in range(args.repeats):
             for name, workload in WORKLOADS.items():
-                for engine in ENGINES if repeat % 2 == 0 else ENGINES[::-1]:
-                    send = project_sender(clients[engine], model, workload.passages)
+                for side in sides if repeat % 2 == 0 else sides[::-1]:
+                    send = project_sender(clients[side], model, workload.passages)
                     cell = await closed_loop(send, pool_of(requests, workload), workload.clients, args.seconds, None)
-                    runs[name][engine].append(cell)
-                    print(f"run {repeat + 1} {name:22} {engine:8}: {cell['requests_per_s']:7.1f} req/s", file=sys.stderr)
+                    runs[name][side].append(cell)
+                    print(f"run {repeat + 1} {name:22} {side:8}: {cell['requests_per_s']:7.1f} req/s", file=sys.stderr)
     return runs
 
 
 def table(runs: dict) -> str:
-    lines = ["| workload | openvino req/s | onednn req/s | openvino / onednn | p50 ms openvino / onednn |",
+    """Medians (min-max) per cell and the ratio of the first side to the second."""
+    first, second = next(iter(runs.values()))
+    lines = [f"| workload | {first} req/s | {second} req/s | {first} / {second} | p50 ms {first} / {second} |",
              "|---|---|---|---|---|"]  # fmt: skip
-    for name, by_engine in runs.items():
-        rates = {engine: [cell["requests_per_s"] for cell in cells] for engine, cells in by_engine.items()}
-        p50 = {engine: statistics.median(cell["p50_ms"] for cell in cells) for engine, cells in by_engine.items()}
-        median = {engine: statistics.median(values) for engine, values in rates.items()}
-        shown = [f"{median[e]:.1f} ({min(rates[e]):.1f}-{max(rates[e]):.1f})" for e in ENGINES]
-        lines.append(f"| {name} | {shown[0]} | {shown[1]} | {median['openvino'] / median['onednn']:.2f} "
-                     f"| {p50['openvino']:.1f} / {p50['onednn']:.1f} |")  # fmt: skip
+    for name, by_side in runs.items():
+        rates = {side: [cell["requests_per_s"] for cell in cells] for side, cells in by_side.items()}
+        p50 = {side: statistics.median(cell["p50_ms"] for cell in cells) for side, cells in by_side.items()}
+        median = {side: statistics.median(values) for side, values in rates.items()}
+        shown = [f"{median[side]:.1f} ({min(rates[side]):.1f}-{max(rates[side]):.1f})" for side in (first, second)]
+        lines.append(f"| {name} | {shown[0]} | {shown[1]} | {median[first] / median[second]:.2f} "
+                     f"| {p50[first]:.1f} / {p50[second]:.1f} |")  # fmt: skip
     return "\n".join(lines)
 
 

@@ -1,9 +1,11 @@
 """Where a lone query's time goes, stage by stage: serve.sh --demo (all-MiniLM-L6-v2 on the CPU,
 or --model-dir) with Triton's own tracing on (every request, level TIMESTAMPS; the public model
 passes its trace to the encoder's request, so each query has two traces, parent and child),
-single queries sent one after another over gRPC as the seed's client sends them, and the same
-texts through the same encoder in-process (NVEmbedEncoder / the sentence-transformers encoder,
-encode() of one text) once the server has stopped, so the two never share the CPU.
+single queries sent one after another over gRPC as the seed's client sends them (asking for
+`embeddings` alone), each paired with the same text through the same encoder in-process
+(NVEmbedEncoder / the sentence-transformers encoder, encode() of one text, in this process) just
+before or after it: the two never run at once, and each pair meets the same moment of this shared
+machine.
 
     .venv/bin/python bench/bench_latency.py [--queries 300] [--rounds 3] [--model-dir DIR] [--json PATH]
 
@@ -21,9 +23,9 @@ from Triton's timestamps (ms, medians over the steady queries, each round; then 
                         public stub building its response (one span: the lane answers through its
                         response sender, which Triton does not trace)
   response out          tritonserver sending the response
-`lane + back to public` minus the in-process encode() is what the two stubs add around the model.
-Run nothing else meanwhile: this 2-core machine is noisy; rounds alternate nothing, so compare
-medians of runs made side by side.
+`lane + back to public` minus the in-process encode() is what the two stubs add around the model;
+the last row, each round's client p50 minus its in-process p50 (the median of rounds), is what the
+server adds in all. Run nothing else meanwhile: this 2-core machine is noisy.
 """
 
 from __future__ import annotations
@@ -98,16 +100,25 @@ def stage_ms(trace: dict[str, dict[str, int]], client_ms: float) -> dict[str, fl
     return {"client + gRPC": client_ms - server_ms, **stages, "total (client)": client_ms}
 
 
-def lone_queries(url: str, model: str, texts: list[str]) -> list[float]:
-    """Client ms of each text sent alone, one after another."""
-    samples = []
+def lone_queries(url: str, model: str, texts: list[str], encoder=None) -> tuple[list[float], list[float]]:
+    """Client ms of each text sent alone, one after another; with `encoder`, also ms of each text
+    through encoder.encode() in this process, just before or just after its query (alternately), so
+    both sides of a pair meet the same moment of this shared machine, each while the other idles."""
+    client_ms, local_ms = [], []
+    outputs = [grpcclient.InferRequestedOutput(EMBEDDINGS_OUTPUT)]  # as the seed's client asks
     with grpcclient.InferenceServerClient(url) as client:
-        for text in texts:
-            started = time.perf_counter()
-            result = client.infer(model, request_inputs(QUERY_INPUT, [text]))
-            samples.append((time.perf_counter() - started) * 1e3)
-            assert np.isfinite(result.as_numpy(EMBEDDINGS_OUTPUT)).all()
-    return samples
+        for i, text in enumerate(texts):
+            for local in (False, True) if i % 2 == 0 else (True, False):
+                if local and encoder is None:
+                    continue
+                started = time.perf_counter()
+                if local:
+                    encoder.encode([text], [TextOptions()])
+                else:
+                    result = client.infer(model, request_inputs(QUERY_INPUT, [text]), outputs=outputs)
+                    assert np.isfinite(result.as_numpy(EMBEDDINGS_OUTPUT)).all()
+                (local_ms if local else client_ms).append((time.perf_counter() - started) * 1e3)
+    return client_ms, local_ms
 
 
 def summary(rows: list[dict[str, float]]) -> dict[str, dict[str, float]]:
@@ -120,6 +131,8 @@ def summary(rows: list[dict[str, float]]) -> dict[str, dict[str, float]]:
 
 
 def through_server(args, scratch: Path, texts: list[list[str]]) -> tuple[dict, str, int]:
+    """The first requests, a warm-up, then the rounds: each text through the server and through
+    the same encoder in this process (loaded once the server is up), pair by pair."""
     plan_ = plan(
         serve_parser().parse_args(["--demo"] if args.model_dir is None else ["--model-dir", args.model_dir, "--device", "cpu"])
     )
@@ -128,41 +141,39 @@ def through_server(args, scratch: Path, texts: list[list[str]]) -> tuple[dict, s
     trace_file = scratch / "trace" / "trace.json"
     trace_file.parent.mkdir(parents=True)
     settings = dataclasses.replace(server_settings(plan_, scratch / "run", environ), trace_file=trace_file)
-    results = {"rounds": []}
+    results = {"rounds": [], "in-process encode p50 ms": []}
     with TritonServer(settings) as server:
+        encoder = in_process_encoder(str(plan_.model_dir), texts[0][:50])
         instances = server.expected_stubs() - 1  # the public model's; one encoder
         url = settings.grpc_url
-        first = lone_queries(url, plan_.name, texts[0][:instances])
+        first, _ = lone_queries(url, plan_.name, texts[0][:instances])
         first_traces = traces_of(trace_file, instances)
         results["first request of each public instance"] = summary(
             [stage_ms(t, c) for t, c in zip(first_traces, first, strict=True)]
         )
         seen = 3 * instances
-        lone_queries(url, plan_.name, texts[0][instances:seen])  # warm-up
+        lone_queries(url, plan_.name, texts[0][instances:seen], encoder)  # warm-up
         for round_texts in texts[1:]:
-            client = lone_queries(url, plan_.name, round_texts)
+            client, local = lone_queries(url, plan_.name, round_texts, encoder)
             traces = traces_of(trace_file, seen + len(round_texts))[seen:]
             seen += len(round_texts)
             results["rounds"].append(summary([stage_ms(t, c) for t, c in zip(traces, client, strict=True)]))
-            print(f"round {len(results['rounds'])}: p50 {results['rounds'][-1]['total (client)']['p50']:.2f} ms", file=sys.stderr)
+            results["in-process encode p50 ms"].append(statistics.median(local))
+            print(
+                f"round {len(results['rounds'])}: p50 {results['rounds'][-1]['total (client)']['p50']:.2f} ms, "
+                f"in-process {results['in-process encode p50 ms'][-1]:.2f} ms",
+                file=sys.stderr,
+            )
         server.kill()  # measured: no need to wait for Triton to unload 48 instances one by one
     return results, str(plan_.model_dir), instances
 
 
-def in_process(model_dir: str, texts: list[list[str]]) -> list[float]:
-    """p50 ms of encode() of one text, per round, with the server's encoder settings on the CPU."""
+def in_process_encoder(model_dir: str, warm_up: list[str]):
+    """The server's encoder with its settings on the CPU, in this process, warmed up."""
     encoder = load_encoder(EncoderSettings.from_parameters({"model_dir": model_dir, "device": "cpu"}))
-    for text in texts[0][:50]:
+    for text in warm_up:
         encoder.encode([text], [TextOptions()])
-    medians = []
-    for round_texts in texts[1:]:
-        samples = []
-        for text in round_texts:
-            started = time.perf_counter()
-            encoder.encode([text], [TextOptions()])
-            samples.append((time.perf_counter() - started) * 1e3)
-        medians.append(statistics.median(samples))
-    return medians
+    return encoder
 
 
 def table(results: dict) -> str:
@@ -179,10 +190,9 @@ def table(results: dict) -> str:
             f"| {' / '.join(f'{v:.2f}' for v in p50s)} | {statistics.median(r[name]['p90'] for r in rounds):.2f} |"
         )
     encode = results["in-process encode p50 ms"]
-    total = statistics.median(r["total (client)"]["p50"] for r in rounds)
-    rounds_encode = " / ".join(f"{v:.2f}" for v in encode)
-    lines.append(f"| in-process encode() of the same texts | | **{statistics.median(encode):.2f}** | {rounds_encode} | |")
-    lines.append(f"| **through the server minus in-process** | | **{total - statistics.median(encode):.2f}** | | |")
+    gaps = [r["total (client)"]["p50"] - e for r, e in zip(rounds, encode, strict=True)]
+    for name, values in (("in-process encode() of the same texts", encode), ("**through the server minus in-process**", gaps)):
+        lines.append(f"| {name} | | **{statistics.median(values):.2f}** | {' / '.join(f'{v:.2f}' for v in values)} | |")
     return "\n".join(lines)
 
 
@@ -199,7 +209,6 @@ def main() -> int:
     texts = [[text_of_tokens(rng, rng.randint(6, 24)) for _ in range(max(args.queries, 200))] for _ in range(args.rounds + 1)]
     with tempfile.TemporaryDirectory(prefix="bench-latency-") as scratch:
         results, model_dir, instances = through_server(args, Path(scratch), texts)
-    results["in-process encode p50 ms"] = in_process(model_dir, texts)
     results["setup"] = {"model_dir": model_dir, "public instances": instances, "queries": args.queries, "cpus": os.cpu_count()}
     write_json(results, args.json)
     print(table(results))

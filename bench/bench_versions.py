@@ -1,0 +1,95 @@
+"""This project's server at two versions side by side: another checkout (--before, e.g. made with
+`git worktree add /tmp/before <commit>`) against this one, both serve.sh --demo servers up
+throughout, the same closed-loop cells and texts as bench_peers.py, rounds alternating which goes
+first. The question it answers: did a change cost throughput anywhere, or latency at 1 client?
+
+    .venv/bin/python bench/bench_versions.py --before /tmp/before [--seconds 10] [--repeats 3] [--json PATH]
+
+The other checkout's package is copied and served with this environment's packages. Its model.py
+files are patched to import that copy first: the Python backend's stub embeds its own interpreter,
+which ignores PYTHONPATH and reads this environment's site-packages (this checkout, installed
+editable), so without the patch both servers would run this checkout's package under the other's
+model.py. Prints medians (min-max) and the ratio after / before per cell; writes every cell to the JSON.
+Run nothing else meanwhile (2 cores: the client shares them with the servers it measures).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+
+from bench_cpu_engine_server import sweep, table
+from bench_peers import make_requests, project_server
+from shared import write_json
+
+MODEL_FILES = "nvembed_triton/serving/model_repository/*/1/model.py"
+
+
+def package_copy(checkout: Path, destination: Path) -> Path:
+    """The checkout's src/ copied to `destination`, its model.py files importing the copy first."""
+    shutil.copytree(checkout / "src", destination)
+    for model_py in destination.glob(MODEL_FILES):
+        text = model_py.read_text()
+        docstring_end = text.index('"""', 3) + 3
+        first = f"\nimport sys as _sys\n\n_sys.path.insert(0, {str(destination)!r})  # bench_versions.py: this copy first\n"
+        model_py.write_text(text[:docstring_end] + first + text[docstring_end:])
+    return destination
+
+
+@contextmanager
+def server_of(checkout: Path, scratch: Path):
+    """serve.sh --demo of the checkout's package, started by a launcher running that package; yields
+    (gRPC URL, model name)."""
+    copy = package_copy(checkout, scratch / "src")
+    environ = {**os.environ, "PYTHONPATH": str(copy)}
+    command = [sys.executable, __file__, "--serve", str(scratch / "run")]
+    with subprocess.Popen(command, env=environ, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) as launcher:
+        try:
+            url, model = launcher.stdout.readline().split()
+            yield url, model
+        finally:
+            launcher.stdin.close()  # the launcher stops its server when its input ends
+            launcher.wait(timeout=120)
+
+
+def serve(run_dir: Path) -> None:
+    """The launcher's side (--serve): a demo server until this process's input ends."""
+    with project_server(run_dir) as (url, model, _):
+        print(url, model, flush=True)
+        sys.stdin.read()
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--before", type=Path, help="the other checkout (its src/ is served)")
+    p.add_argument("--seconds", type=float, default=10.0)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default="bench/results/versions.json")
+    p.add_argument("--serve", type=Path, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.serve:
+        serve(args.serve)
+        return 0
+    if args.before is None:
+        p.error("--before is required")
+    requests = make_requests(args.seed)
+    with tempfile.TemporaryDirectory(prefix="nvembed-versions-") as scratch, ExitStack() as servers:
+        urls = {}
+        urls["after"], model = servers.enter_context(server_of(Path(__file__).resolve().parents[1], Path(scratch) / "after"))
+        urls["before"], _ = servers.enter_context(server_of(args.before.resolve(), Path(scratch) / "before"))
+        runs = asyncio.run(sweep(urls, model, requests, args))
+    print(table(runs))
+    write_json({"setup": {**vars(args), "before": str(args.before), "serve": None}, "runs": runs}, args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
