@@ -111,6 +111,14 @@ def scrape(server) -> dict[tuple, float]:
     return scrape_metrics(server.metrics_port)
 
 
+def settled(read, done, timeout_s: float = 5.0):
+    """read() again until done(value) or timeout_s has passed; the last value."""
+    deadline = time.monotonic() + timeout_s
+    while not done(value := read()) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return value
+
+
 def delta(before: dict, after: dict, name: str, **labels) -> float:
     key = (name, tuple(sorted(labels.items())))
     return after.get(key, 0.0) - before.get(key, 0.0)
@@ -143,8 +151,18 @@ def test_metrics_count_texts_tokens_passes_and_rejections(nvembed_server, tiny_c
         for bad in ([""], ["fine", b"caf\xe9"]):
             with pytest.raises(InferenceServerException, match="INVALID_ARGUMENT|empty|UTF-8"):
                 embed_documents(client, PUBLIC_MODEL, bad)
-    after = scrape(nvembed_server)
     counts = [token_count(tiny_checkpoint, text) for text in USAGE_TEXTS + USAGE_TEXTS[:1]]
+
+    def observed(after):
+        return (
+            delta(before, after, "nvembed_texts_total", model=encoder, prompt="document"),
+            delta(before, after, "nvembed_tokens_total", model=encoder, prompt="document"),
+            delta(before, after, "nvembed_truncated_texts_total", model=encoder),
+            delta(before, after, "nvembed_rejected_requests_total", model=PUBLIC_MODEL, reason="invalid_input"),
+        )
+
+    # Each stub sends its metrics a moment after the responses (metrics.SEND_INTERVAL_S).
+    after = settled(lambda: scrape(nvembed_server), lambda after: observed(after) == (4, sum(c for c, _ in counts), 1, 2))
     assert delta(before, after, "nvembed_texts_total", model=encoder, prompt="document") == 4
     assert delta(before, after, "nvembed_tokens_total", model=encoder, prompt="document") == sum(c for c, _ in counts)
     assert delta(before, after, "nvembed_truncated_texts_total", model=encoder) == 1

@@ -33,8 +33,10 @@ class LaneLimits:
 class Lane(Generic[Item]):
     """A thread computing batches of waiting items, first come first served."""
 
-    def __init__(self, name: str, run_batch: Callable[[list[Item]], None], limits: LaneLimits):
-        self.name, self._run_batch, self._limits = name, run_batch, limits
+    def __init__(
+        self, name: str, run_batch: Callable[[list[Item]], None], limits: LaneLimits, setup: Callable[[], object] = lambda: None
+    ):
+        self.name, self._run_batch, self._limits, self._setup = name, run_batch, limits, setup
         self._waiting: deque[tuple[Item, int]] = deque()
         self._waiting_bytes = 0
         self._changed = threading.Condition()
@@ -68,6 +70,7 @@ class Lane(Generic[Item]):
             return batch
 
     def _loop(self) -> None:
+        self._setup()
         while (batch := self._take()) is not None:
             self._run_batch(batch)  # must answer every item itself, errors included
 
@@ -87,10 +90,14 @@ class Lane(Generic[Item]):
 class Lanes(Generic[Item]):
     """The short and the long lane, and which one a request goes to."""
 
-    def __init__(self, run_batch: Callable[[list[Item]], None], long_request_bytes: int, limits: LaneLimits):
+    def __init__(
+        self, run_batch: Callable[[list[Item]], None], long_request_bytes: int, limits: LaneLimits,
+        setup: Callable[[], object] = lambda: None,
+    ):  # fmt: skip
+        """`setup` runs first on each lane's thread."""
         self.long_request_bytes = long_request_bytes
-        self.short = Lane("short", run_batch, limits)
-        self.long = Lane("long", run_batch, limits)
+        self.short = Lane("short", run_batch, limits, setup)
+        self.long = Lane("long", run_batch, limits, setup)
 
     def lane_for(self, size: int) -> Lane[Item]:
         return self.long if size > self.long_request_bytes else self.short

@@ -35,6 +35,7 @@ from nvembed_triton.protocol.request_rules import Refusal, combine, encoder_requ
 from nvembed_triton.protocol.settings import ENCODER, EncoderSettings, model_settings, triton_parameters  # noqa: E402
 from nvembed_triton.protocol.validation import RequestLimits  # noqa: E402
 from nvembed_triton.serving.lanes import LaneLimits, Lanes  # noqa: E402
+from nvembed_triton.serving.memory import cache_this_thread  # noqa: E402
 from nvembed_triton.serving.metrics import ENCODER_COUNTERS, ModelMetrics  # noqa: E402
 
 CANCEL_CHECK_INTERVAL_S = 0.05  # how stale a request's "is anyone still waiting" answer may be
@@ -50,6 +51,7 @@ FINALIZE_WAIT_S = 30.0  # how long an unload waits for the batch being computed
 
 class TritonPythonModel:
     def initialize(self, args):
+        cache_this_thread()  # initialize() runs on the thread execute() runs on
         started = time.monotonic()
         values = model_settings(ENCODER, triton_parameters(json.loads(args["model_config"])))
         settings = EncoderSettings.from_settings(values, args["model_instance_kind"], args["model_instance_device_id"])
@@ -65,7 +67,7 @@ class TritonPythonModel:
             max_bytes=LANE_MAX_REQUESTS_OF_TEXT * self.limits.max_request_bytes,
             batch_bytes=max(long_request_bytes, self.limits.max_request_bytes),
         )
-        self.lanes = Lanes(self._run_batch, long_request_bytes, limits)
+        self.lanes = Lanes(self._run_batch, long_request_bytes, limits, setup=cache_this_thread)
         pb_utils.Logger.log_info(
             f"{args['model_name']}: {self.encoder.architecture.value} from {settings.model_dir} on {settings.device} "
             f"({settings.dtype}, {self.encoder.runs_on}), dimension {self.encoder.dimension}, "
@@ -80,9 +82,10 @@ class TritonPythonModel:
     def finalize(self):
         for held in self.lanes.close(FINALIZE_WAIT_S):
             self._send(held, self._refusal(Refusal("unavailable", "the model is being unloaded; retry")))
+        self.metrics.close()
 
     def _accept(self, request):
-        held = Held(request, request.get_response_sender(), None)
+        held = Held(request, request.get_response_sender(), set(request.requested_output_names()), time.monotonic())
         self.metrics.hold(1)
         try:
             held.job = self._read_request(request)
@@ -98,17 +101,15 @@ class TritonPythonModel:
     def _run_batch(self, batch):
         """On a lane's thread: compute the held requests together and answer each."""
         try:
-            outcomes = self._encode_together([held.job for held in batch])
+            outcomes = self._encode_together([held.job for held in batch], [held.taken for held in batch])
             for held, outcome in zip(batch, outcomes, strict=True):
-                self._send(held, self._refusal(outcome) if isinstance(outcome, Refusal) else self._respond(outcome, held.job))
+                self._send(held, self._refusal(outcome) if isinstance(outcome, Refusal) else self._respond(outcome, held))
         except Exception as error:  # a lane must outlive any fault; its requests still get an answer
             with self.metrics.ipc_lock:  # a log line is an IPC call too
                 pb_utils.Logger.log_error(f"answering {len(batch)} request(s) failed: {error!r}")
             for held in batch:
                 if not held.answered:
                     self._send(held, self._refusal(Refusal("internal", f"answering failed: {error}")))
-        finally:
-            self.metrics.flush()
 
     def _send(self, held, response):
         held.answered = True
@@ -132,19 +133,22 @@ class TritonPythonModel:
             self.encoder.check_instruction,
         )
 
-    def _encode_together(self, jobs):
+    def _encode_together(self, jobs, taken):
         """One encode call over every text of every request (request_rules.combine), so the
-        token-budget planner packs across requests; its rows are then split back, in order."""
+        token-budget planner packs across requests; its rows are then split back, in order.
+        `taken`: when each request was taken on (time.monotonic())."""
         call = combine(jobs)
         abandoned = set()  # positions in `jobs` whose client has gone
-        checked = dict.fromkeys(range(len(jobs)), time.monotonic())  # position -> when last looked
+        checked = dict(enumerate(taken))  # position -> when last looked (or taken on)
 
         def keep(batch):
             """Before each forward pass: drop the texts of requests nobody waits for any more, as the
             public model marks them on the cancel board. Not request.is_cancelled(): on a request
             whose execute() has returned it crashed tritonserver 2.51 (SIGSEGV in
             TRITONBACKEND_ResponseFactoryIsCancelled, once in a 21-minute soak). Each request is
-            looked at most every CANCEL_CHECK_INTERVAL_S, so a short call, as most are, looks at nothing."""
+            looked at once it has been held CANCEL_CHECK_INTERVAL_S, then at most that often: one
+            that waited in its lane is looked at before its first pass, and a request taken on at
+            once and computed in one short pass, as most are, is never looked at."""
             now = time.monotonic()
             for position in {call.owners[i] for i in batch} - abandoned:
                 if now - checked[position] < CANCEL_CHECK_INTERVAL_S:
@@ -168,19 +172,18 @@ class TritonPythonModel:
             result.embeddings, result.token_counts, result.truncated, jobs, abandoned, self.encoder.max_length, self.dtype
         )
 
-    def _respond(self, answer, job):
-        """The response, and the metrics of the texts it carries."""
-        for prompt, row_counts in zip(job.prompts, answer.token_counts, strict=True):
+    def _respond(self, answer, held):
+        """The response, with the outputs its request asked for, and the metrics of the texts it carries."""
+        for prompt, row_counts in zip(held.job.prompts, answer.token_counts, strict=True):
             self.metrics.add("nvembed_texts_total", len(row_counts), prompt=prompt)
             self.metrics.add("nvembed_tokens_total", int(row_counts.sum()), prompt=prompt)
         self.metrics.add("nvembed_truncated_texts_total", int(answer.truncated.sum()))
-        return pb_utils.InferenceResponse(
-            [
-                pb_utils.Tensor(contract.EMBEDDINGS_OUTPUT, np.ascontiguousarray(answer.embeddings)),
-                pb_utils.Tensor(contract.TOKEN_COUNTS_OUTPUT, answer.token_counts),
-                pb_utils.Tensor(contract.TRUNCATED_OUTPUT, answer.truncated.astype(bool)),
-            ]
-        )
+        outputs = {
+            contract.EMBEDDINGS_OUTPUT: np.ascontiguousarray(answer.embeddings),
+            contract.TOKEN_COUNTS_OUTPUT: answer.token_counts,
+            contract.TRUNCATED_OUTPUT: answer.truncated.astype(bool),
+        }
+        return pb_utils.InferenceResponse([pb_utils.Tensor(name, outputs[name]) for name in outputs if name in held.wanted])
 
     def _refusal(self, refusal):
         """An error response; its message starts with the reason (reasons.REASONS)."""
@@ -192,6 +195,7 @@ class TritonPythonModel:
 class Held:
     """A request the encoder has taken on, until its response is sent."""
 
-    def __init__(self, request, sender, job):
-        self.request, self.sender, self.job = request, sender, job  # the request is kept until answered
+    def __init__(self, request, sender, wanted, taken):
+        self.request, self.sender, self.wanted, self.taken = request, sender, wanted, taken  # the request is kept until answered
+        self.job = None
         self.answered = False

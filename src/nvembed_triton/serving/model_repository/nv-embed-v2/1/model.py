@@ -26,20 +26,21 @@ from nvembed_triton.protocol.reasons import REASONS, reason_of
 from nvembed_triton.protocol.request_rules import encoder_model_for, public_request
 from nvembed_triton.protocol.settings import PUBLIC, model_settings, triton_parameters
 from nvembed_triton.protocol.validation import RequestLimits
+from nvembed_triton.serving.client_watch import ClientWatch
+from nvembed_triton.serving.memory import cache_this_thread
 from nvembed_triton.serving.metrics import PUBLIC_COUNTERS, ModelMetrics
 
-# When a waiting instance first asks whether its client is still there; each later ask comes after
-# twice the wait before it, at most CANCEL_POLL_MAX_S. Each ask is an IPC call through tritonserver:
-# asking at a short fixed interval took a large share of the instances' CPU at 64 clients
-# (bench/RESULTS.md). A client that leaves is noticed within about its own wait so far, and at most
-# CANCEL_POLL_MAX_S; a request's own timeout is kept to the millisecond without asking. (Triton does
-# not end a forwarded request at a timeout once the encoder has taken it: bench/bench_deadline.py.)
+# When a waiting instance asks whether its client is still there: at once, then after
+# CANCEL_POLL_FIRST_S, each wait twice the one before, at most CANCEL_POLL_MAX_S (client_watch.py).
+# A client that leaves is noticed within about its own wait so far, and at most CANCEL_POLL_MAX_S;
+# a request's own timeout is kept to the millisecond without asking. (Triton does not end a
+# forwarded request at a timeout once the encoder has taken it: bench/bench_deadline.py.)
 CANCEL_POLL_FIRST_S = 0.2
 CANCEL_POLL_MAX_S = 1.0
-# Threads that send forwarded requests. Reused rather than one started per request (that cost a
-# measurable share of an instance's CPU, bench/bench_plumbing.py); several, so the next request is not held up by
-# forwarded requests still running after their clients left (the encoder drops their remaining
-# work at its next pass) unless SENDER_THREADS of them are.
+# Threads that send forwarded requests that have a timeout of their own. Reused rather than one
+# started per request (that cost a measurable share of an instance's CPU, bench/bench_plumbing.py);
+# several, so the next such request is not held up by forwarded requests still running after their
+# timeout passed (the encoder drops their remaining work at its next pass) unless SENDER_THREADS of them are.
 SENDER_THREADS = 4
 OUTPUTS = (contract.EMBEDDINGS_OUTPUT, contract.TOKEN_COUNTS_OUTPUT, contract.TRUNCATED_OUTPUT)
 TIMEOUT_MESSAGE = "the request's timeout passed before its embeddings were ready"
@@ -56,10 +57,14 @@ class TritonPythonModel:
         self.encoder_model = encoder_model_for(args["model_name"], values["encoder_model"])
         self.cancel_board = CancelBoard()
         self.metrics = ModelMetrics(args["model_name"], PUBLIC_COUNTERS)
-        self.senders = ThreadPoolExecutor(SENDER_THREADS, thread_name_prefix="forward")
+        cache_this_thread()  # initialize() runs on the thread execute() runs on
+        self.senders = ThreadPoolExecutor(SENDER_THREADS, thread_name_prefix="forward", initializer=cache_this_thread)
+        self.watch = ClientWatch(self.cancel_board.mark, self.cancel_board.clear, CANCEL_POLL_FIRST_S, CANCEL_POLL_MAX_S)
 
     def finalize(self):
+        self.watch.close()
         self.senders.shutdown(wait=False, cancel_futures=True)
+        self.metrics.close()
 
     def execute(self, requests):
         with self.metrics.executing(len(requests)):
@@ -74,8 +79,6 @@ class TritonPythonModel:
     def _answer(self, request):
         if is_closed():  # a drain has served what was queued; this request came later
             return _refuse("shutting_down", CLOSED_MESSAGE)
-        if request.is_cancelled():  # the client gave up while the request was queued
-            return _refuse("cancelled", CANCELLED_MESSAGE)
         timeout_us = request.timeout()  # the request's own timeout (tritonclient's `timeout`), 0 if none
         deadline = time.monotonic() + timeout_us / 1e6 if timeout_us else None
 
@@ -94,7 +97,10 @@ class TritonPythonModel:
         ]
         if forward.instruction is not None:
             inputs.append(pb_utils.Tensor(contract.INSTRUCTION_INPUT, np.array([[forward.instruction.encode()]], dtype=object)))
-        response = self._forward(request, inputs, deadline, forward.parameters)
+        # Only what the client asked for (Triton lists every output when it named none): the seed's
+        # client asks for embeddings alone, and each tensor costs both hops shared memory and time.
+        wanted = [name for name in OUTPUTS if name in request.requested_output_names()]
+        response = self._forward(request, inputs, wanted, deadline, forward.parameters)
         if isinstance(response, Exception):
             return _refuse("internal", f"forwarding to the encoder failed: {response}")
         if response is None:
@@ -105,46 +111,59 @@ class TritonPythonModel:
         # The encoder's [1, N, ...] outputs become the contract's [N, ...], copied: as_numpy() is a view
         # into the BLS response's shared memory, which may be reused once `response` is gone, while
         # Triton reads this response's tensors only after execute() returns.
-        outputs = [np.array(pb_utils.get_output_tensor_by_name(response, name).as_numpy()[0]) for name in OUTPUTS]
-        return pb_utils.InferenceResponse([pb_utils.Tensor(name, array) for name, array in zip(OUTPUTS, outputs, strict=True)])
+        outputs = [np.array(pb_utils.get_output_tensor_by_name(response, name).as_numpy()[0]) for name in wanted]
+        return pb_utils.InferenceResponse([pb_utils.Tensor(name, array) for name, array in zip(wanted, outputs, strict=True)])
 
-    def _forward(self, request, inputs, deadline, parameters):
-        """The encoder's response, or None once the client has cancelled or the deadline passed.
-        The request goes out on a sender thread while this one watches the client: if it goes, the
-        forwarded request is marked on the cancel board so the encoder skips the rest of its work."""
+    def _forward(self, request, inputs, wanted, deadline, parameters):
+        """The encoder's response (or what forwarding raised), or None once the client has gone or
+        the deadline passed. A forwarded request nobody waits for any more is marked on the cancel
+        board, so the encoder skips the rest of its work (and answers it once its call ends)."""
         token = self.cancel_board.new_token()
         parameters = {**parameters, **({CANCEL_TOKEN_PARAMETER: token} if token else {})}
         forwarded = pb_utils.InferenceRequest(
             model_name=self.encoder_model,
             inputs=inputs,
-            requested_output_names=list(OUTPUTS),
+            requested_output_names=wanted,
             parameters=parameters,
             trace=request.trace(),  # with Triton's tracing on, the encoder's request is traced as this one's child
         )
-        outcome = []
+        if deadline is not None:
+            return self._forward_until(request, forwarded, token, deadline)
+        with self.watch.watching(request.is_cancelled, token) as gone:  # sent from this thread, the client watched meanwhile
+            try:
+                response = forwarded.exec()
+            except Exception as error:  # answered as internal by the caller
+                return error
+            return None if gone() else response
+
+    def _forward_until(self, request, forwarded, token, deadline):
+        """A request with a timeout of its own goes out on a sender thread while this one waits, so
+        that it is answered at its timeout whatever the encoder is doing."""
+        outcome, marked = [], []
         done = threading.Event()
 
         def send():
             try:
                 outcome.append(forwarded.exec())
-            except Exception as error:  # handed to the waiting thread, which raises it
+            except Exception as error:  # handed to the waiting thread, which returns it
                 outcome.append(error)
             finally:
                 done.set()
-                self.cancel_board.clear(token)
+                if marked:  # else there is no mark to clear: the file system is left alone
+                    self.cancel_board.clear(token)
 
         self.senders.submit(send)
-        poll_s = CANCEL_POLL_FIRST_S
+        poll_s = 0.0  # the first look at once: the client may have gone while this request was queued
         while True:
-            wait_s = poll_s if deadline is None else min(poll_s, max(0.0, deadline - time.monotonic()))
-            if done.wait(wait_s):
+            if done.wait(min(poll_s, max(0.0, deadline - time.monotonic()))):
                 return outcome[0]
-            if (deadline is not None and time.monotonic() >= deadline) or request.is_cancelled():
+            if time.monotonic() >= deadline or request.is_cancelled():
+                marked.append(token)  # before the mark: if send() misses it, done is set by then and it is cleared here
                 self.cancel_board.mark(token)
                 if done.is_set():  # finished meanwhile: leave no mark behind
                     self.cancel_board.clear(token)
                 return None
-            poll_s = min(2 * poll_s, CANCEL_POLL_MAX_S)
+            poll_s = min(max(2 * poll_s, CANCEL_POLL_FIRST_S), CANCEL_POLL_MAX_S)
 
 
 def _refuse(reason, message):
