@@ -46,6 +46,8 @@ DEBIAN_PACKAGES = "python3,python3-pip,python3-venv,libpython3.11,ca-certificate
 # runc: crun fails on these machines (cgroups in hybrid mode); the default rlimits cannot be set.
 PODMAN_FLAGS = ["--runtime", "runc"]
 LIMITS = ["--ulimit", "nofile=20000:20000", "--ulimit", "nproc=32768:32768"]
+# podman's default of 2,048 tasks is below the server's (over 2,000 threads: README "Threads").
+PIDS_LIMIT = ["--pids-limit", "8192"]
 # This machine's pip configuration (indexes, local wheels, CA bundle), for pip inside the builds.
 PIP_MOUNTS = ["/etc/pip.conf", "/etc/xdg/pip", "/opt/wheels", "/opt/pypi", "/opt/pypi-more", "/etc/ssl/certs/ca-certificates.crt"]
 STOP_GRACE_S = 40  # as deploy/kubernetes' terminationGracePeriodSeconds
@@ -238,7 +240,7 @@ def main() -> int:
         podman(
             # --read-only: a read-only root filesystem, as deploy/kubernetes runs it (podman mounts
             # tmpfs on /tmp, /run and /var/tmp, as the manifests' emptyDirs do).
-            "run", *PODMAN_FLAGS, *LIMITS, "--detach", "--read-only", "--name", CONTAINER, "--shm-size=1g",
+            "run", *PODMAN_FLAGS, *LIMITS, *PIDS_LIMIT, "--detach", "--read-only", "--name", CONTAINER, "--shm-size=1g",
             "-p", f"127.0.0.1:{ports['http']}:8000", "-p", f"127.0.0.1:{ports['grpc']}:8001",
             "-p", f"127.0.0.1:{ports['openai']}:8080", "-v", f"{checkpoint}:/models/NV-Embed-v2:ro",
             "-e", "NVEMBED_DEVICE=cpu", IMAGE, capture=True,
