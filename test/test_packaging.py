@@ -68,6 +68,7 @@ def resolve_for(python_version: str) -> subprocess.CompletedProcess:
     )  # fmt: skip
 
 
+@pytest.mark.install  # resolves against the package index
 def test_the_image_can_install_the_dependencies_for_its_python():
     """The Dockerfile's pip step can succeed on the base image's Python; on 24.10's Python 3.10 it
     could not (transformers 5 needs 3.11), which this check also sees."""
