@@ -4,6 +4,10 @@ throughout, the same closed-loop cells and texts as bench_peers.py, rounds alter
 first. The question it answers: did a change cost throughput anywhere, or latency at 1 client?
 
     .venv/bin/python bench/bench_versions.py --before /tmp/before [--seconds 10] [--repeats 3] [--json PATH]
+    .venv/bin/python bench/bench_versions.py --before . --after-env NVEMBED_PUBLIC_INSTANCES=16
+
+--after-env KEY=VALUE (repeatable) sets serve.sh settings for this checkout's server only: with
+--before . it compares two settings of the same code.
 
 The other checkout's package is copied and served with this environment's packages. Its model.py
 files are patched to import that copy first: the Python backend's stub embeds its own interpreter,
@@ -44,11 +48,11 @@ def package_copy(checkout: Path, destination: Path) -> Path:
 
 
 @contextmanager
-def server_of(checkout: Path, scratch: Path):
-    """serve.sh --demo of the checkout's package, started by a launcher running that package; yields
-    (gRPC URL, model name)."""
+def server_of(checkout: Path, scratch: Path, settings: dict[str, str] | None = None):
+    """serve.sh --demo of the checkout's package, started by a launcher running that package, with
+    `settings` in its environment; yields (gRPC URL, model name)."""
     copy = package_copy(checkout, scratch / "src")
-    environ = {**os.environ, "PYTHONPATH": str(copy)}
+    environ = {**os.environ, **(settings or {}), "PYTHONPATH": str(copy)}
     command = [sys.executable, __file__, "--serve", str(scratch / "run")]
     with subprocess.Popen(command, env=environ, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) as launcher:
         try:
@@ -72,6 +76,7 @@ def main() -> int:
     p.add_argument("--seconds", type=float, default=10.0)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--after-env", action="append", default=[], metavar="KEY=VALUE", help="a setting of this checkout's server")
     p.add_argument("--json", default="bench/results/versions.json")
     p.add_argument("--serve", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -83,7 +88,9 @@ def main() -> int:
     requests = make_requests(args.seed)
     with tempfile.TemporaryDirectory(prefix="nvembed-versions-") as scratch, ExitStack() as servers:
         urls = {}
-        urls["after"], model = servers.enter_context(server_of(Path(__file__).resolve().parents[1], Path(scratch) / "after"))
+        settings = dict(pair.split("=", 1) for pair in args.after_env)
+        here = Path(__file__).resolve().parents[1]
+        urls["after"], model = servers.enter_context(server_of(here, Path(scratch) / "after", settings))
         urls["before"], _ = servers.enter_context(server_of(args.before.resolve(), Path(scratch) / "before"))
         runs = asyncio.run(sweep(urls, model, requests, args))
     print(table(runs))

@@ -62,6 +62,10 @@ seconds = number(float, 0, "a number of seconds >= 0")
 positive_seconds = number(float, 0.1, "a number of seconds >= 0.1")
 
 
+def optional_positive_int(raw: str) -> int | None:
+    return None if not raw.strip() else positive_int(raw)
+
+
 def auto_or_positive_int(raw: str) -> str | int:
     return "auto" if raw.strip().lower() == "auto" else positive_int(raw)
 
@@ -175,6 +179,10 @@ SETTINGS = (
             flag="--metrics-port"),
     Setting("openai_port", "", "also serve the OpenAI/NIM-compatible embeddings API on this port; empty: off",
             LAUNCHER, port, flag="--openai-port"),
+    Setting("public_instances", "", "how many requests the public model forwards to the encoder at once (its "
+            "CPU instances, each a process of ~18 MB and ~40 threads); empty: its config's instance_group (48). "
+            "Fewer use less memory and start sooner, more keep the encoder's batches full under many clients "
+            "(bench/RESULTS.md, \"Public instances\")", LAUNCHER, optional_positive_int),
     Setting("gpus", "", "e.g. `0,1`: one encoder instance, with its own copy of the weights, per listed GPU; "
             "empty: the encoder config's instance_group", LAUNCHER, gpu_list),
     Setting("drain_timeout_s", "25", "how long a stop may spend serving accepted requests (inside "

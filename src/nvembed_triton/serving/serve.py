@@ -171,6 +171,8 @@ def server_settings(plan_: ServePlan, run_dir: Path, environ=os.environ, record:
     repository = layout_repository(plan_, run_dir)
     if gpus := launcher_setting("gpus", environ):
         place_encoder_on_gpus(repository / encoder_model_name(plan_.name) / "config.pbtxt", gpus)
+    if instances := launcher_setting("public_instances", environ):
+        set_public_instances(repository / plan_.name / "config.pbtxt", instances)
     return ServerSettings(
         model_repository=repository,
         models=(plan_.name, encoder_model_name(plan_.name)),
@@ -190,12 +192,22 @@ def server_settings(plan_: ServePlan, run_dir: Path, environ=os.environ, record:
 def place_encoder_on_gpus(config_path: Path, gpus: list[int]) -> None:
     """One encoder instance on each GPU, each with its own copy of the weights (Triton gives each
     instance its device; the encoder loads on it). Dynamic batching spreads requests over them."""
+    _replace_instance_group(config_path, "KIND_GPU", count=1, gpus=gpus)
+
+
+def set_public_instances(config_path: Path, count: int) -> None:
+    """The public model's CPU instances: how many requests it forwards to the encoder at once."""
+    _replace_instance_group(config_path, "KIND_CPU", count=count)
+
+
+def _replace_instance_group(config_path: Path, kind: str, **group) -> None:
+    """The config's instance_group becomes one group of `kind`; the rest of the config is kept."""
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2
 
     config = text_format.Parse(config_path.read_text(), model_config_pb2.ModelConfig())
     del config.instance_group[:]
-    config.instance_group.add(kind=model_config_pb2.ModelInstanceGroup.KIND_GPU, count=1, gpus=gpus)
+    config.instance_group.add(kind=model_config_pb2.ModelInstanceGroup.Kind.Value(kind), **group)
     config_path.write_text(text_format.MessageToString(config))
 
 

@@ -1,5 +1,6 @@
-"""One encoder instance per GPU (NVEMBED_GPUS), checked without a GPU: the config Triton reads,
-and the device each instance then loads on."""
+"""The instance groups serve.sh writes, checked in the config Triton reads: one encoder instance
+per GPU (NVEMBED_GPUS, without a GPU: the device each instance then loads on), and the public
+model's instance count (NVEMBED_PUBLIC_INSTANCES)."""
 
 import pytest
 from google.protobuf import text_format
@@ -14,9 +15,12 @@ def serve_plan(tiny_checkpoint):
     return plan(parser().parse_args(["--model-dir", str(tiny_checkpoint)]), environ={})
 
 
+def config_of(settings, model: str) -> model_config_pb2.ModelConfig:
+    return text_format.Parse((settings.model_repository / model / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+
+
 def encoder_config(settings) -> model_config_pb2.ModelConfig:
-    path = settings.model_repository / encoder_model_name(PUBLIC_MODEL) / "config.pbtxt"
-    return text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+    return config_of(settings, encoder_model_name(PUBLIC_MODEL))
 
 
 def test_nvembed_gpus_gives_one_encoder_instance_per_gpu(tiny_checkpoint, tmp_path):
@@ -40,3 +44,21 @@ def test_without_nvembed_gpus_the_shipped_instance_group_stays(tiny_checkpoint, 
 def test_bad_nvembed_gpus_is_refused(tiny_checkpoint, tmp_path, value):
     with pytest.raises(SettingsError, match="NVEMBED_GPUS"):
         server_settings(serve_plan(tiny_checkpoint), tmp_path, {"NVEMBED_GPUS": value})
+
+
+def test_nvembed_public_instances_sets_the_public_models_count_and_keeps_the_rest(tiny_checkpoint, tmp_path):
+    eight = {"NVEMBED_PUBLIC_INSTANCES": "8"}
+    shipped = config_of(server_settings(serve_plan(tiny_checkpoint), tmp_path / "shipped", {}), PUBLIC_MODEL)
+    settings = server_settings(serve_plan(tiny_checkpoint), tmp_path / "set", eight)
+    config = config_of(settings, PUBLIC_MODEL)
+    assert [(g.kind, g.count) for g in shipped.instance_group] == [(model_config_pb2.ModelInstanceGroup.KIND_CPU, 48)]
+    assert [(g.kind, g.count) for g in config.instance_group] == [(model_config_pb2.ModelInstanceGroup.KIND_CPU, 8)]
+    del shipped.instance_group[:], config.instance_group[:]
+    assert config == shipped  # inputs, outputs, queue policy and parameters as shipped
+    assert len(encoder_config(settings).instance_group) == 1  # the encoder's own is left alone
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "many"])
+def test_bad_nvembed_public_instances_is_refused(tiny_checkpoint, tmp_path, value):
+    with pytest.raises(SettingsError, match="NVEMBED_PUBLIC_INSTANCES"):
+        server_settings(serve_plan(tiny_checkpoint), tmp_path, {"NVEMBED_PUBLIC_INSTANCES": value})
