@@ -145,7 +145,7 @@ def percentiles(samples_ms: list[float]) -> dict:
     return {"p50_ms": at(0.5), "p90_ms": at(0.9), "p99_ms": at(0.99), "mean_ms": statistics.fmean(ordered), "n": len(ordered)}
 
 
-WARM_UP_QUERIES = 20  # fewer than the public model's 48 instances: some measured queries are an instance's first
+WARM_UP_QUERIES = 20  # past each public instance's first query (the stub's first request is slower)
 
 
 def lone_query_latency(settings, queries: list[str], count: int, record) -> None:

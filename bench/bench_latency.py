@@ -1,7 +1,6 @@
 """Where a lone query's time goes, stage by stage: serve.sh --demo (all-MiniLM-L6-v2 on the CPU,
-or --model-dir) with Triton's own tracing on (every request, level TIMESTAMPS; the public model
-passes its trace to the encoder's request, so each query has two traces, parent and child),
-single queries sent one after another over gRPC as the seed's client sends them (asking for
+or --model-dir) with Triton's own tracing on (every request, level TIMESTAMPS), single queries
+sent one after another over gRPC as the seed's client sends them (asking for
 `embeddings` alone), each paired with the same text through the same encoder in-process
 (NVEmbedEncoder / the sentence-transformers encoder, encode() of one text, in this process) just
 before or after it: the two never run at once, and each pair meets the same moment of this shared
@@ -15,17 +14,15 @@ from Triton's timestamps (ms, medians over the steady queries, each round; then 
   client + gRPC         the client's own time minus what the server saw from reading the request
                         to sending the response (tritonclient, the loopback, gRPC framing)
   into the public model reading the request to its instance's execute() (Triton's queue)
-  public: check, forward the public stub from execute() to the encoder's request starting
-                        (reading, validation, the BLS request crossing to tritonserver)
-  into the encoder      the encoder's request queued in Triton
-  encoder: hand to lane the encoder's execute(), which only hands the request to a lane
-  lane + back to public the lane's encode() and response, the BLS response crossing back, the
-                        public stub building its response (one span: the lane answers through its
-                        response sender, which Triton does not trace)
+  both models           from the public instance's execute() to its response reaching tritonserver:
+                        the hand-off to an answering thread, reading and checking, the BLS request
+                        to the encoder, its queue, hand-off to a lane, encode(), and the way back.
+                        Triton traces only the public request: a BLS request whose parent's
+                        execute() has returned cannot carry its trace (the public model's model.py)
   response out          tritonserver sending the response
-`lane + back to public` minus the in-process encode() is what the two stubs add around the model;
-the last row, each round's client p50 minus its in-process p50 (the median of rounds), is what the
-server adds in all. Run nothing else meanwhile: this 2-core machine is noisy.
+`both models` minus the in-process encode() is what the two stubs add around the model; the last
+row, each round's client p50 minus its in-process p50 (the median of rounds), is what the server
+adds in all. Run nothing else meanwhile: this 2-core machine is noisy.
 """
 
 from __future__ import annotations
@@ -55,36 +52,27 @@ from nvembed_triton.serving.serve import parser as serve_parser
 from nvembed_triton.serving.serve import plan, server_settings
 from nvembed_triton.serving.server import TritonServer, free_port
 
-STAGES = {  # name -> (from, to): (trace, timestamp) with trace "public" or "encoder"
-    "into the public model": (("public", "GRPC_WAITREAD_END"), ("public", "COMPUTE_START")),
-    "public: check, forward": (("public", "COMPUTE_START"), ("encoder", "REQUEST_START")),
-    "into the encoder": (("encoder", "REQUEST_START"), ("encoder", "COMPUTE_START")),
-    "encoder: hand to lane": (("encoder", "COMPUTE_START"), ("encoder", "COMPUTE_END")),
-    "lane + back to public": (("encoder", "COMPUTE_END"), ("public", "COMPUTE_OUTPUT_START")),
-    "response out": (("public", "COMPUTE_OUTPUT_START"), ("public", "GRPC_SEND_END")),
+STAGES = {  # name -> (from, to): timestamps of the public request's trace
+    "into the public model": ("GRPC_WAITREAD_END", "COMPUTE_START"),
+    "both models": ("COMPUTE_START", "INFER_RESPONSE_COMPLETE"),
+    "response out": ("INFER_RESPONSE_COMPLETE", "GRPC_SEND_END"),
 }
 
 
-def read_traces(trace_file: Path) -> list[dict[str, dict[str, int]]]:
-    """One {"public": {timestamp: ns}, "encoder": {...}} per public request, in arrival order."""
-    models, stamps, parents = {}, collections.defaultdict(dict), {}
+def read_traces(trace_file: Path) -> list[dict[str, int]]:
+    """The public requests' traces ({timestamp: ns}), in arrival order (the encoder's are not traced)."""
+    public, stamps = set(), collections.defaultdict(dict)
     for path in trace_file.parent.glob(trace_file.name + "*"):
         for entry in json.loads(path.read_text() or "[]"):
-            if "model_name" in entry:
-                models[entry["id"]] = entry["model_name"]
-                if "parent_id" in entry:
-                    parents[entry["parent_id"]] = entry["id"]
+            if "model_name" in entry and not entry["model_name"].endswith("-encoder"):
+                public.add(entry["id"])
             for stamp in entry.get("timestamps", []):
                 stamps[entry["id"]][stamp["name"]] = stamp["ns"]
-    requests = [
-        {"public": stamps[public], "encoder": stamps[child]}
-        for public, child in parents.items()
-        if "GRPC_SEND_END" in stamps[public] and "COMPUTE_END" in stamps[child]
-    ]
-    return sorted(requests, key=lambda r: r["public"]["REQUEST_START"])
+    requests = [stamps[i] for i in public if "GRPC_SEND_END" in stamps[i]]
+    return sorted(requests, key=lambda r: r["REQUEST_START"])
 
 
-def traces_of(trace_file: Path, count: int, timeout_s: float = 10.0) -> list[dict[str, dict[str, int]]]:
+def traces_of(trace_file: Path, count: int, timeout_s: float = 10.0) -> list[dict[str, int]]:
     """The first `count` requests' traces, once Triton has written them (it writes each trace as
     the request is released, which can come just after the client has its answer)."""
     deadline = time.monotonic() + timeout_s
@@ -94,9 +82,9 @@ def traces_of(trace_file: Path, count: int, timeout_s: float = 10.0) -> list[dic
     return traces
 
 
-def stage_ms(trace: dict[str, dict[str, int]], client_ms: float) -> dict[str, float]:
-    stages = {name: (trace[b[0]][b[1]] - trace[a[0]][a[1]]) / 1e6 for name, (a, b) in STAGES.items()}
-    server_ms = (trace["public"]["GRPC_SEND_END"] - trace["public"]["GRPC_WAITREAD_END"]) / 1e6
+def stage_ms(trace: dict[str, int], client_ms: float) -> dict[str, float]:
+    stages = {name: (trace[b] - trace[a]) / 1e6 for name, (a, b) in STAGES.items()}
+    server_ms = (trace["GRPC_SEND_END"] - trace["GRPC_WAITREAD_END"]) / 1e6
     return {"client + gRPC": client_ms - server_ms, **stages, "total (client)": client_ms}
 
 
@@ -151,7 +139,7 @@ def through_server(args, scratch: Path, texts: list[list[str]]) -> tuple[dict, s
         results["first request of each public instance"] = summary(
             [stage_ms(t, c) for t, c in zip(first_traces, first, strict=True)]
         )
-        seen = 3 * instances
+        seen = max(3 * instances, 100)  # past every instance's first requests
         lone_queries(url, plan_.name, texts[0][instances:seen], encoder)  # warm-up
         for round_texts in texts[1:]:
             client, local = lone_queries(url, plan_.name, round_texts, encoder)
@@ -164,7 +152,7 @@ def through_server(args, scratch: Path, texts: list[list[str]]) -> tuple[dict, s
                 f"in-process {results['in-process encode p50 ms'][-1]:.2f} ms",
                 file=sys.stderr,
             )
-        server.kill()  # measured: no need to wait for Triton to unload 48 instances one by one
+        server.kill()  # measured: no need to wait for Triton to unload its instances one by one
     return results, str(plan_.model_dir), instances
 
 

@@ -94,3 +94,69 @@ def test_close_stops_the_watcher():
     watch.close()
     watcher.join(5)
     assert not watcher.is_alive()
+
+
+def test_requests_watched_at_once_are_each_asked_on_their_own_schedule_and_never_after_their_wait():
+    board = Board()
+    watch = watch_for(board, first_s=0.1, max_s=0.2)
+    clients = [Client(gone_after_asks=2 if i == 1 else None) for i in range(3)]
+    waits = [0.5, 0.8, 0.3]
+    found = [None] * 3
+
+    def wait(i):
+        found[i] = wait_under(watch, clients[i], f"t{i}", waits[i])
+
+    threads = [threading.Thread(target=wait, args=(i,)) for i in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(5)
+    time.sleep(0.3)  # any ask after a wait would have come by now
+    assert found == [False, True, False]
+    assert board.marked == ["t1"] == board.cleared
+    assert all(len(client.asked_at) >= 2 for client in clients)  # at once, then after first_s
+    assert not any(client.asked_outside_a_wait for client in clients)
+
+
+class SlowClient(Client):
+    """Its ask takes long (a busy tritonserver): another request's wait must end meanwhile."""
+
+    def is_gone(self) -> bool:
+        self.asked_outside_a_wait |= not self.waiting
+        self.asked_at.append(time.monotonic())
+        time.sleep(1.0)
+        return False
+
+
+def test_a_wait_ends_while_another_requests_client_is_being_asked_but_not_during_its_own_ask():
+    board = Board()
+    watch = watch_for(board, first_s=10, max_s=10)
+    slow, quick = SlowClient(), Client()
+    slow_wait = threading.Thread(target=wait_under, args=(watch, slow, "slow", 0.05))
+    slow_wait.start()
+    time.sleep(0.2)  # the slow client's first ask is in progress
+    started = time.monotonic()
+    wait_under(watch, quick, "quick", 0.05)
+    assert time.monotonic() - started < 0.5  # not held up by the other request's ask
+    slow_wait.join(5)
+    assert slow.asked_at and time.monotonic() - slow.asked_at[0] >= 0.95  # its wait ended only after its own ask
+    assert not slow.asked_outside_a_wait and not quick.asked_outside_a_wait
+
+
+def test_an_ask_that_fails_is_made_again_later():
+    board = Board()
+    watch = watch_for(board, first_s=0.05, max_s=0.05)
+    asked = []
+
+    def is_gone():
+        asked.append(time.monotonic())
+        if len(asked) == 1:
+            raise RuntimeError("the IPC call failed")
+        return len(asked) >= 3
+
+    with watch.watching(is_gone, "t") as gone:
+        deadline = time.monotonic() + 5
+        while not gone() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert gone()
+    assert len(asked) == 3 and board.marked == ["t"] == board.cleared

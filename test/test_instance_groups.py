@@ -51,7 +51,7 @@ def test_nvembed_public_instances_sets_the_public_models_count_and_keeps_the_res
     shipped = config_of(server_settings(serve_plan(tiny_checkpoint), tmp_path / "shipped", {}), PUBLIC_MODEL)
     settings = server_settings(serve_plan(tiny_checkpoint), tmp_path / "set", eight)
     config = config_of(settings, PUBLIC_MODEL)
-    assert [(g.kind, g.count) for g in shipped.instance_group] == [(model_config_pb2.ModelInstanceGroup.KIND_CPU, 48)]
+    assert [(g.kind, g.count) for g in shipped.instance_group] == [(model_config_pb2.ModelInstanceGroup.KIND_CPU, 2)]
     assert [(g.kind, g.count) for g in config.instance_group] == [(model_config_pb2.ModelInstanceGroup.KIND_CPU, 8)]
     del shipped.instance_group[:], config.instance_group[:]
     assert config == shipped  # inputs, outputs, queue policy and parameters as shipped

@@ -1,9 +1,10 @@
 """Isolation under concurrency through the real server: many clients at once, each with different
-texts; every embedding equals the same text embedded alone, in order, to the right client, and the
-encoder really did batch requests together."""
+texts; every embedding equals the same text embedded alone, in order, to the right client, each
+public instance held many of them at once, and the encoder really did batch requests together."""
 
 import math
 import random
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -14,8 +15,9 @@ from grpc_helpers import bytes_input, cosine, embed_documents, embed_query, infe
 
 from nvembed_triton.protocol import contract
 from nvembed_triton.protocol.contract import PUBLIC_MODEL, encoder_model_name
+from nvembed_triton.serving.metrics import EXECUTING_METRIC
 from nvembed_triton.serving.server import ADMIN_KEY_GRPC_HEADER
-from nvembed_triton.serving.supervisor import Timings
+from nvembed_triton.serving.supervisor import Timings, scrape
 
 pytestmark = pytest.mark.server  # starts real tritonservers
 
@@ -37,12 +39,20 @@ def encoder_counts(client):
     return int(stats.get("inference_count", 0)), int(stats.get("execution_count", 0))
 
 
+def most_held(metrics_url: str, stop: threading.Event, seen: list[float]) -> None:
+    """The public model's executing gauge (requests its instances hold), read until stopped."""
+    while not stop.wait(0.05):
+        seen.append(scrape(metrics_url, {EXECUTING_METRIC}).get((EXECUTING_METRIC, PUBLIC_MODEL), 0.0))
+
+
 def test_concurrent_clients_get_their_own_embeddings_in_order(nvembed_server):
     texts = make_texts(60, seed=1)
     with nvembed_server.client() as client:
         alone_document = {t: embed_documents(client, PUBLIC_MODEL, [t])[0] for t in texts}
         alone_query = {t: embed_query(client, PUBLIC_MODEL, t)[0] for t in texts[:20]}
         inferences_before, executions_before = encoder_counts(client)
+        config = client.get_model_config(PUBLIC_MODEL, as_json=True)["config"]
+    instances = sum(int(group["count"]) for group in config["instance_group"])
     started = time.monotonic()
 
     def one_client(client_id: int):
@@ -58,8 +68,13 @@ def test_concurrent_clients_get_their_own_embeddings_in_order(nvembed_server):
                     outcomes.append(("documents", chosen, embed_documents(client, PUBLIC_MODEL, chosen)))
         return outcomes
 
+    stop, held = threading.Event(), []
+    watcher = threading.Thread(target=most_held, args=(f"http://127.0.0.1:{nvembed_server.metrics_port}/metrics", stop, held))
+    watcher.start()
     with ThreadPoolExecutor(CLIENTS) as pool:
         results = list(pool.map(one_client, range(CLIENTS)))
+    stop.set()
+    watcher.join()
 
     for outcomes in results:
         for kind, sent, embeddings in outcomes:
@@ -74,6 +89,8 @@ def test_concurrent_clients_get_their_own_embeddings_in_order(nvembed_server):
     probes = math.ceil((time.monotonic() - started) / Timings.health_interval_s) + 1
     assert requests <= inferences - inferences_before <= requests + probes
     assert executions - executions_before < requests, "concurrent requests were never batched together"
+    # More requests in flight than the public model has processes: each instance holds several.
+    assert max(held) > instances, (instances, held)
 
 
 def test_batch_dimension_interface_of_the_encoder(nvembed_server):

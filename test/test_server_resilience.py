@@ -236,7 +236,7 @@ def test_every_death_is_seen_after_any_number_of_restarts_and_leaves_no_shared_m
     (the dead processes' regions are gone; before, one crash left 49 regions, up to 653 MiB)."""
     server = restartable_server
     prefix = region_prefix(server)
-    victims = [f"{ENCODER}_0_0", f"{PUBLIC_MODEL}_0_7", f"{PUBLIC_MODEL}_0_7", "tritonserver"]
+    victims = [f"{ENCODER}_0_0", f"{PUBLIC_MODEL}_0_1", f"{PUBLIC_MODEL}_0_1", "tritonserver"]
     with EmbeddingClient(server.url, inference_key=INFERENCE_KEY) as client:
         expected = client.encode(["a document to check against"])
         for round_, victim in enumerate(victims, start=1):

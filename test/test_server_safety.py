@@ -243,7 +243,7 @@ def fault_server(tmp_path_factory, tiny_checkpoint):
     stop_server(server)
 
 
-@pytest.mark.parametrize("instance", [f"{ENCODER}_0_0", f"{PUBLIC_MODEL}_0_3"], ids=["encoder stub", "public stub"])
+@pytest.mark.parametrize("instance", [f"{ENCODER}_0_0", f"{PUBLIC_MODEL}_0_1"], ids=["encoder stub", "public stub"])
 def test_a_killed_stub_is_repaired_under_load(fault_server, instance):
     """Clients (the Python client, which retries UNAVAILABLE) keep sending; every call succeeds
     with the same embeddings, readiness is false while the server restarts, and requests succeed

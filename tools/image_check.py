@@ -46,7 +46,8 @@ DEBIAN_PACKAGES = "python3,python3-pip,python3-venv,libpython3.11,ca-certificate
 # runc: crun fails on these machines (cgroups in hybrid mode); the default rlimits cannot be set.
 PODMAN_FLAGS = ["--runtime", "runc"]
 LIMITS = ["--ulimit", "nofile=20000:20000", "--ulimit", "nproc=32768:32768"]
-# podman's default of 2,048 tasks is below the server's (over 2,000 threads: README "Threads").
+# Headroom over podman's default of 2,048 tasks, past which the server hangs while starting
+# (README "Threads": ~300 as shipped, ~60 more per public instance).
 PIDS_LIMIT = ["--pids-limit", "8192"]
 # This machine's pip configuration (indexes, local wheels, CA bundle), for pip inside the builds.
 PIP_MOUNTS = ["/etc/pip.conf", "/etc/xdg/pip", "/opt/wheels", "/opt/pypi", "/opt/pypi-more", "/etc/ssl/certs/ca-certificates.crt"]

@@ -169,6 +169,9 @@ SETTINGS = (
             PUBLIC),
     Setting("encoder_model", "", "the model the public model forwards to; empty: its own name + `-encoder`",
             PUBLIC),
+    Setting("requests_per_instance", "24", "how many requests each public instance holds at once, each "
+            "waiting on the encoder on a thread of its own; with the instance count (`public_instances`), how many "
+            "requests the encoder can batch together. More wait in Triton's bounded queue", PUBLIC, positive_int),
     Setting("model_repository", "", "the model repository to serve from; empty: the one installed with the "
             "package", LAUNCHER, flag="--model-repository"),
     Setting("host", "127.0.0.1", "the address all ports bind to (the container image sets 0.0.0.0)", LAUNCHER,
@@ -179,10 +182,10 @@ SETTINGS = (
             flag="--metrics-port"),
     Setting("openai_port", "", "also serve the OpenAI/NIM-compatible embeddings API on this port; empty: off",
             LAUNCHER, port, flag="--openai-port"),
-    Setting("public_instances", "", "how many requests the public model forwards to the encoder at once (its "
-            "CPU instances, each a process of ~18 MB and ~40 threads); empty: its config's instance_group (48). "
-            "Fewer use less memory and start sooner, more keep the encoder's batches full under many clients "
-            "(bench/RESULTS.md, \"Public instances\")", LAUNCHER, optional_positive_int),
+    Setting("public_instances", "", "the public model's CPU instances (processes), each holding up to "
+            "`requests_per_instance` requests; empty: its config's instance_group (2). A lone query is served "
+            "fastest by few warm processes (bench/RESULTS.md, \"Public instances\")", LAUNCHER,
+            optional_positive_int),
     Setting("gpus", "", "e.g. `0,1`: one encoder instance, with its own copy of the weights, per listed GPU; "
             "empty: the encoder config's instance_group", LAUNCHER, gpu_list),
     Setting("drain_timeout_s", "25", "how long a stop may spend serving accepted requests (inside "

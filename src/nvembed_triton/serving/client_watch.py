@@ -1,28 +1,43 @@
-"""Watching a public instance's client while the instance waits on the encoder.
+"""Watching the clients of the requests a public instance has forwarded to the encoder.
 
-A request is forwarded on the instance's own thread: the BLS call blocks it until the encoder
-answers, and nothing hands the request from thread to thread on its way (each hand-off cost a lone
-query ~0.1 ms: bench/RESULTS.md). Meanwhile one watcher thread per instance asks whether the client
-is still there: at once (it may have gone while the request was queued), then after `first_s`,
-each wait twice the one before, at most `max_s`. A client found gone has its request marked
-(`mark`, the cancel board), so the encoder skips what is left of its work and answers it early.
-Each ask is an IPC call through tritonserver: asking at a short fixed interval took a large share
-of the instances' CPU at 64 clients (bench/RESULTS.md)."""
+A public instance holds many requests at once, each waiting on the encoder on its own thread. One
+watcher thread per instance asks after each request's client: at once (it may have gone while the
+request was queued), then after `first_s`, each wait twice the one before, at most `max_s`. A client
+found gone has its request marked (`mark`, the cancel board), so the encoder skips what is left of
+its work and answers it early. Each ask is an IPC call through tritonserver: asking at a short fixed
+interval took a large share of the instances' CPU at 64 clients (bench/RESULTS.md).
+
+A request is never asked after its watch ends: its response is sent then, and Triton 2.51 frees
+what the ask reads with the final response (asking after it crashed tritonserver: SIGSEGV in
+TRITONBACKEND_ResponseFactoryIsCancelled). Ending a watch waits out an ask of that request in
+progress; asks of other requests go on meanwhile."""
 
 from __future__ import annotations
 
+import itertools
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
+
+
+@dataclass
+class _Watched:
+    is_gone: Callable[[], bool]
+    token: str
+    due: float  # when to ask next (time.monotonic())
+    wait_s: float = 0.0  # the wait before this ask
+    gone: bool = False
 
 
 class ClientWatch:
     def __init__(self, mark: Callable[[str], None], clear: Callable[[str], None], first_s: float, max_s: float):
         self._mark, self._clear, self._first_s, self._max_s = mark, clear, first_s, max_s
         self._changed = threading.Condition()
-        self._watched: tuple[int, Callable[[], bool], str] | None = None  # (serial, is_gone, token)
-        self._serial = 0
-        self._gone: set[int] = set()  # serials of watched requests whose client was found gone
+        self._watched: dict[int, _Watched] = {}  # serial -> a request being watched
+        self._serials = itertools.count()
+        self._asking: int | None = None  # the serial whose client is being asked, outside the lock
         self._closed = False
         threading.Thread(target=self._loop, name="client-watch", daemon=True).start()
 
@@ -30,43 +45,54 @@ class ClientWatch:
     def watching(self, is_gone: Callable[[], bool], token: str) -> Iterator[Callable[[], bool]]:
         """Watches the client with is_gone() while the block runs, and never after it; yields a
         function saying whether it was found gone. A mark left when the block ends is cleared."""
+        watched = _Watched(is_gone, token, due=time.monotonic())
         with self._changed:
-            self._serial += 1
-            serial = self._serial
-            self._watched = (serial, is_gone, token)
-            self._changed.notify()
+            serial = next(self._serials)
+            self._watched[serial] = watched
+            self._changed.notify_all()
         try:
-            yield lambda: serial in self._gone
+            yield lambda: watched.gone
         finally:
-            with self._changed:  # waits out an ask in progress: the request's execute() may end after this
-                self._watched = None
-                found_gone = serial in self._gone
-                self._gone.discard(serial)
-            if found_gone:
+            with self._changed:  # an ask of this request in progress ends first: its response follows the block
+                self._changed.wait_for(lambda: self._asking != serial)
+                del self._watched[serial]
+            if watched.gone:
                 self._clear(token)
 
     def close(self) -> None:
         with self._changed:
             self._closed = True
-            self._changed.notify()
-
-    def _still(self, serial: int) -> bool:
-        return not self._closed and self._watched is not None and self._watched[0] == serial
+            self._changed.notify_all()
 
     def _loop(self) -> None:
         with self._changed:
             while not self._closed:
-                if self._watched is None:
+                waiting = [(w.due, serial) for serial, w in self._watched.items() if not w.gone]
+                if not waiting:
                     self._changed.wait()
                     continue
-                serial, is_gone, token = self._watched
-                wait_s = 0.0
-                while self._still(serial):
-                    if wait_s and (self._changed.wait(wait_s) or not self._still(serial)):
-                        break  # woken: another request's watch begins (or the watcher closes)
-                    if is_gone():  # under the lock, so the block cannot end meanwhile
-                        self._gone.add(serial)
-                        self._mark(token)
-                        self._changed.wait_for(lambda serial=serial: not self._still(serial))
-                        break
-                    wait_s = min(max(2 * wait_s, self._first_s), self._max_s)
+                due, serial = min(waiting)
+                if due > time.monotonic():
+                    self._changed.wait(due - time.monotonic())  # woken early by a new watch or a close
+                    continue
+                self._ask(serial, self._watched[serial])
+
+    def _ask(self, serial: int, watched: _Watched) -> None:
+        """Called and returns holding the lock; the IPC call is made without it, so other watches
+        begin and end meanwhile (this one's end waits for it)."""
+        self._asking = serial
+        self._changed.release()
+        try:
+            gone = watched.is_gone()
+        except Exception:  # an ask that failed says nothing: ask again later
+            gone = False
+        finally:
+            self._changed.acquire()
+            self._asking = None
+            self._changed.notify_all()
+        if gone:
+            watched.gone = True
+            self._mark(watched.token)
+        else:
+            watched.wait_s = min(max(2 * watched.wait_s, self._first_s), self._max_s)
+            watched.due = time.monotonic() + watched.wait_s

@@ -1,6 +1,10 @@
 """The public model: the client contract (`query` BYTES [1] or `documents` BYTES [1, N] ->
 `embeddings` FP32 [1 or N, D]). It validates and routes; the encoder model `<name>-encoder` batches
-concurrent requests and computes. CPU instances: many of them can wait on the encoder at once."""
+concurrent requests and computes. Each instance holds up to `requests_per_instance` requests at
+once, each waiting on the encoder on a thread of its own: execute() hands a request over and
+returns, and the answer goes out through the request's response sender. A few warm processes
+serve a lone query faster than many cold ones (Triton gives a request to the instance idle the
+longest, whose process then runs cold: bench/RESULTS.md, "Public instances")."""
 
 # The Python backend imports asyncio when execute() returns (to ask whether it returned a coroutine):
 # ~20 ms on each instance's first request, then never again. Imported here, it is paid at load.
@@ -37,11 +41,11 @@ from nvembed_triton.serving.metrics import PUBLIC_COUNTERS, ModelMetrics
 # forwarded request at a timeout once the encoder has taken it: bench/bench_deadline.py.)
 CANCEL_POLL_FIRST_S = 0.2
 CANCEL_POLL_MAX_S = 1.0
-# Threads that send forwarded requests that have a timeout of their own. Reused rather than one
-# started per request (that cost a measurable share of an instance's CPU, bench/bench_plumbing.py);
-# several, so the next such request is not held up by forwarded requests still running after their
-# timeout passed (the encoder drops their remaining work at its next pass) unless SENDER_THREADS of them are.
-SENDER_THREADS = 4
+# Threads that send forwarded requests that have a timeout of their own, beyond one per request an
+# instance holds: forwarded requests still running after their timeout passed (the encoder drops
+# their remaining work at its next pass) hold a sender until then, and must not hold up the next.
+SPARE_SENDER_THREADS = 4
+FINALIZE_WAIT_S = 10.0  # how long an unload waits for the requests an instance holds to be answered
 OUTPUTS = (contract.EMBEDDINGS_OUTPUT, contract.TOKEN_COUNTS_OUTPUT, contract.TRUNCATED_OUTPUT)
 TIMEOUT_MESSAGE = "the request's timeout passed before its embeddings were ready"
 
@@ -57,24 +61,45 @@ class TritonPythonModel:
         self.encoder_model = encoder_model_for(args["model_name"], values["encoder_model"])
         self.cancel_board = CancelBoard()
         self.metrics = ModelMetrics(args["model_name"], PUBLIC_COUNTERS)
-        cache_this_thread()  # initialize() runs on the thread execute() runs on
-        self.senders = ThreadPoolExecutor(SENDER_THREADS, thread_name_prefix="forward", initializer=cache_this_thread)
+        self.held = values["requests_per_instance"]
+        # execute() waits for a free slot: requests beyond them stay in Triton's queue, which is
+        # bounded and served in priority order (config.pbtxt), not in this process.
+        self.slots = threading.BoundedSemaphore(self.held)
+        self.answerers = ThreadPoolExecutor(self.held, thread_name_prefix="answer", initializer=cache_this_thread)
+        self.senders = ThreadPoolExecutor(
+            self.held + SPARE_SENDER_THREADS, thread_name_prefix="forward", initializer=cache_this_thread
+        )
         self.watch = ClientWatch(self.cancel_board.mark, self.cancel_board.clear, CANCEL_POLL_FIRST_S, CANCEL_POLL_MAX_S)
 
     def finalize(self):
+        # Requests still held are answered first (the encoder answers or refuses each), for a while.
+        deadline = time.monotonic() + FINALIZE_WAIT_S
+        for _ in range(self.held):
+            self.slots.acquire(timeout=max(0.0, deadline - time.monotonic()))
+        self.answerers.shutdown(wait=False, cancel_futures=True)
         self.watch.close()
         self.senders.shutdown(wait=False, cancel_futures=True)
         self.metrics.close()
 
     def execute(self, requests):
-        with self.metrics.executing(len(requests)):
-            return [self._respond(request) for request in requests]
+        for request in requests:
+            self.slots.acquire()
+            self.metrics.hold(1)  # until answered: a drain waits for the gauge to come down
+            self.answerers.submit(self._answer_and_send, request, request.get_response_sender())
+        return None  # every response goes through its request's response sender
 
-    def _respond(self, request):
-        response = self._answer(request)
-        if response.has_error():
-            self.metrics.rejected(reason_of(response.error().message()).name)
-        return response
+    def _answer_and_send(self, request, sender):
+        try:
+            try:
+                response = self._answer(request)
+            except Exception as error:  # a request must get an answer whatever goes wrong
+                response = _refuse("internal", f"answering failed: {error!r}")
+            if response.has_error():
+                self.metrics.rejected(reason_of(response.error().message()).name)
+            sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        finally:
+            self.metrics.release(1)
+            self.slots.release()
 
     def _answer(self, request):
         if is_closed():  # a drain has served what was queued; this request came later
@@ -109,8 +134,7 @@ class TritonPythonModel:
             message = response.error().message()
             return _error(message, getattr(pb_utils.TritonError, reason_of(message).triton_code))
         # The encoder's [1, N, ...] outputs become the contract's [N, ...], copied: as_numpy() is a view
-        # into the BLS response's shared memory, which may be reused once `response` is gone, while
-        # Triton reads this response's tensors only after execute() returns.
+        # into the BLS response's shared memory, which may be reused once `response` is gone.
         outputs = [np.array(pb_utils.get_output_tensor_by_name(response, name).as_numpy()[0]) for name in wanted]
         return pb_utils.InferenceResponse([pb_utils.Tensor(name, array) for name, array in zip(wanted, outputs, strict=True)])
 
@@ -125,7 +149,10 @@ class TritonPythonModel:
             inputs=inputs,
             requested_output_names=wanted,
             parameters=parameters,
-            trace=request.trace(),  # with Triton's tracing on, the encoder's request is traced as this one's child
+            # The client's request id, which Triton's traces show for both requests. Not trace=request.trace():
+            # this request is released when execute() returns, its trace with it, and a child trace
+            # spawned from it afterwards crashed tritonserver 2.51 (SIGSEGV, tracing on).
+            request_id=request.request_id(),
         )
         if deadline is not None:
             return self._forward_until(request, forwarded, token, deadline)
@@ -138,7 +165,8 @@ class TritonPythonModel:
 
     def _forward_until(self, request, forwarded, token, deadline):
         """A request with a timeout of its own goes out on a sender thread while this one waits, so
-        that it is answered at its timeout whatever the encoder is doing."""
+        that it is answered at its timeout whatever the encoder is doing. The client is asked after
+        only until this returns: its response is sent after (client_watch.py says why)."""
         outcome, marked = [], []
         done = threading.Event()
 
