@@ -355,7 +355,7 @@ class TritonServer:
     def kill(self) -> None:
         """Ends tritonserver and its stubs at once and removes their shared-memory regions. Only
         for a server with nothing in flight (drained) or a broken one: Triton 2.51 unloads
-        Python-backend instances one after another, ~1.2 s each (about a minute for the 48 front instances)."""
+        Python-backend instances one after another, ~1.2 s each (a minute for 48 instances)."""
         if self._process is None:
             return
         regions = [stub.shm_region for stub in self.stubs()]

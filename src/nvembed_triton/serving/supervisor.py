@@ -216,7 +216,7 @@ class Supervisor:
     def start(self) -> None:
         """Starts tritonserver and waits until it is ready (or `stop` is set). One that dies from a
         signal while starting is started again, up to MAX_STARTS times: Triton 2.51's Python backend
-        sometimes aborts (boost::interprocess::lock_exception) while 49 instances initialise on a
+        sometimes aborts (boost::interprocess::lock_exception) while many instances initialise on a
         busy machine (seen in about 1 of 3 starts under a heavy load here, never twice in a row)."""
         for attempt in range(1, MAX_STARTS + 1):
             self.server.start()

@@ -97,6 +97,9 @@ class TritonPythonModel:
             if response.has_error():
                 self.metrics.rejected(reason_of(response.error().message()).name)
             sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        except Exception as error:  # nothing more can be sent for this request: say so in the log
+            with self.metrics.ipc_lock:  # a log line is an IPC call too
+                pb_utils.Logger.log_error(f"sending a response failed: {error!r}")
         finally:
             self.metrics.release(1)
             self.slots.release()
