@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import itertools
 import threading
-from contextlib import contextmanager
 
 from nvembed_triton.protocol.contract import PROMPT_NAMES
 from nvembed_triton.protocol.reasons import REASONS
@@ -85,18 +84,8 @@ class ModelMetrics:
         self._sender = threading.Thread(target=self._send_loop, name="metrics", daemon=True)
         self._sender.start()
 
-    @contextmanager
-    def executing(self, requests: int):
-        """Around an execute(): the gauge counts its requests while it runs, and comes down whatever
-        happens (a drain waits on it)."""
-        self.hold(requests)
-        try:
-            yield
-        finally:
-            self.release(requests)
-
     def hold(self, requests: int) -> None:
-        """Requests taken on: the gauge goes up."""
+        """Requests taken on: the gauge goes up (until release(); a drain waits for it to come down)."""
         self._note(_GAUGE, requests)
 
     def release(self, requests: int) -> None:

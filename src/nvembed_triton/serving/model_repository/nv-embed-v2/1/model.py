@@ -152,7 +152,7 @@ class TritonPythonModel:
             inputs=inputs,
             requested_output_names=wanted,
             parameters=parameters,
-            # The client's request id, which Triton's traces show for both requests. Not trace=request.trace():
+            # The client's request id travels on (Triton's log lines name it). Not trace=request.trace():
             # this request is released when execute() returns, its trace with it, and a child trace
             # spawned from it afterwards crashed tritonserver 2.51 (SIGSEGV, tracing on).
             request_id=request.request_id(),
