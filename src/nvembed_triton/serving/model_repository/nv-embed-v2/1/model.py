@@ -61,20 +61,20 @@ class TritonPythonModel:
         self.encoder_model = encoder_model_for(args["model_name"], values["encoder_model"])
         self.cancel_board = CancelBoard()
         self.metrics = ModelMetrics(args["model_name"], PUBLIC_COUNTERS)
-        self.held = values["requests_per_instance"]
+        self.capacity = values["requests_per_instance"]  # requests this instance holds at once
         # execute() waits for a free slot: requests beyond them stay in Triton's queue, which is
         # bounded and served in priority order (config.pbtxt), not in this process.
-        self.slots = threading.BoundedSemaphore(self.held)
-        self.answerers = ThreadPoolExecutor(self.held, thread_name_prefix="answer", initializer=cache_this_thread)
+        self.slots = threading.BoundedSemaphore(self.capacity)
+        self.answerers = ThreadPoolExecutor(self.capacity, thread_name_prefix="answer", initializer=cache_this_thread)
         self.senders = ThreadPoolExecutor(
-            self.held + SPARE_SENDER_THREADS, thread_name_prefix="forward", initializer=cache_this_thread
+            self.capacity + SPARE_SENDER_THREADS, thread_name_prefix="forward", initializer=cache_this_thread
         )
         self.watch = ClientWatch(self.cancel_board.mark, self.cancel_board.clear, CANCEL_POLL_FIRST_S, CANCEL_POLL_MAX_S)
 
     def finalize(self):
         # Requests still held are answered first (the encoder answers or refuses each), for a while.
         deadline = time.monotonic() + FINALIZE_WAIT_S
-        for _ in range(self.held):
+        for _ in range(self.capacity):
             self.slots.acquire(timeout=max(0.0, deadline - time.monotonic()))
         self.answerers.shutdown(wait=False, cancel_futures=True)
         self.watch.close()
