@@ -30,8 +30,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from bench_server import model_dir_or_tiny, run_load, text_of_tokens, token_counts_of
-from shared import log_uniform_lengths, write_json
+from shared import log_uniform_lengths, model_dir_or_tiny, run_load, text_of_tokens, token_counts_of, write_json
 
 from nvembed_triton.protocol import contract
 from nvembed_triton.serving.serve import parser as serve_parser

@@ -26,20 +26,20 @@ from shared import write_json
 ENGINES = ("openvino", "onednn")
 
 
-async def sweep(urls: dict[str, str], model: str, requests: dict, args: argparse.Namespace) -> dict:
-    """Every WORKLOADS cell on each server (`urls`: name -> gRPC URL), rounds alternating which goes first."""
+async def sweep(urls: dict[str, str], model: str, requests: dict, args: argparse.Namespace, workloads: dict = WORKLOADS) -> dict:
+    """Every `workloads` cell on each server (`urls`: name -> gRPC URL), rounds alternating which goes first."""
     from tritonclient.grpc import aio
 
     sides = list(urls)
-    runs: dict = {name: {side: [] for side in sides} for name in WORKLOADS}
+    runs: dict = {name: {side: [] for side in sides} for name in workloads}
     async with AsyncExitStack() as stack:
         clients = {side: await stack.enter_async_context(aio.InferenceServerClient(urls[side])) for side in sides}
         for side in sides:  # every connection and code path once
-            for workload in WORKLOADS.values():
+            for workload in workloads.values():
                 send = project_sender(clients[side], model, workload.passages)
                 await closed_loop(send, pool_of(requests, workload), workload.clients, None, workload.clients)
         for repeat in range(args.repeats):
-            for name, workload in WORKLOADS.items():
+            for name, workload in workloads.items():
                 for side in sides if repeat % 2 == 0 else sides[::-1]:
                     send = project_sender(clients[side], model, workload.passages)
                     cell = await closed_loop(send, pool_of(requests, workload), workload.clients, args.seconds, None)

@@ -45,9 +45,8 @@ from bench_gpu import FULL_TEXT_CONFIG, build_model
 from bench_latency import stage_ms, traces_of
 from bench_latency import summary as latency_summary
 from bench_plumbing import closed_loop
-from bench_server import request_inputs, text_of_tokens
 from safetensors.torch import save_file
-from shared import log_uniform_lengths
+from shared import log_uniform_lengths, request_inputs, text_of_tokens
 
 from nvembed_triton.engine.checkpoint import TOKENIZER_FILE, WEIGHTS_INDEX, LatentAttentionSettings
 from nvembed_triton.engine.nvembed_encoder import NVEmbedEncoder

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import tritonclient.grpc as grpcclient
-from bench_server import model_dir_or_tiny
+from shared import model_dir_or_tiny
 
 from nvembed_triton.serving.server import free_port
 

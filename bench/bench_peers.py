@@ -61,8 +61,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from bench_server import request_inputs, text_of_tokens
-from shared import write_json
+from shared import request_inputs, text_of_tokens, write_json
 
 from nvembed_triton.protocol.contract import DOCUMENTS_INPUT, EMBEDDINGS_OUTPUT, QUERY_INPUT
 from nvembed_triton.protocol.settings import EncoderSettings
@@ -161,16 +160,23 @@ def ensure_infinity(venv: Path = INFINITY_VENV) -> dict:
 
 
 @contextmanager
-def project_server(run_dir: Path, cpu_engine: str | None = None):
+def project_server(run_dir: Path, cpu_engine: str | None = None, stand_in: Path | None = None):
     """serve.sh --demo (all-MiniLM-L6-v2 on the CPU) on free loopback ports, with its default CPU
-    engine or `cpu_engine`; yields (url, model, model_dir)."""
-    plan_ = plan(parser().parse_args(["--demo"]))
+    engine or `cpu_engine`; with `stand_in` (an NV-Embed-v2 checkpoint's folder, for its tokenizer),
+    the constant stand-in served as `plumbing` instead. Yields (url, model, model_dir)."""
     ports = {name: str(free_port()) for name in ("TRITON_GRPC_PORT", "TRITON_HTTP_PORT", "TRITON_METRICS_PORT")}
     environ = {**os.environ, **ports, "TRITON_HOST": "127.0.0.1"}  # never the defaults: other servers may hold them
     environ.pop("NVEMBED_GPUS", None)
+    model_settings = {"NVEMBED_CPU_ENGINE": cpu_engine} if cpu_engine else {}
+    if stand_in:
+        model_settings["NVEMBED_STAND_IN"] = "constant"
+        arguments = ["--model-dir", str(stand_in), "--device", "cpu", "--name", "plumbing"]
+    else:
+        arguments = ["--demo"]
+    plan_ = plan(parser().parse_args(arguments), {**environ, **model_settings})
     settings = server_settings(plan_, run_dir, environ)
-    if cpu_engine:  # tritonserver's environment: the encoder reads its settings there
-        settings = dataclasses.replace(settings, environment={**settings.environment, "NVEMBED_CPU_ENGINE": cpu_engine})
+    # tritonserver's environment: the model reads its settings there
+    settings = dataclasses.replace(settings, environment={**settings.environment, **model_settings})
     with TritonServer(settings) as server:
         yield server.settings.grpc_url, plan_.name, plan_.model_dir
 

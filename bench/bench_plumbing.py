@@ -1,19 +1,19 @@
-"""The serving stack's own ceiling: the two shipped model files served with the network replaced by
-the benchmark-only constant stand-in (setting stand_in = constant; refused under the name
-nv-embed-v2, so it is served here as `plumbing`). Single-query requests at 1/16/64 clients over
-gRPC; for each, requests/s and the CPU microseconds each process spent per request (tritonserver,
-the public model's stubs, the encoder stub, this load generator). On a GPU the forward pass of a
-batched query takes well under a millisecond, so this is what keeps a GPU fed, or not.
+"""The serving stack's own ceiling: the shipped model served with the network replaced by the
+benchmark-only constant stand-in (setting stand_in = constant; refused under the name nv-embed-v2, so
+it is served here as `plumbing`). Single-query requests at 1/16/64 clients over gRPC; for each,
+requests/s and the CPU microseconds each process spent per request (tritonserver, the model's stub,
+this load generator). On a GPU the forward pass of a batched query takes well under a millisecond,
+so this is what keeps a GPU fed, or not.
 
     .venv/bin/python bench/bench_plumbing.py [--seconds 10] [--repeats 3] [--profile 10] [--model-dir DIR]
 
-The encoder stub is one Python process: its CPU time per request bounds a server's requests/s at
-1 / (encoder CPU s per request) whatever the host. The other processes spread over cores. The
-projection for a 16-core GPU host is min(1 / encoder, 16 / all processes) (bench/RESULTS.md); on a
-real 16-core GPU host the measurement came in at half this machine's projection, so measure there.
---profile S samples the encoder stub and one public stub with py-spy for S seconds at 64 clients
-and prints where their time goes. --real-network cuda serves the checkpoint's own network on the GPU
-instead (the tiny one by default: the production code path with next to no compute).
+The model's stub is one Python process: its CPU time per request bounds a server's requests/s at
+1 / (stub CPU s per request) whatever the host. tritonserver spreads over cores. The projection for
+a 16-core GPU host is min(1 / stub, 16 / all processes) (bench/RESULTS.md); on a real 16-core GPU
+host the measurement came in at half this machine's projection, so measure there.
+--profile S samples the stub with py-spy for S seconds at 64 clients and prints where its time
+goes. --real-network cuda serves the checkpoint's own network on the GPU instead (the tiny one by
+default: the production code path with next to no compute).
 Run nothing else meanwhile: this 2-core machine is noisy; the table shows medians.
 """
 
@@ -34,9 +34,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_server import model_dir_or_tiny, request_inputs, text_of_tokens
+from shared import model_dir_or_tiny, request_inputs, text_of_tokens
 
-from nvembed_triton.protocol.contract import PUBLIC_MODEL, QUERY_INPUT, encoder_model_name
+from nvembed_triton.protocol.contract import PUBLIC_MODEL, QUERY_INPUT
 from nvembed_triton.protocol.settings import BY_KEY, STAND_IN_CONSTANT
 from nvembed_triton.serving.serve import PACKAGED_REPOSITORY, plan, server_settings
 from nvembed_triton.serving.serve import parser as serve_parser
@@ -55,12 +55,7 @@ def cpu_seconds(pid: int) -> float:
 
 def process_groups(server: TritonServer) -> dict[str, list[int]]:
     stubs = server.stubs()
-    return {
-        "tritonserver": [server._process.pid],
-        "public stubs": [s.pid for s in stubs if not s.instance.startswith(encoder_model_name(MODEL))],
-        "encoder stub": [s.pid for s in stubs if s.instance.startswith(encoder_model_name(MODEL))],
-        "load generator": [os.getpid()],
-    }
+    return {"tritonserver": [server._process.pid], "model stub": [s.pid for s in stubs], "load generator": [os.getpid()]}
 
 
 def cpu_by_group(groups: dict[str, list[int]]) -> dict[str, float]:
@@ -130,21 +125,21 @@ def median_rows(rows: list[dict]) -> dict:
 
 
 def projection(row: dict, cores: int = 16) -> dict:
-    """requests/s a `cores`-core host could sustain: the encoder stub is one process (one core at
-    most); the rest spreads over every core."""
-    encoder_s = row["encoder stub us/request"] / 1e6
-    if not encoder_s:  # every request answered without the encoder (response-cache hits)
+    """requests/s a `cores`-core host could sustain: the model's stub is one process (one core at
+    most, bounded by its GIL); tritonserver spreads over every core."""
+    stub_s = row["model stub us/request"] / 1e6
+    if not stub_s:  # every request answered without the model (response-cache hits)
         return {}
-    server_s = sum(row[f"{name} us/request"] for name in ("tritonserver", "public stubs", "encoder stub")) / 1e6
+    server_s = sum(row[f"{name} us/request"] for name in ("tritonserver", "model stub")) / 1e6
     return {
-        "encoder_bound_requests_per_s": 1 / encoder_s,
+        "stub_bound_requests_per_s": 1 / stub_s,
         "host_bound_requests_per_s": cores / server_s,
-        "projected_requests_per_s": min(1 / encoder_s, cores / server_s),
+        "projected_requests_per_s": min(1 / stub_s, cores / server_s),
     }
 
 
 def table(results: dict) -> str:
-    names = ("tritonserver", "public stubs", "encoder stub", "load generator")
+    names = ("tritonserver", "model stub", "load generator")
     lines = [
         "| clients | requests/s | " + " | ".join(f"{n} µs/req" for n in names) + " |",
         "|---|---|" + "---|" * len(names),
@@ -155,8 +150,8 @@ def table(results: dict) -> str:
     best = results["projection"]
     if best:
         lines.append(
-            f"\nAt 64 clients: 1 / encoder CPU per request = {best['encoder_bound_requests_per_s']:.0f} requests/s per "
-            f"encoder core; 16 cores / all server CPU per request = {best['host_bound_requests_per_s']:.0f}; "
+            f"\nAt 64 clients: 1 / stub CPU per request = {best['stub_bound_requests_per_s']:.0f} requests/s per "
+            f"stub core; 16 cores / all server CPU per request = {best['host_bound_requests_per_s']:.0f}; "
             f"projected for a 16-core host: {best['projected_requests_per_s']:.0f} requests/s."
         )
     return "\n".join(lines)
@@ -166,9 +161,9 @@ def arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=10.0, help="per cell")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--profile", type=float, default=0.0, help="py-spy one stub of each model for this many seconds")
+    parser.add_argument("--profile", type=float, default=0.0, help="py-spy the model's stub for this many seconds")
     parser.add_argument("--response-cache", action="store_true",
-                        help="also measure Triton's response cache on the public model (hits: queries repeat)")
+                        help="also measure Triton's response cache on the model (hits: queries repeat)")
     parser.add_argument("--model-dir", help="NV-Embed-v2 snapshot whose tokenizer is used (default: a generated tiny random one)")
     parser.add_argument("--real-network", metavar="DEVICE",
                         help="serve the checkpoint's real network on DEVICE (cpu, cuda) instead of the stand-in: with the tiny "
@@ -179,7 +174,7 @@ def arguments() -> argparse.Namespace:
 
 def start_settings(scratch: Path, model_dir: str | None, response_cache: bool, real_network: str | None = None):
     """The stand-in (or, with real_network, the checkpoint's own network on that device) served as
-    MODEL on free ports; with response_cache, the public model caches."""
+    MODEL on free ports; with response_cache, the model caches."""
     model_dir = model_dir_or_tiny(model_dir, scratch)  # the stand-in uses only its tokenizer
     stand_in = {} if real_network else {BY_KEY["stand_in"].variable: STAND_IN_CONSTANT}
     environ = {**os.environ, **stand_in, "TRITON_GRPC_PORT": str(free_port()),
@@ -208,13 +203,12 @@ def sweep(settings, queries: list[str], args: argparse.Namespace, profile_into: 
             for clients in CLIENTS:
                 row = measure(server, queries, clients, args.seconds)
                 runs[clients].append(row)
-                print(f"run {repeat + 1} clients {clients:2}: {row['requests_per_s']:.0f} req/s, encoder "
-                      f"{row['encoder stub us/request']:.0f} µs/req", flush=True)  # fmt: skip
+                print(f"run {repeat + 1} clients {clients:2}: {row['requests_per_s']:.0f} req/s, stub "
+                      f"{row['model stub us/request']:.0f} µs/req", flush=True)  # fmt: skip
         results["rows"] = [median_rows(runs[clients]) for clients in CLIENTS]
         results["projection"] = projection(results["rows"][-1])
         if profile_into:
-            for group in ("encoder stub", "public stubs"):
-                results[f"{group} profile"] = profile(server, group, queries, args.profile, profile_into)
+            results["model stub profile"] = profile(server, "model stub", queries, args.profile, profile_into)
     return results
 
 
@@ -226,15 +220,15 @@ def main() -> int:
     profile_into = scratch / "profile.pyspy" if args.profile else None
     results = sweep(start_settings(scratch, args.model_dir, False, args.real_network), queries, args, profile_into)
     network = f"real network on {args.real_network}" if args.real_network else "constant stand-in"
-    results["setup"] = {"seconds": args.seconds, "repeats": args.repeats, "cpus": os.cpu_count(), "network": network}
+    results["setup"] = {"seconds": args.seconds, "repeats": args.repeats, "cpus": os.cpu_count(), "network": network,
+                        "load": os.getloadavg()}  # fmt: skip
     print(f"network: {network}")
     print(table(results))
-    for group in ("encoder stub", "public stubs"):
-        for frame, share in results.get(f"{group} profile", [])[:15]:
-            print(f"{group}: {share:6.1%}  {frame}")
+    for frame, share in results.get("model stub profile", [])[:15]:
+        print(f"model stub: {share:6.1%}  {frame}")
     if args.response_cache:
         results["response_cache"] = sweep(start_settings(scratch, args.model_dir, True, args.real_network), queries, args, None)
-        print("\nwith Triton's response cache on the public model (every query repeats, so all hits):")
+        print("\nwith Triton's response cache on the model (every query repeats, so all hits):")
         print(table(results["response_cache"]))
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(results, indent=2))

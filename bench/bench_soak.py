@@ -41,8 +41,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import tritonclient.grpc as grpcclient
-from bench_server import model_dir_or_tiny
-from shared import write_json
+from shared import model_dir_or_tiny, write_json
 from tritonclient.grpc import aio
 from tritonclient.utils import InferenceServerException
 

@@ -4,10 +4,13 @@ throughout, the same closed-loop cells and texts as bench_peers.py, rounds alter
 first. The question it answers: did a change cost throughput anywhere, or latency at 1 client?
 
     .venv/bin/python bench/bench_versions.py --before /tmp/before [--seconds 10] [--repeats 3] [--json PATH]
-    .venv/bin/python bench/bench_versions.py --before . --after-env NVEMBED_PUBLIC_INSTANCES=16
+    .venv/bin/python bench/bench_versions.py --before . --after-env NVEMBED_MAX_HELD_REQUESTS=64
+    .venv/bin/python bench/bench_versions.py --before /tmp/before --stand-in
 
 --after-env KEY=VALUE (repeatable) sets serve.sh settings for this checkout's server only: with
---before . it compares two settings of the same code.
+--before . it compares two settings of the same code. --stand-in serves the benchmark-only constant
+stand-in (a tiny NV-Embed-v2 checkpoint's tokenizer, no network) on both sides and runs the single
+query cells only: the serving stack's own ceiling (bench_plumbing.py), version against version.
 
 The other checkout's package is copied and served with this environment's packages. Its model.py
 files are patched to import that copy first: the Python backend's stub embeds its own interpreter,
@@ -30,8 +33,8 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from bench_cpu_engine_server import sweep, table
-from bench_peers import make_requests, project_server
-from shared import write_json
+from bench_peers import WORKLOADS, make_requests, project_server
+from shared import model_dir_or_tiny, write_json
 
 MODEL_FILES = "nvembed_triton/serving/model_repository/*/1/model.py"
 
@@ -48,12 +51,13 @@ def package_copy(checkout: Path, destination: Path) -> Path:
 
 
 @contextmanager
-def server_of(checkout: Path, scratch: Path, settings: dict[str, str] | None = None):
-    """serve.sh --demo of the checkout's package, started by a launcher running that package, with
-    `settings` in its environment; yields (gRPC URL, model name)."""
+def server_of(checkout: Path, scratch: Path, settings: dict[str, str] | None = None, stand_in: Path | None = None):
+    """serve.sh --demo (or the stand-in) of the checkout's package, started by a launcher running
+    that package, with `settings` in its environment; yields (gRPC URL, model name)."""
     copy = package_copy(checkout, scratch / "src")
     environ = {**os.environ, **(settings or {}), "PYTHONPATH": str(copy)}
     command = [sys.executable, __file__, "--serve", str(scratch / "run")]
+    command += ["--stand-in-dir", str(stand_in)] if stand_in else []
     with subprocess.Popen(command, env=environ, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) as launcher:
         try:
             url, model = launcher.stdout.readline().split()
@@ -63,9 +67,9 @@ def server_of(checkout: Path, scratch: Path, settings: dict[str, str] | None = N
             launcher.wait(timeout=120)
 
 
-def serve(run_dir: Path) -> None:
-    """The launcher's side (--serve): a demo server until this process's input ends."""
-    with project_server(run_dir) as (url, model, _):
+def serve(run_dir: Path, stand_in: Path | None) -> None:
+    """The launcher's side (--serve): a server until this process's input ends."""
+    with project_server(run_dir, stand_in=stand_in) as (url, model, _):
         print(url, model, flush=True)
         sys.stdin.read()
 
@@ -77,11 +81,13 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--after-env", action="append", default=[], metavar="KEY=VALUE", help="a setting of this checkout's server")
+    p.add_argument("--stand-in", action="store_true", help="the constant stand-in, single-query cells only")
     p.add_argument("--json", default="bench/results/versions.json")
     p.add_argument("--serve", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--stand-in-dir", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.serve:
-        serve(args.serve)
+        serve(args.serve, args.stand_in_dir)
         return 0
     if args.before is None:
         p.error("--before is required")
@@ -90,11 +96,14 @@ def main() -> int:
         urls = {}
         settings = dict(pair.split("=", 1) for pair in args.after_env)
         here = Path(__file__).resolve().parents[1]
-        urls["after"], model = servers.enter_context(server_of(here, Path(scratch) / "after", settings))
-        urls["before"], _ = servers.enter_context(server_of(args.before.resolve(), Path(scratch) / "before"))
-        runs = asyncio.run(sweep(urls, model, requests, args))
+        stand_in = model_dir_or_tiny(None, Path(scratch)) if args.stand_in else None
+        urls["after"], model = servers.enter_context(server_of(here, Path(scratch) / "after", settings, stand_in))
+        urls["before"], _ = servers.enter_context(server_of(args.before.resolve(), Path(scratch) / "before", None, stand_in))
+        workloads = {name: w for name, w in WORKLOADS.items() if not (args.stand_in and w.passages)}
+        runs = asyncio.run(sweep(urls, model, requests, args, workloads))
     print(table(runs))
-    write_json({"setup": {**vars(args), "before": str(args.before), "serve": None}, "runs": runs}, args.json)
+    setup = {**vars(args), "before": str(args.before), "serve": None, "stand_in_dir": None, "load": os.getloadavg()}
+    write_json({"setup": setup, "runs": runs}, args.json)
     return 0
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import tritonclient.grpc as grpcclient
 
-from nvembed_triton.protocol.contract import PUBLIC_MODEL, encoder_model_name
+from nvembed_triton.protocol.contract import PUBLIC_MODEL
 from nvembed_triton.serving.serve import DEMO_MODEL, PACKAGED_REPOSITORY, demo_model_dir
 from nvembed_triton.serving.server import ServerError, free_port, interrupt, log_tail, wait_until_ready
 from nvembed_triton.testing.tiny_checkpoint import write_tiny_checkpoint
@@ -92,7 +92,7 @@ def _start_server(tmp: Path, model: str, args: list[str], extra_env: dict[str, s
         openai_port,
     )  # fmt: skip
     try:
-        wait_until_ready(server.url, (model, encoder_model_name(model)), process, server.log_path, STARTUP_TIMEOUT_S)
+        wait_until_ready(server.url, (model,), process, server.log_path, STARTUP_TIMEOUT_S)
     except ServerError as error:
         stop_server(server)
         output = server.console_path.read_text()
@@ -124,18 +124,19 @@ def nvembed_server(tmp_path_factory, tiny_checkpoint) -> RunningServer:
     stop_server(server)
 
 
-SMALL_QUEUE = 4  # the public model's queue in small_queue_server
+SMALL_QUEUE = 4  # Triton's queue in small_queue_server
+SMALL_HELD = 8  # the requests its model holds (max_held_requests); its long lane holds half
 
 
 @pytest.fixture(scope="session")
 def small_queue_server(tmp_path_factory, tiny_checkpoint) -> RunningServer:
-    """The shipped repository with the public model's queue cut to SMALL_QUEUE requests."""
+    """The shipped repository with the model's queue cut to SMALL_QUEUE requests, and SMALL_HELD held."""
     tmp = tmp_path_factory.mktemp("small-queue")
     repository = shutil.copytree(PACKAGED_REPOSITORY, tmp / "repository", ignore=shutil.ignore_patterns("__pycache__"))
     config = repository / PUBLIC_MODEL / "config.pbtxt"
     text, replaced = re.subn(r"max_queue_size: \d+", f"max_queue_size: {SMALL_QUEUE}", config.read_text())
     assert replaced == 1
-    config.write_text(text)
+    config.write_text(text + f'parameters {{ key: "max_held_requests" value {{ string_value: "{SMALL_HELD}" }} }}\n')
     env = {"NVEMBED_MODEL_DIR": str(tiny_checkpoint), "NVEMBED_MAX_LENGTH": str(TEST_MAX_LENGTH)}
     server = start_server(tmp, PUBLIC_MODEL, ["--device", "cpu", "--model-repository", str(repository)], env)
     yield server

@@ -14,8 +14,9 @@ def bytes_input(name: str, values: list, shape: list[int]) -> grpcclient.InferIn
     return tensor
 
 
-def infer(client, model: str, inputs: list[grpcclient.InferInput]) -> np.ndarray:
-    result = client.infer(model, inputs, outputs=[grpcclient.InferRequestedOutput(contract.EMBEDDINGS_OUTPUT)])
+def infer(client, model: str, inputs: list[grpcclient.InferInput], parameters: dict | None = None) -> np.ndarray:
+    outputs = [grpcclient.InferRequestedOutput(contract.EMBEDDINGS_OUTPUT)]
+    result = client.infer(model, inputs, outputs=outputs, parameters=parameters)
     return result.as_numpy(contract.EMBEDDINGS_OUTPUT)
 
 

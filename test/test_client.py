@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 from grpc_helpers import cosine, embed_documents, embed_query
-from tritonclient.utils import InferenceServerException
 
 from nvembed_triton.clients.client import (
     AsyncEmbeddingClient,
@@ -18,7 +17,6 @@ from nvembed_triton.clients.client import (
     EmbeddingError,
     InvalidInputError,
     ServerUnavailableError,
-    _is_retryable,
 )
 from nvembed_triton.protocol.contract import PUBLIC_MODEL
 
@@ -116,12 +114,6 @@ def test_unreachable_server_is_retried_then_reported():
     with EmbeddingClient(f"localhost:{port}", max_retries=2) as client, pytest.raises(ServerUnavailableError):
         client.encode(["x"])
     assert time.monotonic() - started >= 0.1 + 0.2  # two backoffs happened
-
-
-def test_only_unavailable_is_retried():
-    assert _is_retryable(InferenceServerException("down", status="StatusCode.UNAVAILABLE"))
-    assert not _is_retryable(InferenceServerException("bad", status="StatusCode.INVALID_ARGUMENT"))
-    assert not _is_retryable(InferenceServerException("internal", status="StatusCode.INTERNAL"))
 
 
 def test_async_client_matches_the_blocking_one(nvembed_server, client):

@@ -23,7 +23,7 @@ import pytest
 from conftest import ROOT, SERVE_SH, free_port
 from server_processes import scrape_metrics, wait_for_api
 
-from nvembed_triton.protocol.contract import PUBLIC_MODEL, encoder_model_name
+from nvembed_triton.protocol.contract import PUBLIC_MODEL
 from nvembed_triton.serving.serve import DEMO_MODEL
 from nvembed_triton.serving.server import interrupt, wait_until_ready
 
@@ -87,7 +87,7 @@ def start_readme_server(command: str, model: str, tmp: Path, env: dict[str, str]
         process = subprocess.Popen([*argv, "--run-dir", str(run_dir)], cwd=ROOT, env=environment, stdout=console,
                                    stderr=subprocess.STDOUT)  # fmt: skip
     try:
-        wait_until_ready(f"127.0.0.1:{ports['grpc']}", (model, encoder_model_name(model)), process, run_dir / "tritonserver.log")
+        wait_until_ready(f"127.0.0.1:{ports['grpc']}", (model,), process, run_dir / "tritonserver.log")
         first_scrape = scrape_metrics(ports["metrics"])
         wait_for_api(SimpleNamespace(openai_port=ports["openai"]))  # it starts once Triton is ready
     except BaseException:
@@ -188,7 +188,7 @@ def test_curl_commands(demo_server):
     assert len(answer["data"]) == 1 and len(answer["data"][0]["embedding"]) == 384
     lines = run(["bash", "-c", metrics]).stdout.splitlines()
     assert lines and all(line.startswith("nvembed_") for line in lines)
-    assert any(line.startswith(f'nvembed_texts_total{{model="{encoder_model_name(DEMO_MODEL)}"') for line in lines)
+    assert any(line.startswith(f'nvembed_texts_total{{model="{DEMO_MODEL}"') for line in lines)
 
 
 def the_test_script_command(server: Server) -> list[str]:
@@ -226,27 +226,25 @@ def test_the_snippets_with_the_tiny_nv_embed_v2(nvembed_server, name):
 
 
 def listed_series() -> set[tuple[str, tuple]]:
-    """(metric, labels) for each model, from the Metrics section's table: the models column says
-    which models have the series (encoder, both); a label's values are in parentheses where it
-    first appears."""
+    """(metric, labels) from the Metrics section's table; a label's values are in parentheses where
+    it first appears."""
     values: dict[str, list[str]] = {}
     series = set()
-    models_of = {"encoder": (encoder_model_name(DEMO_MODEL),), "both": (DEMO_MODEL, encoder_model_name(DEMO_MODEL))}
-    for name, models, labels in re.findall(r"^\| `(nvembed_\w+)` \| \w+ \| (\w+) \|([^|]*)\|", readme_section("Metrics"), re.M):
+    for name, labels in re.findall(r"^\| `(nvembed_\w+)` \| \w+ \|([^|]*)\|", readme_section("Metrics"), re.M):
         label = re.search(r"`(\w+)`(?: \(([^)]*)\))?", labels)
         if label and label.group(2):
             values[label.group(1)] = [v.strip() for v in label.group(2).split(",")]
         label_sets = [{label.group(1): v} for v in values[label.group(1)]] if label else [{}]
-        for model in models_of[models]:
-            series.update((name, tuple(sorted({"model": model, **labels}.items()))) for labels in label_sets)
+        series.update((name, tuple(sorted({"model": DEMO_MODEL, **labels}.items()))) for labels in label_sets)
     return series
 
 
 @pytest.mark.server
 def test_every_listed_series_is_there_at_zero_before_any_request(demo_server):
+    from nvembed_triton.serving.metrics import COUNTERS, series
+
     listed = listed_series()
-    # The encoder: texts and tokens by 3 prompts, 3 plain, 6 reasons, the gauge; the public model: 6 reasons, the gauge.
-    assert len(listed) == (2 * 3 + 3 + 6 + 1) + (6 + 1)
+    assert len(listed) == sum(len(series(name)) for name in COUNTERS) + 1  # and the executing gauge
     scraped = {key: value for key, value in demo_server.first_scrape.items() if key[0].startswith("nvembed_")}
     assert set(scraped) == listed  # every listed series, and none the README does not list
     assert all(value == 0 for value in scraped.values()), {key: v for key, v in scraped.items() if v}

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import tritonclient.grpc as grpcclient
 
-from nvembed_triton.protocol.contract import PUBLIC_MODEL, encoder_model_name
+from nvembed_triton.protocol.contract import PUBLIC_MODEL
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -164,7 +164,7 @@ def test_malformed_device_fails_before_the_server_starts(tiny_checkpoint, device
 @pytest.mark.server  # starts a real tritonserver
 def test_gpu_asked_for_but_absent_is_refused_never_a_cpu_fallback(tiny_checkpoint, tmp_path):
     """serve.sh refuses before it starts anything (test_newcomer times it); a tritonserver started
-    without serve.sh still refuses at load, by the encoder's own check."""
+    without serve.sh still refuses at load, by the model's own check."""
     from conftest import free_port
 
     from nvembed_triton.serving.serve import PACKAGED_REPOSITORY
@@ -174,12 +174,9 @@ def test_gpu_asked_for_but_absent_is_refused_never_a_cpu_fallback(tiny_checkpoin
     result = serve("--model-dir", str(tiny_checkpoint), "--device", "cuda:0", CUDA_VISIBLE_DEVICES="", **ports)
     assert result.returncode == 1 and "starting tritonserver" not in result.stdout
     assert "the device is cuda:0, but" in result.stderr and "--device cpu" in result.stderr
-    # The encoder alone, in a tritonserver of its own.
-    encoder = encoder_model_name(PUBLIC_MODEL)
-    repository = tmp_path / "repository"
-    shutil.copytree(PACKAGED_REPOSITORY / encoder, repository / encoder, ignore=shutil.ignore_patterns("__pycache__"))
+    # The shipped repository in a tritonserver of its own.
     environment = {"NVEMBED_MODEL_DIR": str(tiny_checkpoint), "NVEMBED_DEVICE": "cuda:0", "CUDA_VISIBLE_DEVICES": ""}
-    settings = ServerSettings(repository, (encoder,), tmp_path / "run", free_port(), free_port(), free_port(),
+    settings = ServerSettings(PACKAGED_REPOSITORY, (PUBLIC_MODEL,), tmp_path / "run", free_port(), free_port(), free_port(),
                               environment=environment)  # fmt: skip
     with pytest.raises(ServerError, match=r"device cuda:0 was asked for but torch sees 0 CUDA device\(s\)"):
         with TritonServer(settings):
@@ -211,7 +208,7 @@ def test_a_port_in_use_is_named_before_anything_loads(tiny_checkpoint):
 
 @pytest.mark.server  # starts a real tritonserver
 def test_a_temporary_run_directory_is_removed_on_exit(tiny_checkpoint, tmp_path):
-    """serve.sh starts tritonserver, whose models fail to load (their model.py raises): it exits
+    """serve.sh starts tritonserver, whose model fails to load (its model.py raises): it exits
     and leaves no temporary run directory."""
     import tempfile
 
@@ -220,10 +217,9 @@ def test_a_temporary_run_directory_is_removed_on_exit(tiny_checkpoint, tmp_path)
     from nvembed_triton.serving.serve import PACKAGED_REPOSITORY
 
     repository = shutil.copytree(PACKAGED_REPOSITORY, tmp_path / "repository", ignore=shutil.ignore_patterns("__pycache__"))
-    for model in (PUBLIC_MODEL, encoder_model_name(PUBLIC_MODEL)):
-        (repository / model / "1" / "model.py").write_text(
-            "class TritonPythonModel:\n    def initialize(self, args):\n        raise RuntimeError('fails to load on purpose')\n"
-        )
+    (repository / PUBLIC_MODEL / "1" / "model.py").write_text(
+        "class TritonPythonModel:\n    def initialize(self, args):\n        raise RuntimeError('fails to load on purpose')\n"
+    )
     ports = {f"TRITON_{kind}_PORT": str(free_port()) for kind in ("GRPC", "HTTP", "METRICS")}
     before = set(Path(tempfile.gettempdir()).glob("nvembed-triton-*"))
     result = serve("--model-dir", str(tiny_checkpoint), "--device", "cpu", "--model-repository", str(repository), **ports)
@@ -267,7 +263,7 @@ def test_a_non_editable_install_serves_without_the_checkout(tiny_checkpoint, nve
         process = subprocess.Popen(command, cwd=tmp_path, env=environment, stdout=console, stderr=subprocess.STDOUT)
     url = f"127.0.0.1:{ports['TRITON_GRPC_PORT']}"
     try:
-        wait_until_ready(url, (PUBLIC_MODEL, encoder_model_name(PUBLIC_MODEL)), process, run_dir / "tritonserver.log")
+        wait_until_ready(url, (PUBLIC_MODEL,), process, run_dir / "tritonserver.log")
         with grpcclient.InferenceServerClient(url) as client:
             served = embed_query(client, PUBLIC_MODEL, "installed, not checked out")
     finally:

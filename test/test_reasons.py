@@ -1,49 +1,54 @@
-"""reasons.REASONS is the one table of why a request failed: the models' codes, the clients'
-retries and the OpenAI API's statuses all come from it, and Triton's message texts map to it."""
+"""reasons.REASONS is the one table of why a request failed. What clients receive maps back to it
+(reason_of), and each reason's consequences are written out here as a user sees them: whether the
+Python client retries, what the OpenAI API answers, what the model answers with."""
 
 import pytest
-from tritonclient.utils import InferenceServerException
 
-from nvembed_triton.clients.client import _is_retryable
 from nvembed_triton.clients.openai_api import as_api_error
 from nvembed_triton.protocol.errors import EmbeddingError
+from nvembed_triton.protocol.lifecycle import CANCELLED_MESSAGE, CLOSED_MESSAGE, TIMEOUT_MESSAGE
 from nvembed_triton.protocol.reasons import REASONS, reason_of
-
-TRITON_ERROR_CODES = {"INVALID_ARG", "UNAVAILABLE", "CANCELLED", "INTERNAL", "NOT_FOUND", "UNSUPPORTED", "ALREADY_EXISTS"}
-
-
-def test_every_reason_has_a_code_a_status_and_a_retry_rule():
-    for reason in REASONS.values():
-        assert reason.triton_code in TRITON_ERROR_CODES
-        assert 400 <= reason.http_status < 600 and reason.openai_type in ("invalid_request_error", "server_error")
-    assert [name for name, reason in REASONS.items() if reason.retry] == ["over_capacity", "shutting_down", "unavailable"]
 
 
 @pytest.mark.parametrize(
     "message, status, expected",
     [
-        ("invalid_input: documents[1] is an empty string", "StatusCode.INTERNAL", "invalid_input"),  # restored after BLS
+        ("documents[1] is an empty string", "StatusCode.INVALID_ARGUMENT", "invalid_input"),
+        ("unexpected shape for input 'query'", "StatusCode.INVALID_ARGUMENT", "invalid_input"),  # Triton's own
         ("[request id: <id_unknown>] Exceeds maximum queue size", "StatusCode.UNAVAILABLE", "over_capacity"),
-        ("Stub process 'nv-embed-v2_0_3' is not healthy.", "StatusCode.INTERNAL", "unavailable"),
+        ("the model's long lane is full (exceeds maximum queue size); retry", "StatusCode.UNAVAILABLE", "over_capacity"),
+        (CLOSED_MESSAGE, "StatusCode.UNAVAILABLE", "shutting_down"),
+        ("the model is being unloaded; retry", "StatusCode.UNAVAILABLE", "unavailable"),
         ("failed to connect to all addresses", "StatusCode.UNAVAILABLE", "unavailable"),
-        ("unexpected shape for input 'query'", "StatusCode.INVALID_ARGUMENT", "invalid_input"),
+        ("Stub process 'nv-embed-v2_0_0' is not healthy.", "StatusCode.INTERNAL", "unavailable"),
         ("Deadline Exceeded", "StatusCode.DEADLINE_EXCEEDED", "internal"),
         # a tritonserver stopping (seen when a replica's serve.sh is killed mid-run, test_corpus)
         ("Request for unknown model: 'nv-embed-v2' has no available versions", "StatusCode.NOT_FOUND", "shutting_down"),
         ("Request for unknown model: 'nv-embed-v3' is not found", "StatusCode.NOT_FOUND", "internal"),  # a wrong name
-        # the public model's forwarded request while that tritonserver stops (test_corpus, once in a CI run)
-        ("Model nv-embed-v2-encoder - Error when running inference: Server not ready", "StatusCode.INTERNAL", "shutting_down"),
         ("CANCELLED", "StatusCode.CANCELLED", "shutting_down"),  # tritonserver cancels what it holds as it stops
-        ("cancelled: the client went away", "StatusCode.CANCELLED", "cancelled"),  # our models' own
+        (TIMEOUT_MESSAGE, "StatusCode.CANCELLED", "cancelled"),  # the model's own
+        (CANCELLED_MESSAGE, "CANCELLED", "cancelled"),
+        ("encoding failed: out of memory", "StatusCode.INTERNAL", "internal"),
         ("something else", None, "internal"),
     ],
 )
-def test_tritons_and_grpcs_messages_map_to_reasons(message, status, expected):
+def test_what_clients_receive_maps_to_its_reason(message, status, expected):
     assert reason_of(message, status).name == expected
-    assert _is_retryable(InferenceServerException(message, status=status)) is REASONS[expected].retry
 
 
-@pytest.mark.parametrize("name", list(REASONS))
-def test_the_openai_api_answers_each_reason_with_its_status(name):
-    error = as_api_error(EmbeddingError(f"{name}: why", "UNAVAILABLE", name))
-    assert error.status == REASONS[name].http_status
+# name: (the model's Triton code, the Python client retries, the OpenAI API's HTTP status)
+CONSEQUENCES = {
+    "invalid_input": ("INVALID_ARG", False, 400),
+    "over_capacity": ("UNAVAILABLE", True, 429),
+    "shutting_down": ("UNAVAILABLE", True, 503),
+    "unavailable": ("UNAVAILABLE", True, 503),
+    "cancelled": ("CANCELLED", False, 499),
+    "internal": ("INTERNAL", False, 500),
+}
+
+
+def test_each_reason_has_the_consequences_users_rely_on():
+    assert set(REASONS) == set(CONSEQUENCES)
+    for name, (code, retry, http_status) in CONSEQUENCES.items():
+        assert (REASONS[name].triton_code, REASONS[name].retry) == (code, retry)
+        assert as_api_error(EmbeddingError(f"why: {name}", code, name)).status == http_status

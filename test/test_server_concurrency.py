@@ -1,6 +1,6 @@
 """Isolation under concurrency through the real server: many clients at once, each with different
-texts; every embedding equals the same text embedded alone, in order, to the right client, each
-public instance held many of them at once, and the encoder really did batch requests together."""
+texts; every embedding equals the same text embedded alone, in order, to the right client, the
+model held many of them at once, and really did compute requests together."""
 
 import math
 import random
@@ -10,18 +10,15 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from conftest import TEST_ADMIN_KEY
-from grpc_helpers import bytes_input, cosine, embed_documents, embed_query, infer
+from grpc_helpers import cosine, embed_documents, embed_query
+from server_processes import scrape_metrics
 
-from nvembed_triton.protocol import contract
-from nvembed_triton.protocol.contract import PUBLIC_MODEL, encoder_model_name
+from nvembed_triton.protocol.contract import PUBLIC_MODEL
 from nvembed_triton.serving.metrics import EXECUTING_METRIC
-from nvembed_triton.serving.server import ADMIN_KEY_GRPC_HEADER
 from nvembed_triton.serving.supervisor import Timings, scrape
 
 pytestmark = pytest.mark.server  # starts real tritonservers
 
-ENCODER = encoder_model_name(PUBLIC_MODEL)
 CLIENTS = 24
 REQUESTS_PER_CLIENT = 6
 MATCH = 0.9999
@@ -33,14 +30,16 @@ def make_texts(count: int, seed: int) -> list[str]:
     return [f"text {seed}-{i}: " + " ".join(rng.choices(WORDS, k=rng.randint(1, 120))) for i in range(count)]
 
 
-def encoder_counts(client):
-    statistics = client.get_inference_statistics(ENCODER, as_json=True, headers={ADMIN_KEY_GRPC_HEADER: TEST_ADMIN_KEY})
-    stats = statistics["model_stats"][0]
-    return int(stats.get("inference_count", 0)), int(stats.get("execution_count", 0))
+def passes_and_texts(server) -> tuple[float, float]:
+    """The model's forward passes and texts embedded so far, from its own counters."""
+    values = scrape_metrics(server.metrics_port)
+    model = (("model", PUBLIC_MODEL),)
+    texts = sum(v for (name, labels), v in values.items() if name == "nvembed_texts_total" and ("model", PUBLIC_MODEL) in labels)
+    return values[("nvembed_forward_passes_total", model)], texts
 
 
 def most_held(metrics_url: str, stop: threading.Event, seen: list[float]) -> None:
-    """The public model's executing gauge (requests its instances hold), read until stopped."""
+    """The model's executing gauge (requests it holds), read until stopped."""
     while not stop.wait(0.05):
         seen.append(scrape(metrics_url, {EXECUTING_METRIC}).get((EXECUTING_METRIC, PUBLIC_MODEL), 0.0))
 
@@ -50,9 +49,10 @@ def test_concurrent_clients_get_their_own_embeddings_in_order(nvembed_server):
     with nvembed_server.client() as client:
         alone_document = {t: embed_documents(client, PUBLIC_MODEL, [t])[0] for t in texts}
         alone_query = {t: embed_query(client, PUBLIC_MODEL, t)[0] for t in texts[:20]}
-        inferences_before, executions_before = encoder_counts(client)
         config = client.get_model_config(PUBLIC_MODEL, as_json=True)["config"]
     instances = sum(int(group["count"]) for group in config["instance_group"])
+    time.sleep(0.5)  # the counters of the requests above are sent (metrics.SEND_INTERVAL_S)
+    passes_before, texts_before = passes_and_texts(nvembed_server)
     started = time.monotonic()
 
     def one_client(client_id: int):
@@ -82,29 +82,13 @@ def test_concurrent_clients_get_their_own_embeddings_in_order(nvembed_server):
             expected = np.stack([(alone_query if kind == "query" else alone_document)[t] for t in sent])
             assert np.all(cosine(embeddings, expected) >= MATCH), (kind, sent)
 
-    with nvembed_server.client() as client:
-        inferences, executions = encoder_counts(client)
+    time.sleep(0.5)
+    passes, texts_embedded = passes_and_texts(nvembed_server)
     requests = CLIENTS * REQUESTS_PER_CLIENT
+    sent_texts = sum(len(sent) for outcomes in results for _, sent, _ in outcomes)
     # serve.sh's health probe sends one query every health_interval_s during the test as well.
     probes = math.ceil((time.monotonic() - started) / Timings.health_interval_s) + 1
-    assert requests <= inferences - inferences_before <= requests + probes
-    assert executions - executions_before < requests, "concurrent requests were never batched together"
-    # More requests in flight than the public model has processes: each instance holds several.
+    assert sent_texts <= texts_embedded - texts_before <= sent_texts + probes
+    assert passes - passes_before < requests, "concurrent requests were never computed together"
+    # More requests in flight than the model has processes: each instance holds several.
     assert max(held) > instances, (instances, held)
-
-
-def test_batch_dimension_interface_of_the_encoder(nvembed_server):
-    """Clients that can send a batch dimension call the encoder directly: text [B, N]."""
-    texts = make_texts(6, seed=2)
-    rows = [texts[:3], texts[3:]]
-    inputs = [
-        bytes_input(contract.TEXT_INPUT, rows, [2, 3]),
-        bytes_input(contract.PROMPT_NAME_INPUT, [["query"], ["document"]], [2, 1]),
-    ]
-    with nvembed_server.client() as client:
-        batched = infer(client, ENCODER, inputs)
-        assert batched.shape == (2, 3, 64)
-        queries = np.stack([embed_query(client, PUBLIC_MODEL, t)[0] for t in rows[0]])
-        documents = embed_documents(client, PUBLIC_MODEL, rows[1])
-    assert np.all(cosine(batched[0], queries) >= MATCH)
-    assert np.all(cosine(batched[1], documents) >= MATCH)

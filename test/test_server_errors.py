@@ -8,11 +8,9 @@ from grpc_helpers import bytes_input, embed_query, infer
 from tritonclient.utils import InferenceServerException
 
 from nvembed_triton.protocol import contract
-from nvembed_triton.protocol.contract import PUBLIC_MODEL, encoder_model_name
+from nvembed_triton.protocol.contract import PUBLIC_MODEL
 
 pytestmark = pytest.mark.server  # starts real tritonservers
-
-ENCODER = encoder_model_name(PUBLIC_MODEL)
 
 
 def documents(values):
@@ -29,38 +27,27 @@ def empty_documents():
     return [tensor]
 
 
-CASES = {
-    "both inputs": (lambda: query("q") + documents(["d"]), PUBLIC_MODEL, ["not both"]),
-    "neither input": (lambda: [], PUBLIC_MODEL, ["query", "documents"]),
-    "empty documents list": (empty_documents, PUBLIC_MODEL, ["documents is empty", "1 and 1024"]),
-    "empty document": (lambda: documents(["fine", ""]), PUBLIC_MODEL, ["documents[1]", "empty string"]),
-    "empty query": (lambda: query(""), PUBLIC_MODEL, ["query[0]", "empty string"]),
-    "non-UTF-8 document": (lambda: documents([b"ok", b"caf\xe9"]), PUBLIC_MODEL, ["documents[1]", "UTF-8"]),
-    "non-UTF-8 query": (lambda: query(b"\xff\xfe"), PUBLIC_MODEL, ["query[0]", "UTF-8"]),
-    "too many documents": (lambda: documents(["d"] * 1025), PUBLIC_MODEL, ["1025", "at most 1024", "max_documents"]),
-    "query with two texts": (lambda: [bytes_input(contract.QUERY_INPUT, ["a", "b"], [2])], PUBLIC_MODEL, ["query"]),
-    "unknown prompt_name (encoder)": (
-        lambda: [bytes_input(contract.TEXT_INPUT, ["t"], [1, 1]), bytes_input(contract.PROMPT_NAME_INPUT, ["passage"], [1, 1])],
-        ENCODER,
-        ["prompt_name", "'query'", "'document'", "'passage'"],
-    ),
-    "instruction longer than max_length (encoder)": (
-        lambda: [
-            bytes_input(contract.TEXT_INPUT, ["t"], [1, 1]),
-            bytes_input(contract.INSTRUCTION_INPUT, ["word " * 400], [1, 1]),
-        ],
-        ENCODER,
-        ["instruction", "max_length 256"],
-    ),
+CASES = {  # inputs, request parameters, what the message names
+    "both inputs": (lambda: query("q") + documents(["d"]), None, ["not both"]),
+    "neither input": (lambda: [], None, ["query", "documents"]),
+    "empty documents list": (empty_documents, None, ["documents is empty", "1 and 1024"]),
+    "empty document": (lambda: documents(["fine", ""]), None, ["documents[1]", "empty string"]),
+    "empty query": (lambda: query(""), None, ["query[0]", "empty string"]),
+    "non-UTF-8 document": (lambda: documents([b"ok", b"caf\xe9"]), None, ["documents[1]", "UTF-8"]),
+    "non-UTF-8 query": (lambda: query(b"\xff\xfe"), None, ["query[0]", "UTF-8"]),
+    "too many documents": (lambda: documents(["d"] * 1025), None, ["1025", "at most 1024", "max_documents"]),
+    "query with two texts": (lambda: [bytes_input(contract.QUERY_INPUT, ["a", "b"], [2])], None, ["query"]),
+    "unknown prompt_name": (lambda: documents(["t"]), {"prompt_name": "passage"}, ["prompt_name", "'query'", "'passage'"]),
+    "instruction longer than max_length": (lambda: query("t"), {"instruction": "word " * 400}, ["instruction", "max_length 256"]),
 }
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_bad_input_is_rejected_clearly_and_server_stays_healthy(nvembed_server, case):
-    make_inputs, model, expected_phrases = CASES[case]
+    make_inputs, parameters, expected_phrases = CASES[case]
     with nvembed_server.client() as client:
         with pytest.raises(InferenceServerException) as raised:
-            infer(client, model, make_inputs())
+            infer(client, PUBLIC_MODEL, make_inputs(), parameters)
         assert raised.value.status() == "StatusCode.INVALID_ARGUMENT", raised.value
         for phrase in expected_phrases:
             assert phrase in raised.value.message(), raised.value.message()
@@ -69,26 +56,22 @@ def test_bad_input_is_rejected_clearly_and_server_stays_healthy(nvembed_server, 
 
 
 def test_a_bad_request_does_not_fail_good_ones_batched_with_it(nvembed_server):
-    """The encoder answers each request of a dynamic batch on its own."""
+    """The model answers each request of a lane's batch on its own: a text over max_length with
+    truncate NONE is refused in the same encode call that embeds the others."""
     from concurrent.futures import ThreadPoolExecutor
 
-    def good():
-        return [bytes_input(contract.TEXT_INPUT, ["good text", "another"], [1, 2])]
-
-    def bad():
-        return [bytes_input(contract.TEXT_INPUT, ["fine", b"\xff"], [1, 2])]
-
-    def call(make_inputs):
+    def call(bad: bool):
+        texts = ["fine", "word " * 400] if bad else ["good text", "another"]
         with nvembed_server.client() as client:
             try:
-                return infer(client, ENCODER, make_inputs())
+                return infer(client, PUBLIC_MODEL, documents(texts), {"truncate": "NONE"})
             except InferenceServerException as error:
                 return error
 
     with ThreadPoolExecutor(8) as pool:
-        outcomes = list(pool.map(call, [good, bad] * 8))
-    for make_inputs, outcome in zip([good, bad] * 8, outcomes, strict=True):
-        if make_inputs is good:
-            assert isinstance(outcome, np.ndarray) and outcome.shape == (1, 2, 64)
+        outcomes = list(pool.map(call, [False, True] * 8))
+    for bad, outcome in zip([False, True] * 8, outcomes, strict=True):
+        if not bad:
+            assert isinstance(outcome, np.ndarray) and outcome.shape == (2, 64)
         else:
-            assert isinstance(outcome, InferenceServerException) and "text[0][1]" in outcome.message()
+            assert isinstance(outcome, InferenceServerException) and "text 1 is" in outcome.message()

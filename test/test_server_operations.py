@@ -9,7 +9,6 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
-from conftest import SMALL_QUEUE as QUEUE
 from conftest import TEST_MAX_LENGTH
 from grpc_helpers import bytes_input, cosine, embed_documents, embed_query
 from nvembed_reference import ReferenceNVEmbed
@@ -25,79 +24,123 @@ from nvembed_triton.protocol.contract import (
     RETRIEVAL_TASK,
     TOKEN_COUNTS_OUTPUT,
     TRUNCATED_OUTPUT,
-    encoder_model_name,
     nvembed_query_instruction,
 )
-from nvembed_triton.protocol.settings import PUBLIC, model_settings, triton_parameters
+from nvembed_triton.protocol.settings import model_settings, triton_parameters
 
 pytestmark = pytest.mark.server  # starts real tritonservers
 
+# A long request (~75 KB of text: the long lane) and a short one (~15 KB: the short lane), each a
+# few forward passes of the tiny model.
 DOCUMENTS = [f"document {i} " + "bread flour yeast water salt " * 40 for i in range(64)]
+SHORT_DOCUMENTS = DOCUMENTS[:12]
+TRITONS_FULL_QUEUE = "Exceeds maximum queue size"  # Triton's own refusal; a full lane says "... lane is full"
 
 
-def test_a_burst_over_capacity_is_refused_fast_and_the_rest_is_served(small_queue_server):
-    """A burst of 128 against what the public model's instances hold plus a queue of QUEUE."""
-    burst = 128
-    with small_queue_server.client() as client:
-        expected = embed_documents(client, PUBLIC_MODEL, DOCUMENTS)
+def held_and_queue(server) -> tuple[int, int]:
+    """What the server's model holds at once (max_held_requests) and Triton's queue beyond it, read
+    from the model config the server serves."""
+    with server.client() as client:
         config = client.get_model_config(PUBLIC_MODEL, as_json=True)["config"]
-    per_instance = model_settings(PUBLIC, triton_parameters(config), {})["requests_per_instance"]
-    held = int(config["instance_group"][0]["count"]) * per_instance
+    held = model_settings(triton_parameters(config), {})["max_held_requests"]
+    return held, int(config["dynamic_batching"]["default_queue_policy"]["max_queue_size"])
+
+
+def burst(server, texts: list[str], size: int) -> tuple[list, list]:
+    """`size` requests at once: (the embeddings served, the (error, seconds) of those refused)."""
 
     def one(_):
         started = time.monotonic()
-        with small_queue_server.client() as client:
+        with server.client() as client:
             try:
-                return embed_documents(client, PUBLIC_MODEL, DOCUMENTS), time.monotonic() - started
+                return embed_documents(client, PUBLIC_MODEL, texts), time.monotonic() - started
             except InferenceServerException as error:
                 return error, time.monotonic() - started
 
-    with ThreadPoolExecutor(burst) as pool:
-        outcomes = list(pool.map(one, range(burst)))
+    with ThreadPoolExecutor(size) as pool:
+        outcomes = list(pool.map(one, range(size)))
     served = [result for result, _ in outcomes if isinstance(result, np.ndarray)]
     refused = [(error, seconds) for error, seconds in outcomes if isinstance(error, InferenceServerException)]
+    assert len(served) + len(refused) == size
+    return served, refused
+
+
+def test_a_burst_of_long_requests_over_the_long_lane_is_refused_fast_and_the_rest_is_served(small_queue_server):
+    """The long lane holds half of what the model holds: the rest of a burst of long requests is
+    refused at once (never queued behind them, where short requests would wait too)."""
+    held, _ = held_and_queue(small_queue_server)
+    with small_queue_server.client() as client:
+        expected = embed_documents(client, PUBLIC_MODEL, DOCUMENTS)
+    size = 64
+    served, refused = burst(small_queue_server, DOCUMENTS, size)
     reject_ms = sorted(seconds * 1e3 for _, seconds in refused)
-    print(f"burst of {burst} ({held} held + queue {QUEUE}): {len(served)} served, {len(refused)} refused; "
+    print(f"burst of {size} long requests (long lane {held // 2}): {len(served)} served, {len(refused)} refused; "
           f"time to refuse p50 {reject_ms[len(reject_ms) // 2]:.0f} ms, max {reject_ms[-1]:.0f} ms")  # fmt: skip
-    assert len(served) + len(refused) == burst and len(refused) >= burst - held - QUEUE - 8
-    reasons = {(str(e.status()), e.message()[:160]) for e, _ in refused}
-    assert all("UNAVAILABLE" in str(e.status()) and "maximum queue size" in e.message() for e, _ in refused), reasons
+    assert len(refused) >= size - held // 2 - 8, len(refused)  # a few more are served as the first ones finish
+    messages = {(str(e.status()), e.message()[:160]) for e, _ in refused}
+    # Refused by the long lane, or by Triton's small queue while the model reads what arrived before.
+    assert all("UNAVAILABLE" in str(e.status()) and "maximum queue size" in e.message() for e, _ in refused), messages
+    assert any("long lane is full" in e.message() for e, _ in refused), messages
     assert reject_ms[len(reject_ms) // 2] < 500 and reject_ms[-1] < 3000  # the slowest ones wait for a loaded machine
     assert all(np.all(cosine(r, expected) >= 0.99999) for r in served)
     with small_queue_server.client() as client:
         assert embed_query(client, PUBLIC_MODEL, "healthy afterwards").shape[0] == 1
 
 
+def test_a_burst_over_what_the_model_holds_fills_tritons_queue_which_refuses_the_rest(small_queue_server):
+    """Short requests take every place the model has; Triton's queue holds the next few and refuses
+    the rest at once, and every refusal says so."""
+    held, queue = held_and_queue(small_queue_server)
+    with small_queue_server.client() as client:
+        expected = embed_documents(client, PUBLIC_MODEL, SHORT_DOCUMENTS)
+    size = 64
+    served, refused = burst(small_queue_server, SHORT_DOCUMENTS, size)
+    print(f"burst of {size} short requests ({held} held + queue {queue}): {len(served)} served, {len(refused)} refused")
+    assert len(refused) >= size // 2, len(refused)  # arrivals outpace the passes of what is held
+    assert all("UNAVAILABLE" in str(e.status()) and TRITONS_FULL_QUEUE in e.message() for e, _ in refused)
+    assert all(np.all(cosine(r, expected) >= 0.99999) for r in served)
+
+
 def test_a_full_queue_is_not_mistaken_for_a_broken_server(small_queue_server):
-    """Overload for longer than serve.sh's probe interval: its probe meets the full queue, and
-    must not restart the server (which would drop the work it holds)."""
+    """Overload for longer than serve.sh's probe interval: its probe meets a model holding all it
+    can and a full queue, and must not restart the server (which would drop the work it holds)."""
     from nvembed_triton.serving.supervisor import Timings
 
+    held, queue = held_and_queue(small_queue_server)
     deadline = time.monotonic() + Timings.health_interval_s * 1.6
+    refusals = []
 
     def overload(_):
         with small_queue_server.client() as client:
             while time.monotonic() < deadline:
                 try:
-                    embed_documents(client, PUBLIC_MODEL, DOCUMENTS)
-                except InferenceServerException:
-                    pass
+                    embed_documents(client, PUBLIC_MODEL, SHORT_DOCUMENTS)
+                except InferenceServerException as error:
+                    refusals.append(TRITONS_FULL_QUEUE in error.message())
 
     before = small_queue_server.console_path.read_text()
-    with ThreadPoolExecutor(48) as pool:
-        list(pool.map(overload, range(48)))
+    with ThreadPoolExecutor(4 * (held + queue)) as pool:
+        list(pool.map(overload, range(4 * (held + queue))))
+    assert any(refusals), "the queue never filled"
     assert "restarting" not in small_queue_server.console_path.read_text()[len(before) :]
     with small_queue_server.client() as client:
         assert embed_query(client, PUBLIC_MODEL, "still the same server").shape[0] == 1
 
 
-def test_the_python_client_rides_out_a_full_queue(small_queue_server):
-    """Its retries with backoff turn refusals into later successes."""
-    with EmbeddingClient(small_queue_server.url, max_concurrency=32) as client:
-        expected = client.encode(DOCUMENTS[:8])
-        with ThreadPoolExecutor(32) as pool:
-            results = list(pool.map(lambda _: client.encode(DOCUMENTS[:8]), range(64)))
+def test_the_python_client_rides_out_a_full_queue(small_queue_server, monkeypatch):
+    """Its retries with backoff turn refusals into later successes (the retries are counted)."""
+    from nvembed_triton.clients import client as client_module
+
+    retries, backoff = [], client_module._backoff_s
+    monkeypatch.setattr(client_module, "_backoff_s", lambda failures: retries.append(failures) or backoff(failures))
+    held, queue = held_and_queue(small_queue_server)
+    concurrency = 4 * (held + queue)
+    with EmbeddingClient(small_queue_server.url, max_concurrency=concurrency) as client:
+        expected = client.encode(SHORT_DOCUMENTS)
+        with ThreadPoolExecutor(concurrency) as pool:
+            results = list(pool.map(lambda _: client.encode(SHORT_DOCUMENTS), range(2 * concurrency)))
     assert all(np.all(cosine(r, expected) >= 0.99999) for r in results)
+    assert retries, "no request was refused: the queue never filled"
 
 
 # --- usage and metrics -----------------------------------------------------------------------------
@@ -146,7 +189,7 @@ def test_usage_comes_on_request_and_matches_the_tokenizer(nvembed_server, tiny_c
 def test_metrics_count_texts_tokens_passes_and_rejections(nvembed_server, tiny_checkpoint):
     """Exact differences over a known sequence (serve.sh's health probes are queries, so only
     document counts are exact)."""
-    encoder = encoder_model_name(PUBLIC_MODEL)
+    model = PUBLIC_MODEL
     before = scrape(nvembed_server)
     with nvembed_server.client() as client:
         embed_documents(client, PUBLIC_MODEL, USAGE_TEXTS)
@@ -158,21 +201,21 @@ def test_metrics_count_texts_tokens_passes_and_rejections(nvembed_server, tiny_c
 
     def observed(after):
         return (
-            delta(before, after, "nvembed_texts_total", model=encoder, prompt="document"),
-            delta(before, after, "nvembed_tokens_total", model=encoder, prompt="document"),
-            delta(before, after, "nvembed_truncated_texts_total", model=encoder),
-            delta(before, after, "nvembed_rejected_requests_total", model=PUBLIC_MODEL, reason="invalid_input"),
+            delta(before, after, "nvembed_texts_total", model=model, prompt="document"),
+            delta(before, after, "nvembed_tokens_total", model=model, prompt="document"),
+            delta(before, after, "nvembed_truncated_texts_total", model=model),
+            delta(before, after, "nvembed_rejected_requests_total", model=model, reason="invalid_input"),
         )
 
     # Each stub sends its metrics a moment after the responses (metrics.SEND_INTERVAL_S).
     after = settled(lambda: scrape(nvembed_server), lambda after: observed(after) == (4, sum(c for c, _ in counts), 1, 2))
-    assert delta(before, after, "nvembed_texts_total", model=encoder, prompt="document") == 4
-    assert delta(before, after, "nvembed_tokens_total", model=encoder, prompt="document") == sum(c for c, _ in counts)
-    assert delta(before, after, "nvembed_truncated_texts_total", model=encoder) == 1
-    assert delta(before, after, "nvembed_rejected_requests_total", model=PUBLIC_MODEL, reason="invalid_input") == 2
-    passes = delta(before, after, "nvembed_forward_passes_total", model=encoder)
+    assert delta(before, after, "nvembed_texts_total", model=model, prompt="document") == 4
+    assert delta(before, after, "nvembed_tokens_total", model=model, prompt="document") == sum(c for c, _ in counts)
+    assert delta(before, after, "nvembed_truncated_texts_total", model=model) == 1
+    assert delta(before, after, "nvembed_rejected_requests_total", model=model, reason="invalid_input") == 2
+    passes = delta(before, after, "nvembed_forward_passes_total", model=model)
     assert passes >= 2  # two requests, not batched together: they were sent one after the other
-    assert delta(before, after, "nvembed_padded_tokens_total", model=encoder) >= sum(c for c, _ in counts)
+    assert delta(before, after, "nvembed_padded_tokens_total", model=model) >= sum(c for c, _ in counts)
 
 
 # --- per-request options -----------------------------------------------------------------------------
@@ -259,13 +302,3 @@ def test_options_work_for_sentence_transformers_models(minilm_server):
         usage = client.embed_with_usage(["short text", long_text])
     assert cosine(end, start) < 0.9999  # START kept "the end", END did not
     assert usage.truncated.tolist() == [False, True] and usage.token_counts[1] == 256
-
-
-def test_the_encoders_direct_interface_takes_truncate_too(nvembed_server):
-    encoder = encoder_model_name(PUBLIC_MODEL)
-    tensor = bytes_input(contract.TEXT_INPUT, [[LONG_TEXT]], [1, 1])
-    with nvembed_server.client() as client:
-        direct = client.infer(encoder, [tensor], parameters={"truncate": "START"}).as_numpy(EMBEDDINGS_OUTPUT)[0]
-        with pytest.raises(InferenceServerException, match="truncate is NONE"):
-            client.infer(encoder, [tensor], parameters={"truncate": "NONE"})
-    assert cosine(direct, infer_with(nvembed_server, contract.DOCUMENTS_INPUT, [LONG_TEXT], truncate="START")) >= 0.99999

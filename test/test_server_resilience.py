@@ -1,6 +1,6 @@
 """Hard edges through real servers, from outside as a hostile or merely heavy client would meet them:
 Triton's administrative APIs are closed, a slow valid request is never taken for a fault and does
-not hold short ones, a stuck encoder is restarted, every death is seen after any number of
+not hold short ones, a stuck model is restarted, every death is seen after any number of
 restarts, and no run leaves shared memory or run directories behind, whatever is killed."""
 
 from __future__ import annotations
@@ -24,16 +24,15 @@ from server_processes import http, tritonserver_pid, wait_for_api
 from tritonclient.utils import InferenceServerException
 
 from nvembed_triton.clients.client import EmbeddingClient
-from nvembed_triton.protocol.contract import INFERENCE_KEY_HEADER, PUBLIC_MODEL, encoder_model_name, grpc_header
+from nvembed_triton.protocol.contract import INFERENCE_KEY_HEADER, PUBLIC_MODEL, grpc_header
 from nvembed_triton.serving.leftovers import SHM_DIR
 from nvembed_triton.serving.memory import find_jemalloc
 from nvembed_triton.serving.server import ADMIN_KEY_GRPC_HEADER, ADMIN_KEY_HEADER, free_port, stubs_of, wait_until_ready
 
 pytestmark = pytest.mark.server  # starts real tritonservers
 
-ENCODER = encoder_model_name(PUBLIC_MODEL)
 STALL_TIMEOUT_S = 3.0
-# The supervisor looks often and gives up on a silent encoder quickly, so the tests stay short.
+# The supervisor looks often and gives up on a silent model quickly, so the tests stay short.
 FAST_SUPERVISOR = {"NVEMBED_HEALTH_INTERVAL_S": "0.5", "NVEMBED_STALL_TIMEOUT_S": str(STALL_TIMEOUT_S)}
 RECOVERY_LIMIT_S = 60.0
 
@@ -121,7 +120,7 @@ def test_clients_cannot_register_shared_memory_or_touch_logging_statistics_or_tr
 @pytest.fixture(scope="module")
 def long_text_server(tmp_path_factory, tiny_checkpoint):
     """Texts up to 32768 tokens (the published max_length: one pass of that length takes ~12 s on
-    this CPU), and a supervisor that gives up on a silent encoder after STALL_TIMEOUT_S."""
+    this CPU), and a supervisor that gives up on a silent model after STALL_TIMEOUT_S."""
     env = {"NVEMBED_MODEL_DIR": str(tiny_checkpoint), "NVEMBED_MAX_LENGTH": "32768", **FAST_SUPERVISOR}
     server = start_server(tmp_path_factory.mktemp("long-text-server"), PUBLIC_MODEL, ["--device", "cpu"], env)
     yield server
@@ -169,26 +168,29 @@ def test_a_slow_valid_request_is_never_a_fault_and_short_ones_pass_it(long_text_
     assert len(during) >= 5 and max(during) < 3.0 and np.median(during) < 1.0
 
 
-def test_a_stuck_encoder_is_restarted(long_text_server):
-    """An encoder that stops (SIGSTOP: no CPU, nothing completes) while a query waits: after the
+def test_a_stuck_model_is_restarted(long_text_server):
+    """A model that stops (SIGSTOP: no CPU, nothing completes) while a query waits: after the
     stall timeout the supervisor restarts the server, and the client's retries succeed."""
     server = long_text_server
     count = restarts(server)
-    encoder = next(s for s in stubs_of(tritonserver_pid(server)) if s.instance.startswith(ENCODER))
-    os.kill(encoder.pid, signal.SIGSTOP)
+    stub = next(s for s in stubs_of(tritonserver_pid(server)) if s.instance.startswith(PUBLIC_MODEL))
+    os.kill(stub.pid, signal.SIGSTOP)
     stopped = time.monotonic()
     try:
         with EmbeddingClient(server.url) as client:
-            vector = client.encode("a query sent to a stuck encoder", prompt_name="query")
+            vector = client.encode("a query sent to a stuck model", prompt_name="query")
         answered_s = time.monotonic() - stopped
     finally:
         with contextlib.suppress(ProcessLookupError):  # gone once the restart has killed it
-            os.kill(encoder.pid, signal.SIGCONT)
+            os.kill(stub.pid, signal.SIGCONT)
     wait_for_restarts(server, count + 1)  # the launcher logs it once its own readiness poll sees it
-    print(f"stuck encoder: answered {answered_s:.1f} s after SIGSTOP")
-    assert restarts(server) == count + 1 and "no progress for" in server.console_path.read_text()
+    print(f"stuck model: answered {answered_s:.1f} s after SIGSTOP")
+    # Seen by the stall rule, or by Triton's Python backend, which finds the stub unresponsive and
+    # fails the probe sent to it ("not healthy"), whichever comes first.
+    reason = [line for line in server.console_path.read_text().splitlines() if "restarting tritonserver" in line][-1]
+    assert restarts(server) == count + 1 and ("no progress for" in reason or "is not healthy" in reason), reason
     assert abs(np.linalg.norm(vector) - 1) < 1e-3
-    assert STALL_TIMEOUT_S <= answered_s < RECOVERY_LIMIT_S
+    assert answered_s < RECOVERY_LIMIT_S
 
 
 # --- every death is seen, and nothing is left behind ----------------------------------------------
@@ -231,12 +233,12 @@ def test_an_inference_key_is_required_of_clients_but_not_of_health_or_metadata(r
 
 
 def test_every_death_is_seen_after_any_number_of_restarts_and_leaves_no_shared_memory(restartable_server):
-    """Kill the encoder's stub, then a public stub, again, and tritonserver itself: each time the
-    server is restarted and serves, and the run's shared memory is exactly the live stubs' regions
-    (the dead processes' regions are gone; before, one crash left 49 regions, up to 653 MiB)."""
+    """Kill the model's stub, again, and tritonserver itself: each time the server is restarted and
+    serves, and the run's shared memory is exactly the live stubs' regions (the dead processes'
+    regions are gone; before, one crash left 49 regions, up to 653 MiB)."""
     server = restartable_server
     prefix = region_prefix(server)
-    victims = [f"{ENCODER}_0_0", f"{PUBLIC_MODEL}_0_1", f"{PUBLIC_MODEL}_0_1", "tritonserver"]
+    victims = [f"{PUBLIC_MODEL}_0_0", f"{PUBLIC_MODEL}_0_0", "tritonserver"]
     with EmbeddingClient(server.url, inference_key=INFERENCE_KEY) as client:
         expected = client.encode(["a document to check against"])
         for round_, victim in enumerate(victims, start=1):
@@ -259,7 +261,7 @@ def serve_sh_without_run_dir(tiny_checkpoint) -> tuple[subprocess.Popen, str]:
     env = {**os.environ, **ports, "PYTHON": sys.executable, "NVEMBED_MODEL_DIR": str(tiny_checkpoint)}
     process = subprocess.Popen([str(SERVE_SH), "--device", "cpu"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     url = f"127.0.0.1:{ports['TRITON_GRPC_PORT']}"
-    wait_until_ready(url, (PUBLIC_MODEL, ENCODER), process, Path("/nonexistent"), 300)
+    wait_until_ready(url, (PUBLIC_MODEL,), process, Path("/nonexistent"), 300)
     return process, url
 
 

@@ -19,18 +19,18 @@ import numpy as np
 import pytest
 from conftest import TEST_ADMIN_KEY, TEST_MAX_LENGTH, start_tiny_server, stop_server
 from grpc_helpers import bytes_input, cosine, embed_documents, embed_query, infer
-from server_processes import http, memory_mb, tritonserver_pid
+from server_processes import http, memory_mb, scrape_metrics, tritonserver_pid
 from tritonclient.utils import InferenceServerException
 
 from nvembed_triton.clients.client import EmbeddingClient
 from nvembed_triton.protocol import contract
-from nvembed_triton.protocol.contract import PUBLIC_MODEL, encoder_model_name
+from nvembed_triton.protocol.contract import PUBLIC_MODEL
+from nvembed_triton.serving.metrics import EXECUTING_METRIC
 from nvembed_triton.serving.serve import closed_flag
 from nvembed_triton.serving.server import ADMIN_KEY_GRPC_HEADER, ADMIN_KEY_HEADER, stubs_of
 
 pytestmark = pytest.mark.server  # starts real tritonservers
 
-ENCODER = encoder_model_name(PUBLIC_MODEL)
 TEXTS = ["a first document about flour", "a second one about bread", "the third is about yeast"]
 RECOVERY_LIMIT_S = 60.0
 
@@ -75,7 +75,7 @@ def test_clients_cannot_unload_or_load_models_over_grpc(nvembed_server, tmp_path
     headers, refusal = ({ADMIN_KEY_GRPC_HEADER: TEST_ADMIN_KEY}, "not allowed") if with_admin_key else ({}, ADMIN_KEY_HEADER)
     with nvembed_server.client() as client:
         with pytest.raises(InferenceServerException, match=refusal):
-            client.unload_model(ENCODER, headers=headers)
+            client.unload_model(PUBLIC_MODEL, headers=headers)
         with pytest.raises(InferenceServerException, match=refusal):
             client.load_model(
                 "evil",
@@ -85,7 +85,7 @@ def test_clients_cannot_unload_or_load_models_over_grpc(nvembed_server, tmp_path
             )
         time.sleep(1)
         assert not marker.exists()
-        assert client.is_model_ready(ENCODER)
+        assert client.is_model_ready(PUBLIC_MODEL)
         assert embed_documents(client, PUBLIC_MODEL, TEXTS).shape[0] == len(TEXTS)
 
 
@@ -106,27 +106,12 @@ def test_ports_bind_to_loopback_by_default(nvembed_server):
 # --- bounded requests ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("model", [PUBLIC_MODEL, ENCODER])
-def test_too_many_bytes_is_refused_naming_the_limit(nvembed_server, model):
+def test_too_many_bytes_is_refused_naming_the_limit(nvembed_server):
     big = ["x" * (6 * 2**20)] * 3  # 18 MiB > 16 MiB
-    name = contract.DOCUMENTS_INPUT if model == PUBLIC_MODEL else contract.TEXT_INPUT
     with nvembed_server.client() as client, pytest.raises(InferenceServerException) as raised:
-        infer(client, model, [bytes_input(name, [big], [1, len(big)])])
+        infer(client, PUBLIC_MODEL, [bytes_input(contract.DOCUMENTS_INPUT, [big], [1, len(big)])])
     assert "INVALID_ARGUMENT" in str(raised.value.status())
     assert "max_request_bytes" in raised.value.message() and str(16 * 2**20) in raised.value.message()
-
-
-def test_the_encoder_enforces_max_documents_too(nvembed_server):
-    with nvembed_server.client() as client, pytest.raises(InferenceServerException) as raised:
-        infer(client, ENCODER, [bytes_input(contract.TEXT_INPUT, [["t"] * 1025], [1, 1025])])
-    assert "INVALID_ARGUMENT" in str(raised.value.status()) and "max_documents" in raised.value.message()
-
-
-def test_encoder_request_without_text_is_a_clear_error(nvembed_server):
-    with nvembed_server.client() as client, pytest.raises(InferenceServerException) as raised:
-        infer(client, ENCODER, [bytes_input(contract.PROMPT_NAME_INPUT, ["query"], [1, 1])])
-    assert "INVALID_ARGUMENT" in str(raised.value.status())
-    assert "Traceback" not in raised.value.message() and "text" in raised.value.message()
 
 
 def test_a_byte_order_mark_is_not_embedded(nvembed_server):
@@ -172,29 +157,63 @@ def test_oversized_requests_leave_memory_and_speed_as_they_were(nvembed_server):
 
 # --- work nobody waits for ----------------------------------------------------------------------
 
-LARGE_REQUEST = [f"doc {i} " + "bread flour yeast water salt " * 60 for i in range(1024)]  # ~6 s of work here
+# 1024 texts over max_length (TEST_MAX_LENGTH tokens each): ~260k tokens, ~3 s of passes here.
+LARGE_REQUEST = [f"doc {i} " + "bread flour yeast water salt " * 60 for i in range(1024)]
+LARGE_REQUEST_TOKENS = len(LARGE_REQUEST) * TEST_MAX_LENGTH
 
 
-def assert_next_query_is_prompt(server, after: str) -> None:
-    with server.client() as client:
-        started = time.monotonic()
-        embed_query(client, PUBLIC_MODEL, "a normal query")
-        waited = time.monotonic() - started
-    print(f"a query after {after}: {waited:.2f} s")
-    assert waited < 10  # before: every abandoned request was computed (67 s for 20)
+def large_request():
+    return [bytes_input(contract.DOCUMENTS_INPUT, [LARGE_REQUEST], [1, len(LARGE_REQUEST)])]
+
+
+def wait_until_idle(server, timeout_s: float = 60.0) -> None:
+    """Until the model holds nothing and nothing is queued (its gauge and Triton's), for a moment."""
+    deadline, idle_since = time.monotonic() + timeout_s, None
+    while time.monotonic() < deadline:
+        values = scrape_metrics(server.metrics_port)
+        busy = sum(v for (name, _), v in values.items() if name in (EXECUTING_METRIC, "nv_inference_pending_request_count"))
+        idle_since = (idle_since or time.monotonic()) if not busy else None
+        if idle_since and time.monotonic() - idle_since > 1.0:  # past the metrics' send interval
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"the server was still busy after {timeout_s:.0f} s: the abandoned work was computed")
+
+
+def computed_while(server, action) -> tuple[float, float]:
+    """Runs `action`, waits until the server is idle again: (tokens its forward passes computed,
+    texts it embedded) meanwhile, from the model's own counters."""
+
+    def counters():
+        values = scrape_metrics(server.metrics_port)
+        model = ("model", PUBLIC_MODEL)
+        tokens = sum(v for (n, labels), v in values.items() if n == "nvembed_padded_tokens_total" and model in labels)
+        texts = sum(v for (n, labels), v in values.items() if n == "nvembed_texts_total" and model in labels)
+        return tokens, texts
+
+    wait_until_idle(server)
+    tokens, texts = counters()
+    action()
+    wait_until_idle(server)
+    after = counters()
+    return after[0] - tokens, after[1] - texts
 
 
 def test_work_abandoned_by_its_clients_is_skipped(nvembed_server):
-    """20 large requests whose clients time out after 50 ms: without cancellation the next query
-    waits for all of them (minutes on this machine); with it, it is answered within seconds."""
+    """20 large requests whose clients time out after 50 ms: the model computes almost none of their
+    ~5M tokens, and embeds none of their texts (counted by the model itself, not timed)."""
 
     def abandon(_):
         with nvembed_server.client() as client, pytest.raises(InferenceServerException, match="DEADLINE_EXCEEDED"):
-            client.infer(PUBLIC_MODEL, [bytes_input(contract.DOCUMENTS_INPUT, [LARGE_REQUEST], [1, 1024])], client_timeout=0.05)
+            client.infer(PUBLIC_MODEL, large_request(), client_timeout=0.05)
 
-    with ThreadPoolExecutor(20) as pool:
-        list(pool.map(abandon, range(20)))
-    assert_next_query_is_prompt(nvembed_server, "20 abandoned large requests")
+    def abandon_20():
+        with ThreadPoolExecutor(20) as pool:
+            list(pool.map(abandon, range(20)))
+
+    tokens, texts = computed_while(nvembed_server, abandon_20)
+    print(f"20 abandoned requests of {LARGE_REQUEST_TOKENS} tokens each: {tokens:.0f} tokens computed, {texts:.0f} texts")
+    assert tokens < 0.05 * 20 * LARGE_REQUEST_TOKENS
+    assert texts <= 2  # serve.sh's health probes
 
 
 def test_work_of_killed_clients_is_skipped(nvembed_server):
@@ -208,29 +227,40 @@ def test_work_of_killed_clients_is_skipped(nvembed_server):
         f"client = g.InferenceServerClient('{nvembed_server.url}')\n"
         f"for _ in range(100): client.infer('{PUBLIC_MODEL}', [t])\n"
     )
-    clients = [subprocess.Popen([sys.executable, "-c", client_code]) for _ in range(8)]
-    time.sleep(2)  # connected, sent, and being worked on
-    still_waiting = [process.poll() is None for process in clients]
-    for process in clients:
-        process.kill()
-        process.wait()
+    still_waiting = []
+
+    def kill_8_clients():
+        clients = [subprocess.Popen([sys.executable, "-c", client_code]) for _ in range(8)]
+        time.sleep(4)  # connected, sent, and being worked on
+        still_waiting.extend(process.poll() is None for process in clients)
+        for process in clients:
+            process.kill()
+            process.wait()
+
+    tokens, _ = computed_while(nvembed_server, kill_8_clients)
+    print(f"8 killed clients: {tokens:.0f} tokens computed, of {8 * LARGE_REQUEST_TOKENS} sent in the requests killed")
     assert all(still_waiting), "a client ended before it was killed (an error?)"
-    assert_next_query_is_prompt(nvembed_server, "8 killed clients")
+    # Their requests' work up to the kill, and little after it: far less than one request each.
+    assert tokens < 4 * LARGE_REQUEST_TOKENS
 
 
-def test_a_request_timeout_stops_the_work(nvembed_server):
-    """tritonclient's per-request `timeout` (microseconds): the request fails as cancelled soon
-    after it, and its remaining work is skipped."""
-    with nvembed_server.client() as client:
-        started = time.monotonic()
-        with pytest.raises(InferenceServerException, match="timeout passed"):
-            client.infer(PUBLIC_MODEL, [bytes_input(contract.DOCUMENTS_INPUT, [LARGE_REQUEST], [1, 1024])], timeout=200_000)
-        failed_after = time.monotonic() - started
-        started = time.monotonic()
-        embed_query(client, PUBLIC_MODEL, "a normal query")
-        waited = time.monotonic() - started
-    print(f"timeout 200 ms: failed after {failed_after:.2f} s; next query {waited:.2f} s")
-    assert failed_after < 2 and waited < 3
+def test_a_request_timeout_answers_at_once_and_stops_the_work(nvembed_server):
+    """tritonclient's per-request `timeout` (microseconds): the request fails as cancelled at its
+    timeout, and almost none of its work is computed."""
+    failed_after = []
+
+    def time_out():
+        with nvembed_server.client() as client:
+            started = time.monotonic()
+            with pytest.raises(InferenceServerException, match="timeout passed") as raised:
+                client.infer(PUBLIC_MODEL, large_request(), timeout=200_000)
+            failed_after.append(time.monotonic() - started)
+            assert "CANCELLED" in str(raised.value.status())
+
+    tokens, texts = computed_while(nvembed_server, time_out)
+    print(f"timeout 200 ms: failed after {failed_after[0]:.2f} s; {tokens:.0f} of {LARGE_REQUEST_TOKENS} tokens computed")
+    assert failed_after[0] < 1.5
+    assert tokens < 0.2 * LARGE_REQUEST_TOKENS and texts <= 1
 
 
 # --- self-healing ----------------------------------------------------------------------------------
@@ -243,14 +273,13 @@ def fault_server(tmp_path_factory, tiny_checkpoint):
     stop_server(server)
 
 
-@pytest.mark.parametrize("instance", [f"{ENCODER}_0_0", f"{PUBLIC_MODEL}_0_1"], ids=["encoder stub", "public stub"])
-def test_a_killed_stub_is_repaired_under_load(fault_server, instance):
+def test_a_killed_stub_is_repaired_under_load(fault_server):
     """Clients (the Python client, which retries UNAVAILABLE) keep sending; every call succeeds
     with the same embeddings, readiness is false while the server restarts, and requests succeed
     again well within a minute."""
     with EmbeddingClient(fault_server.url) as client:
         expected = client.encode(TEXTS)
-        stub = next(s for s in stubs_of(tritonserver_pid(fault_server)) if s.instance == instance)
+        stub = next(s for s in stubs_of(tritonserver_pid(fault_server)) if s.instance == f"{PUBLIC_MODEL}_0_0")
         results, failures, stop = [], [], threading.Event()
 
         def load():
@@ -280,7 +309,7 @@ def test_a_killed_stub_is_repaired_under_load(fault_server, instance):
             recovered_s = time.monotonic() - killed
             time.sleep(1)
             stop.set()
-    print(f"{instance}: requests succeed again {recovered_s:.1f} s after the kill")
+    print(f"requests succeed again {recovered_s:.1f} s after the kill")
     assert not failures, failures[:3]
     assert saw_not_ready, "readiness never turned false"
     assert recovered_s < RECOVERY_LIMIT_S

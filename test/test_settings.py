@@ -10,9 +10,8 @@ import pytest
 from nvembed_triton.engine.checkpoint import Architecture, CheckpointError, check_served_name
 from nvembed_triton.protocol import settings
 from nvembed_triton.protocol.settings import (
-    ENCODER,
     LAUNCHER,
-    PUBLIC,
+    MODEL,
     SETTINGS,
     EncoderSettings,
     Setting,
@@ -70,7 +69,7 @@ def test_malformed_device_is_refused(value):
 
 
 def test_environment_wins_over_config_which_wins_over_the_default():
-    values = model_settings(ENCODER, {"device": "cuda:1", "model_dir": "/a"}, {"NVEMBED_DEVICE": "cpu"})
+    values = model_settings({"device": "cuda:1", "model_dir": "/a"}, {"NVEMBED_DEVICE": "cpu"})
     assert values["device"] == "cpu"  # environment
     assert values["model_dir"] == "/a"  # config.pbtxt
     assert values["max_length"] == 32768  # default
@@ -84,19 +83,19 @@ def test_max_length_must_be_a_positive_integer(value):
 
 def test_a_bad_environment_value_names_its_variable():
     with pytest.raises(SettingsError, match=r"max_batch_tokens \(NVEMBED_MAX_BATCH_TOKENS\)"):
-        model_settings(ENCODER, {}, {"NVEMBED_MAX_BATCH_TOKENS": "lots"})
+        model_settings({}, {"NVEMBED_MAX_BATCH_TOKENS": "lots"})
 
 
 def test_a_misspelt_config_parameter_is_refused_not_ignored():
     with pytest.raises(SettingsError, match="unknown config.pbtxt parameter.*max_lenght"):
-        model_settings(ENCODER, {"max_lenght": "512"}, {})
-    with pytest.raises(SettingsError, match="query_instruction"):  # a public-model setting on the encoder
-        model_settings(ENCODER, {"query_instruction": "q: "}, {})
+        model_settings({"max_lenght": "512"}, {})
+    with pytest.raises(SettingsError, match="unknown config.pbtxt parameter.*grpc_port"):  # serve.sh's, not the model's
+        model_settings({"grpc_port": "9001"}, {})
 
 
 def test_request_limits_are_read_from_config_only():
     """Clients read them from the model config, so an environment variable must not change them."""
-    values = model_settings(PUBLIC, {"max_documents": "8"}, {"NVEMBED_MAX_DOCUMENTS": "99"})
+    values = model_settings({"max_documents": "8"}, {"NVEMBED_MAX_DOCUMENTS": "99"})
     assert values["max_documents"] == 8
 
 
@@ -137,23 +136,23 @@ def test_help_and_readme_follow_the_declarations():
 def test_a_new_knob_is_one_declaration(monkeypatch):
     """Adding a Setting is all it takes: the model reads it with its environment override, and
     --help and the README table show it."""
-    knob = Setting("pooling_threads", "4", "threads for the pooling head", ENCODER, positive_int)
+    knob = Setting("pooling_threads", "4", "threads for the pooling head", MODEL, positive_int)
     launcher_knob = Setting("probe_interval_s", "5", "seconds between health probes", LAUNCHER, settings.seconds,
                             env="NVEMBED_PROBE_EVERY", flag="--probe-interval")  # fmt: skip
     declared = (*SETTINGS, knob, launcher_knob)
     monkeypatch.setattr(settings, "SETTINGS", declared)
     monkeypatch.setattr(serve, "SETTINGS", declared)
     monkeypatch.setattr(settings, "BY_KEY", {s.key: s for s in declared})
-    assert model_settings(ENCODER, {}, {})["pooling_threads"] == 4
-    assert model_settings(ENCODER, {"pooling_threads": "2"}, {})["pooling_threads"] == 2
-    assert model_settings(ENCODER, {"pooling_threads": "2"}, {"NVEMBED_POOLING_THREADS": "8"})["pooling_threads"] == 8
+    assert model_settings({}, {})["pooling_threads"] == 4
+    assert model_settings({"pooling_threads": "2"}, {})["pooling_threads"] == 2
+    assert model_settings({"pooling_threads": "2"}, {"NVEMBED_POOLING_THREADS": "8"})["pooling_threads"] == 8
     assert launcher_setting("probe_interval_s", {"NVEMBED_PROBE_EVERY": "2.5"}) == 2.5
     text = help_text()
     assert "NVEMBED_POOLING_THREADS  default 4" in text and "threads for the pooling head" in text
     assert "--probe-interval" in text and "NVEMBED_PROBE_EVERY" in text
     assert serve.parser().parse_args(["--probe-interval", "3"]).probe_interval_s == "3"
     table = settings.markdown_table()
-    assert "| `pooling_threads` | `NVEMBED_POOLING_THREADS` | - | `4` | encoder |" in table
+    assert "| `pooling_threads` | `NVEMBED_POOLING_THREADS` | - | `4` | model |" in table
     assert "| `probe_interval_s` | `NVEMBED_PROBE_EVERY` | `--probe-interval` | `5` | serve.sh |" in table
 
 
@@ -179,7 +178,7 @@ def test_another_model_cannot_answer_as_nv_embed_v2():
 
 
 def test_the_python_backends_own_parameters_pass():
-    values = model_settings(ENCODER, {"FORCE_CPU_ONLY_INPUT_TENSORS": "no", "EXECUTION_ENV_PATH": "/env.tar.gz"}, {})
+    values = model_settings({"FORCE_CPU_ONLY_INPUT_TENSORS": "no", "EXECUTION_ENV_PATH": "/env.tar.gz"}, {})
     assert "FORCE_CPU_ONLY_INPUT_TENSORS" not in values and values["max_length"] == 32768
 
 
@@ -200,15 +199,6 @@ def plan_for(tiny_checkpoint, repository, environ=None):
     return serve.plan(serve.parser().parse_args(args), environ or {})
 
 
-def test_serve_refuses_limits_the_encoder_would_refuse(tiny_checkpoint, tmp_path):
-    repository = repository_with(tmp_path, nv_embed_v2={"max_documents": "4096"})
-    with pytest.raises(SettingsError, match="max_documents is 4096 on the public model but 1024 on the encoder"):
-        plan_for(tiny_checkpoint, repository)
-    both = {"max_documents": "4096"}
-    raised = repository_with(tmp_path / "both", nv_embed_v2=both, nv_embed_v2_encoder=both)
-    assert plan_for(tiny_checkpoint, raised).name == "nv-embed-v2"
-
-
 @pytest.mark.parametrize(
     "environ,message",
     [
@@ -223,6 +213,6 @@ def test_serve_checks_every_setting_before_anything_starts(tiny_checkpoint, tmp_
 
 
 def test_a_misspelt_config_parameter_stops_serve_before_it_starts(tiny_checkpoint, tmp_path):
-    repository = repository_with(tmp_path, nv_embed_v2_encoder={"max_lenght": "512"})
+    repository = repository_with(tmp_path, nv_embed_v2={"max_lenght": "512"})
     with pytest.raises(SettingsError, match="max_lenght"):
         plan_for(tiny_checkpoint, repository)

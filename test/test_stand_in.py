@@ -32,12 +32,12 @@ def test_serve_sh_refuses_the_stand_in_under_the_public_name(tiny_checkpoint):
     assert "starting tritonserver" not in result.stdout
 
 
-def test_the_encoder_refuses_it_under_the_public_names_too():
-    """For a server started without serve.sh: the encoder's load-time check."""
-    for name in ("nv-embed-v2", "nv-embed-v2-encoder"):
+def test_the_model_refuses_it_under_the_public_name_too():
+    """For a server started without serve.sh: the model's load-time check."""
+    for name in ("nv-embed-v2", "nv-embed-v2-copy"):
         with pytest.raises(CheckpointError, match="cannot be served"):
             check_served_name(name, Architecture.STAND_IN)
-    check_served_name("plumbing-encoder", Architecture.STAND_IN)
+    check_served_name("plumbing", Architecture.STAND_IN)
 
 
 def test_an_unknown_stand_in_is_refused(tiny_checkpoint):

@@ -53,7 +53,7 @@ class StandInServer:
     """What the supervisor asks of a running TritonServer."""
 
     metrics_url: str
-    stub_list: list = field(default_factory=lambda: [FakeStub("m-encoder"), FakeStub("m_0_0")])
+    stub_list: list = field(default_factory=lambda: [FakeStub("m_0_0"), FakeStub("m_0_1")])
     live: bool = True
 
     @property
@@ -81,8 +81,7 @@ def metrics():
 
 
 def supervisor(server, probe=lambda: None):
-    return Supervisor(server, probe, closed_flag=None, log=lambda message: None, timings=FAST, is_busy=is_busy,
-                      worker_model="m-encoder")  # fmt: skip
+    return Supervisor(server, probe, closed_flag=None, log=lambda message: None, timings=FAST, is_busy=is_busy)
 
 
 def first_problem(supervisor, within_s: float, slowest_call_s: list | None = None) -> str | None:
@@ -114,7 +113,7 @@ def test_a_probe_waiting_behind_real_work_holds_up_nothing(metrics):
         problem = first_problem(watcher, within_s=2, slowest_call_s=calls)
     finally:
         released.set()
-    assert problem == "the stub process of m_0_0 died"
+    assert problem == "the stub process of m_0_1 died"
     assert max(calls) < 0.2
 
 
@@ -141,7 +140,7 @@ def test_unanswered_liveness_checks_in_a_row_are_a_problem(metrics):
 
 
 def test_waiting_work_without_progress_is_a_stall(metrics):
-    """Requests wait, none completes and the encoder uses no CPU: a problem after stall_timeout_s."""
+    """Requests wait, none completes and the model uses no CPU: a problem after stall_timeout_s."""
     server = StandInServer(f"http://127.0.0.1:{metrics.port}/metrics")
     metrics.executing.labels(model="m").set(2)
     started = time.monotonic()
@@ -151,7 +150,7 @@ def test_waiting_work_without_progress_is_a_stall(metrics):
 
 
 def test_a_long_computation_or_completions_are_progress(metrics):
-    """The same wait, but the encoder computes (its CPU time grows) or requests complete: no problem."""
+    """The same wait, but the model computes (its CPU time grows) or requests complete: no problem."""
     server = StandInServer(f"http://127.0.0.1:{metrics.port}/metrics")
     metrics.executing.labels(model="m").set(2)
     stop = threading.Event()
@@ -184,6 +183,6 @@ def test_idle_is_never_a_stall(metrics):
 
 
 def test_a_stub_that_died_before_it_was_first_seen_is_seen_by_the_count(metrics):
-    """The configs ask for two stubs; only one was ever there."""
-    server = StandInServer(f"http://127.0.0.1:{metrics.port}/metrics", stub_list=[FakeStub("m-encoder")])
+    """The config asks for two stubs (two GPUs); only one was ever there."""
+    server = StandInServer(f"http://127.0.0.1:{metrics.port}/metrics", stub_list=[FakeStub("m_0_0")])
     assert first_problem(supervisor(server), 1) == "1 of 2 stub processes are gone"

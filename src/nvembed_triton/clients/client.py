@@ -232,12 +232,6 @@ def _reason(error: InferenceServerException) -> Reason:
     return reason_of(error.message() or str(error), _status(error))
 
 
-def _is_retryable(error: InferenceServerException) -> bool:
-    """Per reasons.REASONS: a full queue, a drain, a restart (a dead stub's INTERNAL too) or a
-    connection that failed. Embedding has no side effects, so resending is safe."""
-    return _reason(error).retry
-
-
 def _backoff_s(failures: int) -> float:
     return min(RETRY_BASE_DELAY_S * 2 ** (failures - 1), RETRY_MAX_DELAY_S)
 

@@ -45,7 +45,7 @@ INFERENCE_KEY_VARIABLE = "NVEMBED_INFERENCE_KEY"  # Triton's key, inherited from
 # The body holds texts as JSON strings: escaping can double them, so twice the model's text limit.
 BODY_BYTES_PER_TEXT_BYTE = 2
 BODY_TIMEOUT_S = 60.0  # for the whole body to arrive: 33 MiB at ~0.5 MiB/s
-# Requests to Triton at once, across HTTP callers; the rest wait here. Well below the public model's
+# Requests to Triton at once, across HTTP callers; the rest wait here. Well below the model's
 # queue (256), so one large HTTP request cannot fill it: 2048 texts are 64 requests of 32.
 MAX_IN_FLIGHT = 64
 MAX_CONNECTIONS = 256  # uvicorn's limit_concurrency: beyond it, new requests get 503 at once

@@ -2,31 +2,22 @@
 the client and the tests. Defined once here; nothing else spells these strings."""
 
 PUBLIC_MODEL = "nv-embed-v2"
-# Every public model `X` forwards its work to the model `X-encoder`, which holds the weights.
-ENCODER_SUFFIX = "-encoder"
 
-# Public model (max_batch_size 0): exactly one of these per request.
+# The model takes exactly one of these per request (max_batch_size 0: no batch dimension).
 QUERY_INPUT = "query"  # BYTES [1]
 DOCUMENTS_INPUT = "documents"  # BYTES [1, N]
 EMBEDDINGS_OUTPUT = "embeddings"  # FP32 [1, D] for a query, [N, D] for N documents
 # Usage, on request (a client that asks only for `embeddings` never sees them): per text, the
-# tokens it was embedded with and whether it was cut to max_length. [N] ([B, N] on the encoder).
+# tokens it was embedded with and whether it was cut to max_length. [N].
 TOKEN_COUNTS_OUTPUT = "token_counts"  # INT32
 TRUNCATED_OUTPUT = "truncated"  # BOOL
 
-# Encoder model (max_batch_size > 0, dynamic batching): also callable directly by clients that
-# send a batch dimension.
-TEXT_INPUT = "text"  # BYTES [B, N]
-PROMPT_NAME_INPUT = "prompt_name"  # optional BYTES [B, 1]: "query" or "document"
-INSTRUCTION_INPUT = "instruction"  # optional BYTES [B, 1]: an explicit prefix, wins over prompt_name
-# Encoder output: EMBEDDINGS_OUTPUT, FP32 [B, N, D].
-
 # Per-request options, as KServe request parameters (tritonclient: infer(..., parameters={...})).
-INSTRUCTION_PARAMETER = "instruction"  # public model: this request's instruction instead of the default
-# Public model: "query" or "document", the prompt whose instruction the request's texts get (default:
+INSTRUCTION_PARAMETER = "instruction"  # this request's instruction instead of the default
+# "query" or "document", the prompt whose instruction the request's texts get (default:
 # the input's own), so N queries fit in one `documents` request. An explicit instruction still wins.
 PROMPT_NAME_PARAMETER = "prompt_name"
-TRUNCATE_PARAMETER = "truncate"  # both models: what happens to a text over max_length tokens
+TRUNCATE_PARAMETER = "truncate"  # what happens to a text over max_length tokens
 TRUNCATE_END, TRUNCATE_START, TRUNCATE_NONE = "END", "START", "NONE"  # keep the start (default), the end, or refuse
 TRUNCATIONS = (TRUNCATE_END, TRUNCATE_START, TRUNCATE_NONE)
 
@@ -50,7 +41,3 @@ INFERENCE_KEY_HEADER = "nvembed-inference-key"
 def grpc_header(header: str) -> str:
     """The gRPC metadata key under which Triton's restricted protocols look for `header`."""
     return f"triton-grpc-protocol-{header}"
-
-
-def encoder_model_name(public_model: str) -> str:
-    return public_model + ENCODER_SUFFIX

@@ -13,7 +13,7 @@ class EmbeddingError(Exception):
 
 
 class InvalidInputError(EmbeddingError, ValueError):
-    """A request the client must fix; sending it again would fail again. Raised by the models
+    """A request the client must fix; sending it again would fail again. Raised by the model
     (returned as INVALID_ARGUMENT, and the server carries on) and by the clients, before sending
     or from the server's answer."""
 

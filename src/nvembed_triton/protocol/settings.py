@@ -1,5 +1,5 @@
 """Every operator knob, declared once (SETTINGS): its name, default, type, help and environment
-variable. The models read theirs from config.pbtxt `parameters` with NVEMBED_* environment
+variable. The model reads its own from config.pbtxt `parameters` with NVEMBED_* environment
 overrides; serve.sh reads its own from flags and the environment. serve.sh's --help and the
 README's configuration table are generated from the same declarations (test_settings checks both).
 
@@ -17,9 +17,7 @@ from pathlib import Path
 from typing import Any
 
 # Which part of the stack reads a setting.
-ENCODER = "encoder"  # the encoder model's config.pbtxt (the model with the weights)
-PUBLIC = "public"  # the public model's config.pbtxt
-BOTH = "both models"  # both config.pbtxt files, each for its own requests
+MODEL = "model"  # the model's config.pbtxt `parameters` (and the setting's environment variable)
 LAUNCHER = "serve.sh"  # the launcher only: environment variable or flag
 STAND_IN_CONSTANT = "constant"  # the stand_in setting's one value (stand_in.py)
 
@@ -104,7 +102,7 @@ def port(raw: str) -> int | None:
 
 
 def gpu_list(raw: str) -> list[int]:
-    """ "0,1" -> [0, 1]; empty -> [] (the encoder config's own instance_group)."""
+    """ "0,1" -> [0, 1]; empty -> [] (the model config's own instance_group)."""
     try:
         gpus = [int(part) for part in raw.replace(" ", "").split(",") if part]
     except ValueError:
@@ -137,41 +135,39 @@ class Setting:
 
 SETTINGS = (
     Setting("model_dir", "/models/NV-Embed-v2", "the local model snapshot (NV-Embed-v2 or sentence-transformers)",
-            ENCODER, flag="--model-dir"),
+            MODEL, flag="--model-dir"),
     Setting("device", "cuda:0", "`cpu`, `cuda` or `cuda:N`; an absent GPU is a load error, never a silent CPU "
-            "fallback. A KIND_GPU instance uses the GPU Triton gives it", ENCODER, flag="--device"),
+            "fallback. A KIND_GPU instance uses the GPU Triton gives it", MODEL, flag="--device"),
     Setting("dtype", "auto", "`auto` (fp16 on GPU: the checkpoint's own dtype, far closer to fp32 than bf16, "
-            "see bench/RESULTS.md; fp32 on CPU), `bf16`, `fp16` or `fp32`", ENCODER),
+            "see bench/RESULTS.md; fp32 on CPU), `bf16`, `fp16` or `fp32`", MODEL),
     Setting("max_length", "32768", "tokens per text, instruction included; longer texts are truncated (or refused, "
-            "with the request's truncate NONE)", ENCODER, positive_int),
+            "with the request's truncate NONE)", MODEL, positive_int),
     Setting("max_batch_tokens", "auto", "padded tokens per forward pass: bounds activation memory. `auto`: "
             f"{GPU_BATCH_TOKENS} on GPU (throughput is flat from 8k to 64k on an H200), {CPU_BATCH_TOKENS} on CPU "
-            "(smaller passes run faster per text there); see bench/RESULTS.md", ENCODER, auto_or_positive_int),
+            "(smaller passes run faster per text there); see bench/RESULTS.md", MODEL, auto_or_positive_int),
     Setting("cpu_engine", CPU_ENGINE_OPENVINO, "on a CPU: `openvino` runs a sentence-transformers model's "
             "transformer through OpenVINO, converted in memory at load and computed in `dtype` (a lone query "
             "2.3x faster than torch here, batches alike in fp32; bench/RESULTS.md); NV-Embed-v2 and models it "
             "cannot convert run as `onednn`. `onednn` runs torch with fp32 linear layers through oneDNN, weights "
-            "packed at load (each checked against torch's own); `torch` runs torch's default kernels", ENCODER,
+            "packed at load (each checked against torch's own); `torch` runs torch's default kernels", MODEL,
             cpu_engine_choice),
     Setting("cuda_graphs", "on", "on a GPU: `on` captures each small pass shape (up to 2048 padded tokens) as a "
             "CUDA graph at load and replays it, so a lone query is not bound by kernel launches (a failed capture "
-            "falls back to eager passes and says so in the log); `off` runs every pass eagerly", ENCODER, on_off),
+            "falls back to eager passes and says so in the log); `off` runs every pass eagerly", MODEL, on_off),
     Setting("stand_in", "", "benchmarks only: `constant` replaces the network with a constant unit vector "
             "(tokenisation and all the plumbing still run) to measure the serving stack's own ceiling; refused "
-            "under the name nv-embed-v2", ENCODER, stand_in_choice),
+            "under the name nv-embed-v2", MODEL, stand_in_choice),
     Setting("max_documents", "1024", "most texts per request. config.pbtxt only: clients read it from the "
-            "model config (the Python client splits its input by it)", BOTH, positive_int, env=None),
+            "model config (the Python client splits its input by it)", MODEL, positive_int, env=None),
     Setting("max_request_bytes", "16777216", "most UTF-8 bytes of text per request (16 MiB). config.pbtxt "
-            "only, as max_documents", BOTH, positive_int, env=None),
+            "only, as max_documents", MODEL, positive_int, env=None),
     Setting("query_instruction", "", "the prefix queries get; empty: the model's own (NV-Embed-v2: its "
-            "retrieval instruction)", PUBLIC),
+            "retrieval instruction)", MODEL),
     Setting("document_instruction", "", "the prefix documents get; empty: the model's own (NV-Embed-v2: none)",
-            PUBLIC),
-    Setting("encoder_model", "", "the model the public model forwards to; empty: its own name + `-encoder`",
-            PUBLIC),
-    Setting("requests_per_instance", "24", "how many requests each public instance holds at once, each "
-            "waiting on the encoder on a thread of its own; with the instance count (`public_instances`), how many "
-            "requests the encoder can batch together. More wait in Triton's bounded queue", PUBLIC, positive_int),
+            MODEL),
+    Setting("max_held_requests", "128", "how many requests the model holds at once (being computed or waiting in "
+            "its lanes), and so how many concurrent requests can share forward passes; more wait in Triton's "
+            "bounded queue, where serve.sh's health probe goes first", MODEL, positive_int),
     Setting("model_repository", "", "the model repository to serve from; empty: the one installed with the "
             "package", LAUNCHER, flag="--model-repository"),
     Setting("host", "127.0.0.1", "the address all ports bind to (the container image sets 0.0.0.0)", LAUNCHER,
@@ -182,12 +178,8 @@ SETTINGS = (
             flag="--metrics-port"),
     Setting("openai_port", "", "also serve the OpenAI/NIM-compatible embeddings API on this port; empty: off",
             LAUNCHER, port, flag="--openai-port"),
-    Setting("public_instances", "", "the public model's CPU instances (processes), each holding up to "
-            "`requests_per_instance` requests; empty: its config's instance_group (2). A lone query is served "
-            "fastest by few warm processes (bench/RESULTS.md, \"Public instances\")", LAUNCHER,
-            optional_positive_int),
-    Setting("gpus", "", "e.g. `0,1`: one encoder instance, with its own copy of the weights, per listed GPU; "
-            "empty: the encoder config's instance_group", LAUNCHER, gpu_list),
+    Setting("gpus", "", "e.g. `0,1`: one model instance, with its own copy of the weights, per listed GPU; "
+            "empty: the model config's instance_group", LAUNCHER, gpu_list),
     Setting("drain_timeout_s", "25", "how long a stop may spend serving accepted requests (inside "
             "Kubernetes' default 30 s grace period)", LAUNCHER, seconds),
     Setting("allocator", "auto", "the malloc of tritonserver and its stubs: `auto` preloads jemalloc where it is installed "
@@ -196,7 +188,7 @@ SETTINGS = (
     Setting("health_interval_s", "5", "how often the supervisor asks tritonserver whether it is live and sends "
             "it a real query (three unanswered liveness checks in a row restart it)", LAUNCHER, positive_seconds),
     Setting("stall_timeout_s", "300", "how long requests may wait while nothing progresses (no request or "
-            "forward pass ends and the encoder uses no CPU) before tritonserver is restarted; a slow request that "
+            "forward pass ends and the model uses no CPU) before tritonserver is restarted; a slow request that "
             "computes is never a stall", LAUNCHER, positive_seconds),
     Setting("admin_key", "", "the value of the `nvembed-admin-key` header that unlocks Triton's shared-memory, "
             "logging, trace, statistics and repository APIs; empty: a random key per start (closed to everyone)",
@@ -210,19 +202,18 @@ SETTINGS = (
 BY_KEY = {setting.key: setting for setting in SETTINGS}
 
 
-def model_settings(scope: str, parameters: Mapping[str, str], environ: Mapping[str, str] = os.environ) -> dict[str, Any]:
-    """A model's settings: the environment variable, else the config.pbtxt parameter, else the
+def model_settings(parameters: Mapping[str, str], environ: Mapping[str, str] = os.environ) -> dict[str, Any]:
+    """The model's settings: the environment variable, else the config.pbtxt parameter, else the
     default; parsed, with errors naming the setting and where its value came from. Parameters
     that no setting declares are refused: a misspelt key must not be silently ignored. Upper-case
     keys belong to the Python backend itself (EXECUTION_ENV_PATH, FORCE_CPU_ONLY_INPUT_TENSORS, ...)."""
-    scopes = (scope, BOTH)
     ours = [key for key in parameters if not key.isupper()]
-    unknown = sorted(key for key in ours if key not in BY_KEY or BY_KEY[key].scope not in scopes)
+    unknown = sorted(key for key in ours if key not in BY_KEY or BY_KEY[key].scope != MODEL)
     if unknown:
-        known = ", ".join(s.key for s in SETTINGS if s.scope in scopes)
-        raise SettingsError(f"unknown config.pbtxt parameter(s) {', '.join(unknown)}; this model takes {known}")
+        known = ", ".join(s.key for s in SETTINGS if s.scope == MODEL)
+        raise SettingsError(f"unknown config.pbtxt parameter(s) {', '.join(unknown)}; the model takes {known}")
     values = {}
-    for setting in (s for s in SETTINGS if s.scope in scopes):
+    for setting in (s for s in SETTINGS if s.scope == MODEL):
         if setting.variable and environ.get(setting.variable):
             values[setting.key] = setting.value(environ[setting.variable], setting.variable)
         elif parameters.get(setting.key):
@@ -268,11 +259,11 @@ class EncoderSettings:
     ) -> EncoderSettings:
         """From config.pbtxt-style parameters, and `environ`'s overrides when given (tests and
         benchmarks pass none, so a deployment's NVEMBED_* variables cannot leak into them)."""
-        return cls.from_settings(model_settings(ENCODER, parameters, environ or {}), instance_kind, instance_device_id)
+        return cls.from_settings(model_settings(parameters, environ or {}), instance_kind, instance_device_id)
 
     @classmethod
     def from_settings(cls, values: Mapping[str, Any], instance_kind: str = "", instance_device_id: str = "0") -> EncoderSettings:
-        """From the encoder's settings (model_settings(ENCODER, ...)) and the instance Triton made."""
+        """From the model's settings (model_settings) and the instance Triton made."""
         device = resolve_device(values["device"], instance_kind, instance_device_id)
         return cls(
             model_dir=values["model_dir"],
@@ -332,7 +323,7 @@ def environment_help() -> str:
     """serve.sh --help's epilog: every environment variable, its default and meaning."""
     lines = ["environment (flags win over these):"]
     for setting in (s for s in SETTINGS if s.variable):
-        where = "" if setting.scope == LAUNCHER else f" [{setting.key} in the {setting.scope} config.pbtxt]"
+        where = "" if setting.scope == LAUNCHER else f" [{setting.key} in the model's config.pbtxt]"
         lines.append(f"  {setting.variable}  default {_shown_default(setting)}{where}")
         lines.append(f"      {setting.help.replace('`', '')}")
     return "\n".join(lines)

@@ -1,9 +1,7 @@
-"""Turning Triton BYTES tensors into checked Python strings. numpy only: the CPU front instances
-import this, and they must start fast and stay small."""
+"""Turning Triton BYTES tensors into checked Python strings, within the request limits. numpy only."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -38,28 +36,9 @@ def decode_texts(array: np.ndarray, input_name: str) -> list[str]:
     return texts
 
 
-def request_options(parameters_json: str | None, allowed: tuple[str, ...]) -> dict[str, str]:
-    """A request's KServe parameters (the JSON the Python backend gives): only `allowed` names,
-    string values; `truncate` upper-cased and checked."""
-    from nvembed_triton.protocol.contract import TRUNCATE_PARAMETER, TRUNCATIONS
-
-    options = json.loads(parameters_json or "{}")
-    for name, value in options.items():
-        if name not in allowed:
-            raise InvalidInputError(f"unknown request parameter {name!r}; this model takes {', '.join(map(repr, allowed))}")
-        if not isinstance(value, str):
-            raise InvalidInputError(f"request parameter {name!r} must be a string, got {value!r}")
-    if TRUNCATE_PARAMETER in options:
-        options[TRUNCATE_PARAMETER] = options[TRUNCATE_PARAMETER].upper()
-        if options[TRUNCATE_PARAMETER] not in TRUNCATIONS:
-            given = options[TRUNCATE_PARAMETER]
-            raise InvalidInputError(f"request parameter 'truncate' must be one of {', '.join(TRUNCATIONS)}, got {given!r}")
-    return options
-
-
 @dataclass(frozen=True)
 class RequestLimits:
-    """What one request may hold, on both models (settings max_documents and max_request_bytes)."""
+    """What one request may hold (settings max_documents and max_request_bytes)."""
 
     max_documents: int
     max_request_bytes: int  # UTF-8 bytes of text; a 32k-token document is ~130 KB
@@ -69,8 +48,8 @@ class RequestLimits:
         """From a model's settings (settings.model_settings)."""
         return cls(max_documents=values["max_documents"], max_request_bytes=values["max_request_bytes"])
 
-    def check(self, array: np.ndarray, input_name: str) -> None:
-        """Before anything is decoded: the number of texts and their total size in bytes."""
+    def check(self, array: np.ndarray, input_name: str) -> int:
+        """Before anything is decoded: the number of texts and their total size in bytes (returned)."""
         count = array.size
         if count == 0:
             raise InvalidInputError(f"{input_name} is empty; send between 1 and {self.max_documents} texts")
@@ -85,3 +64,4 @@ class RequestLimits:
                 f"{input_name} holds {size} bytes of text; at most {self.max_request_bytes} are allowed per request "
                 "(parameter max_request_bytes); split them over several requests"
             )
+        return size

@@ -1,16 +1,17 @@
-"""The encoder's own scheduling: short requests never wait behind long ones.
+"""The model's own scheduling: short requests never wait behind long ones.
 
 Triton's Python backend runs one execute() at a time per model instance, so a request that takes a
 minute (a 32k-token document on a CPU) would hold every request that arrives after it. So the
-encoder's execute() only hands its requests to Lanes and returns; each request's response goes out
+model's execute() only hands its requests to Lanes and returns; each request's response goes out
 through its response sender when it is ready. There are two lanes, each a thread: requests with at
 most `long_request_bytes` of text run on the short lane, larger ones on the long lane, so a query
 waits at most for the short work ahead of it, whatever the long lane is computing. A lane that
 becomes free takes what is waiting (up to `batch_bytes` of text, at least one request) and
 computes it together, so concurrent requests still share token-budget-packed passes.
 
-Triton's own queue empties at once now, so each lane bounds what it holds itself (requests and
-bytes of text): beyond that a request is refused, and the caller answers it as over capacity."""
+Each lane also bounds what it holds (requests and bytes of text): beyond that a request is
+refused, and the caller answers it as over capacity. The long lane holds fewer requests than the
+model may hold, so long requests never take every place and short ones always find one."""
 
 from __future__ import annotations
 
@@ -92,12 +93,12 @@ class Lanes(Generic[Item]):
 
     def __init__(
         self, run_batch: Callable[[list[Item]], None], long_request_bytes: int, limits: LaneLimits,
-        setup: Callable[[], object] = lambda: None,
+        setup: Callable[[], object] = lambda: None, long_limits: LaneLimits | None = None,
     ):  # fmt: skip
-        """`setup` runs first on each lane's thread."""
+        """`setup` runs first on each lane's thread; the long lane has `long_limits` if given, else `limits`."""
         self.long_request_bytes = long_request_bytes
         self.short = Lane("short", run_batch, limits, setup)
-        self.long = Lane("long", run_batch, limits, setup)
+        self.long = Lane("long", run_batch, long_limits or limits, setup)
 
     def lane_for(self, size: int) -> Lane[Item]:
         return self.long if size > self.long_request_bytes else self.short

@@ -25,8 +25,8 @@ TBB_WITH_PRELOADED_MALLOC = {"TBB_ENABLE_SANITIZERS": "1"}
 
 def cache_this_thread() -> bool:
     """Gives the calling thread jemalloc's per-thread cache, which JEMALLOC_CONF leaves every thread
-    without: for the threads a request passes through in the models' stubs (each instance's main
-    thread, the public model's senders, the encoder's lanes). A lone query took ~1 ms less through
+    without: for the threads a request passes through in the model's stub (the instance's main
+    thread, the lanes, the deadline thread). A lone query took ~1 ms less through
     the server with them (bench/RESULTS.md); a few hundred caches of small objects cost little,
     unlike one per tritonserver thread. True if it took; False under another malloc (glibc's caches
     every thread already)."""
@@ -73,8 +73,8 @@ def allocator_environment(allocator: str = AUTO, environ: Mapping[str, str] = os
 # posix_fallocate) and never shrinks: a stub that carried an N-byte tensor, a refused request's
 # included, keeps about N + one growth step until tritonserver restarts. Measured (bench/RESULTS.md):
 # 5 refused 18 MiB requests left +95 MB in /dev/shm with 1 MiB steps and +320 MB with 64 MiB steps;
-# a 64 MiB first size took 3.1 GB of /dev/shm at start for 49 stubs (1 MiB: 49 MB), when the public
-# model ran 48 instances (3 stubs now).
+# a 64 MiB first size took 3.1 GB of /dev/shm at start for 49 stubs (1 MiB: 49 MB), when a public
+# model ran 48 instances (1 stub per GPU now).
 SHM_FIRST_BYTES = 1 << 20  # the least the backend accepts
 SHM_GROWTH_BYTES = 1 << 20
 
@@ -82,6 +82,6 @@ SHM_GROWTH_BYTES = 1 << 20
 def shm_arguments() -> list[str]:
     """tritonserver arguments keeping every stub's region as small as Triton 2.51 allows. They are
     its defaults, pinned: raising either (the backend's README offers both for large tensors) costs
-    the difference in /dev/shm once per stub (3 as shipped, more with NVEMBED_PUBLIC_INSTANCES)."""
+    the difference in /dev/shm once per stub (one per model instance)."""
     return [f"--backend-config=python,shm-default-byte-size={SHM_FIRST_BYTES}",
             f"--backend-config=python,shm-growth-byte-size={SHM_GROWTH_BYTES}"]  # fmt: skip

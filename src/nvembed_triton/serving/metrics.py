@@ -11,7 +11,7 @@ from nvembed_triton.protocol.contract import PROMPT_NAMES
 from nvembed_triton.protocol.reasons import REASONS
 from nvembed_triton.protocol.request_rules import CUSTOM_PROMPT
 
-# A gauge: requests a model holds now, from execute() until their response is sent (serve.sh's
+# A gauge: requests the model holds now, from execute() until their response is sent (serve.sh's
 # drain waits for it to reach 0, and its supervisor reads it as work in progress).
 EXECUTING_METRIC = "nvembed_requests_executing"
 # name -> (help, label names besides `model`)
@@ -23,10 +23,6 @@ COUNTERS = {
     "nvembed_padded_tokens_total": ("Tokens the forward passes computed, padding included", ()),
     "nvembed_rejected_requests_total": (f"Requests answered with an error, by reason: {', '.join(REASONS)}", ("reason",)),
 }  # fmt: skip
-# What each model counts: the encoder computes, so it counts everything; the public model only the
-# requests it refuses itself. A model creates only the series it counts.
-ENCODER_COUNTERS = tuple(COUNTERS)
-PUBLIC_COUNTERS = ("nvembed_rejected_requests_total",)
 # Every value a label can take, known before any request: each series is created at load with 0,
 # so the first scrape shows all of them (a dashboard's rate() needs a series' 0 to see its first event).
 LABEL_VALUES = {"prompt": (*PROMPT_NAMES, CUSTOM_PROMPT), "reason": tuple(REASONS)}
@@ -48,7 +44,7 @@ def series(name: str) -> list[dict[str, str]]:
 
 
 class ModelMetrics:
-    """Counters and the executing gauge, labelled with this model's name; every instance of a model
+    """Counters and the executing gauge, labelled with the model's name; every instance of the model
     adds to the same series. Each metric update is an IPC call to the server (~50-150 µs, measured
     with bench/bench_plumbing.py and bench/bench_latency.py), so none is made on a request's path:
     hold(), release() and add() only note the change, and one sender thread per stub sends what has
@@ -56,16 +52,15 @@ class ModelMetrics:
     made under one lock (the sender's, and the log lines of the model): two metric calls at once
     from one stub crash tritonserver 2.51 (SIGSEGV in the Python backend)."""
 
-    def __init__(self, model_name: str, counters: tuple[str, ...]):
+    def __init__(self, model_name: str):
         import triton_python_backend_utils as pb_utils
 
         self.model_name = model_name
         self._log_warn = pb_utils.Logger.log_warn
-        # Families must outlive their metrics, so both are kept. Only `counters` (ENCODER_COUNTERS,
-        # PUBLIC_COUNTERS): adding to another is a KeyError, not a series nobody lists.
+        # Families must outlive their metrics, so both are kept.
         self._families = {
-            name: pb_utils.MetricFamily(name=name, description=COUNTERS[name][0], kind=pb_utils.MetricFamily.COUNTER)
-            for name in counters
+            name: pb_utils.MetricFamily(name=name, description=description, kind=pb_utils.MetricFamily.COUNTER)
+            for name, (description, _) in COUNTERS.items()
         }
         self._metrics = {}
         self.ipc_lock = threading.Lock()  # around every metrics IPC call (see the class docstring)
@@ -75,7 +70,7 @@ class ModelMetrics:
         )
         self._metrics[_GAUGE] = self._executing_family.Metric(labels={"model": model_name})
         with self.ipc_lock:  # nothing else runs yet, but every metrics IPC call goes under the lock
-            for name in counters:
+            for name in COUNTERS:
                 for labels in series(name):
                     self._metric(name, labels)
         self._pending: dict[tuple, float] = {}  # series key -> what to add at the next send

@@ -17,21 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from nvembed_triton.engine.checkpoint import Architecture, CheckpointError, check_model_dir, check_served_name
-from nvembed_triton.protocol.contract import (
-    EMBEDDINGS_OUTPUT,
-    INFERENCE_KEY_HEADER,
-    PUBLIC_MODEL,
-    QUERY_INPUT,
-    encoder_model_name,
-    grpc_header,
-)
-from nvembed_triton.protocol.lifecycle import CANCEL_DIR_ENV, CLOSED_FLAG_ENV
+from nvembed_triton.protocol.contract import EMBEDDINGS_OUTPUT, INFERENCE_KEY_HEADER, PUBLIC_MODEL, QUERY_INPUT, grpc_header
+from nvembed_triton.protocol.lifecycle import CLOSED_FLAG_ENV
 from nvembed_triton.protocol.reasons import reason_of
 from nvembed_triton.protocol.settings import (
     BY_KEY,
-    ENCODER,
     LAUNCHER,
-    PUBLIC,
     SETTINGS,
     SettingsError,
     environment_help,
@@ -47,17 +38,17 @@ from nvembed_triton.serving.supervisor import Supervisor, Timings
 # Installed with the package (package data), so an installed package serves without a checkout.
 PACKAGED_REPOSITORY = Path(__file__).resolve().parent / "model_repository"
 DEMO_MODEL = "all-minilm-l6-v2"
-# The probe's priority on the public model (config.pbtxt priority_levels 2; clients get level 2 by
-# default): it is served before queued client requests, so a full queue does not hold it up.
+# The probe's priority (config.pbtxt priority_levels 2; clients get level 2 by default): it is
+# served before queued client requests, so a full queue does not hold it up.
 PROBE_PRIORITY = 1
-# What a probe may meet that means "busy", never "broken": the reasons the models answer with, and
+# What a probe may meet that means "busy", never "broken": the reasons the model answers with, and
 # gRPC's statuses for a call that took too long or could not be placed (the liveness check and the
 # stall rule judge those).
 BUSY_REASONS = {"over_capacity", "shutting_down", "cancelled"}
 BUSY_STATUSES = {"StatusCode.DEADLINE_EXCEEDED", "StatusCode.UNAVAILABLE"}
 PORTS = ("grpc_port", "http_port", "metrics_port")  # Triton's; openai_port is the launcher's own
 # What asking torch for the GPU count may take (importing torch: ~1.5 s here, more on a cold disk);
-# past it serve.sh starts anyway and the encoder's own check at load time has the last word.
+# past it serve.sh starts anyway and the model's own check at load time has the last word.
 GPU_QUERY_TIMEOUT_S = 60
 
 
@@ -70,7 +61,7 @@ class ServePlan:
     host: str
     openai_port: int | None
     drain_timeout_s: float
-    encoder_device: str = "cpu"  # where the encoder loads: its device setting, from wherever it came
+    model_device: str = "cpu"  # where the model loads: its device setting, from wherever it came
     port_flags: dict[str, str | None] = field(default_factory=dict)  # --grpc-port & co., which win over variables
 
 
@@ -91,35 +82,29 @@ def configured_parameters(repository: Path, model: str) -> dict[str, str]:
     return {key: value.string_value for key, value in config.parameters.items()}
 
 
-def source_models(repository: Path, name: str) -> tuple[str, str]:
-    """The source repository's folders for this name's pair if it has them, else its nv-embed-v2 pair."""
-    names = (name, encoder_model_name(name))
-    if all((repository / n / "config.pbtxt").is_file() for n in names):
-        return names
-    return PUBLIC_MODEL, encoder_model_name(PUBLIC_MODEL)
+def source_model(repository: Path, name: str) -> str:
+    """The source repository's folder for this name if it has one, else its nv-embed-v2."""
+    return name if (repository / name / "config.pbtxt").is_file() else PUBLIC_MODEL
 
 
 def plan(args: argparse.Namespace, environ=os.environ) -> ServePlan:
     """Where the weights are and under which name they are served; errors say what to fix. Every
-    setting the models will read is checked here, before anything starts."""
+    setting the model will read is checked here, before anything starts."""
     repository = Path(launcher_setting("model_repository", environ, args.model_repository) or PACKAGED_REPOSITORY).resolve()
     name = args.name or (DEMO_MODEL if args.demo else PUBLIC_MODEL)
-    public, encoder = source_models(repository, name)
-    public_values = model_settings(PUBLIC, configured_parameters(repository, public), environ)
-    encoder_values = model_settings(ENCODER, configured_parameters(repository, encoder), environ)
-    check_limits(public_values, encoder_values)
+    values = model_settings(configured_parameters(repository, source_model(repository, name)), environ)
     if args.model_dir:
         model_dir = args.model_dir
     elif args.demo and not environ.get(BY_KEY["model_dir"].variable):
         model_dir = demo_model_dir()
     else:
-        model_dir = encoder_values["model_dir"]  # its variable, else config.pbtxt, else the default
+        model_dir = values["model_dir"]  # its variable, else config.pbtxt, else the default
     architecture = check_model_dir(model_dir)
-    if encoder_values["stand_in"]:  # benchmarks only; refused here, before anything starts
+    if values["stand_in"]:  # benchmarks only; refused here, before anything starts
         architecture = Architecture.STAND_IN
     check_served_name(name, architecture)
     device = args.device or environ.get(BY_KEY["device"].variable) or ("cpu" if args.demo else None)
-    encoder_device = resolve_device(device or encoder_values["device"], "", "0")  # rejects a malformed value now
+    model_device = resolve_device(device or values["device"], "", "0")  # rejects a malformed value now
     port_flags = {key: getattr(args, key, None) for key in PORTS}
     for key, value in port_flags.items():
         launcher_setting(key, environ, value)  # a malformed port is refused now too
@@ -128,54 +113,35 @@ def plan(args: argparse.Namespace, environ=os.environ) -> ServePlan:
         host=launcher_setting("host", environ, args.host),
         openai_port=launcher_setting("openai_port", environ, args.openai_port),
         drain_timeout_s=launcher_setting("drain_timeout_s", environ),
-        encoder_device=encoder_device, port_flags=port_flags,
+        model_device=model_device, port_flags=port_flags,
     )  # fmt: skip
 
 
-def check_limits(public_values: dict, encoder_values: dict) -> None:
-    """Requests the public model accepts must fit the encoder it forwards them to."""
-    for key in ("max_documents", "max_request_bytes"):
-        if encoder_values[key] < public_values[key]:
-            raise SettingsError(
-                f"{key} is {public_values[key]} on the public model but {encoder_values[key]} on the encoder, which "
-                f"would refuse what the public model accepts; set the encoder's {key} to at least {public_values[key]}"
-            )
-
-
 def layout_repository(plan_: ServePlan, run_dir: Path) -> Path:
-    """A repository holding exactly the served pair, since Triton (model control off) serves all
-    it finds: the source's folders for this name if it has them, else its nv-embed-v2 pair
-    renamed (configs carry no `name:`, so the folder names the model)."""
-    names = (plan_.name, encoder_model_name(plan_.name))
+    """A repository holding exactly the served model, since Triton (model control off) serves all it
+    finds: the source's folder for this name if it has one, else its nv-embed-v2 renamed (the config
+    carries no `name:`, so the folder names the model)."""
     repository = run_dir / "model_repository"
-    for source, target in zip(source_models(plan_.repository, plan_.name), names, strict=True):
-        shutil.copytree(
-            plan_.repository / source, repository / target, ignore=shutil.ignore_patterns("__pycache__"), dirs_exist_ok=True
-        )
+    shutil.copytree(
+        plan_.repository / source_model(plan_.repository, plan_.name), repository / plan_.name,
+        ignore=shutil.ignore_patterns("__pycache__"), dirs_exist_ok=True,
+    )  # fmt: skip
     return repository
 
 
 def server_settings(plan_: ServePlan, run_dir: Path, environ=os.environ, record: RunRecord | None = None) -> ServerSettings:
     """Where and how tritonserver runs. With a run record, its stubs' shared memory is named after
     the run and tritonserver holds the record's lock (leftovers.py)."""
-    cancel_board = run_dir / "cancelled"
-    cancel_board.mkdir(parents=True, exist_ok=True)
-    overrides = {
-        BY_KEY["model_dir"].variable: str(plan_.model_dir),
-        CLOSED_FLAG_ENV: str(closed_flag(run_dir)),
-        CANCEL_DIR_ENV: str(cancel_board),
-    }
+    overrides = {BY_KEY["model_dir"].variable: str(plan_.model_dir), CLOSED_FLAG_ENV: str(closed_flag(run_dir))}
     if plan_.device:
         overrides[BY_KEY["device"].variable] = plan_.device
     overrides.update(allocator_environment(launcher_setting("allocator", environ), environ)[0])
     repository = layout_repository(plan_, run_dir)
     if gpus := launcher_setting("gpus", environ):
-        place_encoder_on_gpus(repository / encoder_model_name(plan_.name) / "config.pbtxt", gpus)
-    if instances := launcher_setting("public_instances", environ):
-        set_public_instances(repository / plan_.name / "config.pbtxt", instances)
+        place_on_gpus(repository / plan_.name / "config.pbtxt", gpus)
     return ServerSettings(
         model_repository=repository,
-        models=(plan_.name, encoder_model_name(plan_.name)),
+        models=(plan_.name,),
         run_dir=run_dir,
         grpc_port=launcher_setting("grpc_port", environ, plan_.port_flags.get("grpc_port")),
         http_port=launcher_setting("http_port", environ, plan_.port_flags.get("http_port")),
@@ -189,15 +155,10 @@ def server_settings(plan_: ServePlan, run_dir: Path, environ=os.environ, record:
     )
 
 
-def place_encoder_on_gpus(config_path: Path, gpus: list[int]) -> None:
-    """One encoder instance on each GPU, each with its own copy of the weights (Triton gives each
-    instance its device; the encoder loads on it). Dynamic batching spreads requests over them."""
+def place_on_gpus(config_path: Path, gpus: list[int]) -> None:
+    """One model instance on each GPU, each with its own copy of the weights (Triton gives each
+    instance its device; the model loads on it, and Triton spreads requests over the instances)."""
     _replace_instance_group(config_path, "KIND_GPU", count=1, gpus=gpus)
-
-
-def set_public_instances(config_path: Path, count: int) -> None:
-    """The public model's CPU instances: how many requests it forwards to the encoder at once."""
-    _replace_instance_group(config_path, "KIND_CPU", count=count)
 
 
 def _replace_instance_group(config_path: Path, kind: str, **group) -> None:
@@ -216,7 +177,7 @@ def closed_flag(run_dir: Path) -> Path:
 
 
 def probe(settings: ServerSettings, model: str, timeout_s: float) -> None:
-    """One real query through the public model, ahead of queued client requests; raises unless a
+    """One real query, ahead of queued client requests; raises unless a
     finite unit vector comes back (is_busy tells which errors only mean a busy server)."""
     import numpy as np
     import tritonclient.grpc as grpcclient
@@ -309,10 +270,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def gpus_needed(plan_: ServePlan, environ=os.environ) -> int:
-    """How many CUDA devices the encoder needs to see: the highest index it will use, plus one."""
+    """How many CUDA devices the model needs to see: the highest index it will use, plus one."""
     if gpus := launcher_setting("gpus", environ):
         return max(gpus) + 1
-    return 0 if plan_.encoder_device == "cpu" else int(plan_.encoder_device.split(":")[1]) + 1
+    return 0 if plan_.model_device == "cpu" else int(plan_.model_device.split(":")[1]) + 1
 
 
 def visible_gpus(environ=os.environ) -> tuple[int, str] | None:
@@ -333,12 +294,12 @@ def torch_gpus(environ=os.environ) -> tuple[int, str] | None:
         count, version, cuda = result.stdout.split()
         return int(count), f"torch sees {count} CUDA device(s) (torch {version}, CUDA build: {cuda})"
     except (subprocess.TimeoutExpired, ValueError):
-        return None  # the encoder's own check at load time will say
+        return None  # the model's own check at load time will say
 
 
 def check_gpus_visible(plan_: ServePlan, environ=os.environ) -> None:
     """A GPU asked for but not there fails now, in seconds, rather than after tritonserver has
-    started and the encoder has failed to load (about a minute, ending in its log)."""
+    started and the model has failed to load (about a minute, ending in its log)."""
     needed = gpus_needed(plan_, environ)
     if not needed or (found := visible_gpus(environ)) is None or found[0] >= needed:
         return
@@ -346,7 +307,7 @@ def check_gpus_visible(plan_: ServePlan, environ=os.environ) -> None:
     if launcher_setting("gpus", environ):
         wanted, to_cpu = f"{gpus} is {environ[gpus]}", f"unset {gpus} and pass --device cpu"
     else:
-        wanted = f"the device is {plan_.encoder_device}"
+        wanted = f"the device is {plan_.model_device}"
         to_cpu = f"--device cpu (or {BY_KEY['device'].variable}=cpu; the flag wins)"
     raise SettingsError(
         f"{wanted}, but {found[1]}.\n  To serve on the CPU: {to_cpu}.\n"
@@ -387,7 +348,7 @@ def serve(plan_: ServePlan, settings: ServerSettings) -> int:
     )
     supervisor = Supervisor(
         server, lambda: probe(settings, plan_.name, timings.stall_timeout_s), closed_flag(run_dir), log, timings,
-        is_busy=is_busy, worker_model=encoder_model_name(plan_.name),
+        is_busy=is_busy,
     )  # fmt: skip
     for signum in (signal.SIGTERM, signal.SIGINT):  # both drain: serve what was accepted, then exit
         signal.signal(signum, lambda *_: supervisor.stop.set())

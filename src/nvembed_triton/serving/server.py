@@ -111,7 +111,7 @@ class ServerSettings:
     http_port: int = 8000
     metrics_port: int = 8002
     host: str = "127.0.0.1"  # the address all three endpoints bind to
-    environment: dict[str, str] = field(default_factory=dict)  # e.g. NVEMBED_* overrides for the models
+    environment: dict[str, str] = field(default_factory=dict)  # e.g. NVEMBED_* overrides for the model
     log_verbose: int = 0
     # Off: Triton refuses every repository load/unload request, so no client can unload a model or
     # load one whose uploaded model.py would run on the server. Benchmarks that reconfigure a model

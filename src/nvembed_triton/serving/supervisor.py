@@ -7,10 +7,10 @@ because it is busy:
 - a process died: tritonserver, or any stub (checked every `stub_check_s`);
 - tritonserver stopped answering its gRPC liveness call (`health_failures` checks in a row, one every
   `health_interval_s`);
-- a real query through the public model (one every `health_interval_s`, at a priority above
-  clients' requests) came back wrong: an error other than "busy", or a vector that is not of unit length;
+- a real query (one every `health_interval_s`, at a priority above clients' requests) came back
+  wrong: an error other than "busy", or a vector that is not of unit length;
 - work is waiting but nothing progresses for `stall_timeout_s`: no request completed, no forward
-  pass ended, and the encoder's processes used (almost) no CPU. A slow request, however long, is
+  pass ended, and the model's processes used (almost) no CPU. A slow request, however long, is
   progress: its passes end or its process computes.
 A probe that is still waiting is not a failure: the stall rule decides whether the server is stuck.
 Every check that talks to the server runs on a thread of its own, so the stub check, and a stop,
@@ -39,7 +39,7 @@ MAX_STARTS = 3  # starts of one tritonserver that crash while loading (see Super
 PENDING_METRIC = "nv_inference_pending_request_count"  # Triton's: requests queued, per model
 # Completions: any change in these (summed over the served models) is progress.
 PROGRESS_METRICS = ("nv_inference_request_success", "nv_inference_request_failure", "nvembed_forward_passes_total")
-# While work waits, the encoder's processes using at least this share of one core are computing,
+# While work waits, the model's processes using at least this share of one core are computing,
 # not stuck: a stopped or deadlocked process uses none.
 STALL_MIN_CPU_SHARE = 0.05
 DRAIN_SETTLE_S = 0.5
@@ -110,7 +110,7 @@ class Watch:
         self.next_health = time.monotonic() + supervisor.timings.health_interval_s
         self.next_load = time.monotonic()
         self.failed_liveness = 0
-        self.progress_marker: tuple[float, float, float] | None = None  # (when, completions, encoder CPU s)
+        self.progress_marker: tuple[float, float, float] | None = None  # (when, completions, stubs' CPU s)
 
 
 class Supervisor:
@@ -121,10 +121,9 @@ class Supervisor:
     def __init__(
         self, server: TritonServer, probe: Callable[[], None], closed_flag: Path, log: Callable[[str], None],
         timings: Timings = Timings(), is_busy: Callable[[BaseException], bool] = lambda error: False,
-        worker_model: str = "",
     ):  # fmt: skip
         self.server, self.probe, self.closed_flag, self.log = server, probe, closed_flag, log
-        self.timings, self.is_busy, self.worker_model = timings, is_busy, worker_model
+        self.timings, self.is_busy = timings, is_busy
         self.stop = threading.Event()
         self.restarts = 0
         self.pool = ThreadPoolExecutor(3, thread_name_prefix="supervisor-check")
@@ -196,7 +195,7 @@ class Supervisor:
         values = finished.result()
         waiting = sum(v for (name, _), v in values.items() if name in (PENDING_METRIC, EXECUTING_METRIC))
         completions = sum(v for (name, _), v in values.items() if name in PROGRESS_METRICS)
-        now, cpu = time.monotonic(), self._worker_cpu_s()
+        now, cpu = time.monotonic(), self._stubs_cpu_s()
         marker = watch.progress_marker
         if marker is None or not waiting or completions != marker[1]:
             watch.progress_marker = (now, completions, cpu)
@@ -209,9 +208,9 @@ class Supervisor:
             return None
         return f"no progress for {now - since:.0f} s with {waiting:.0f} request(s) waiting"
 
-    def _worker_cpu_s(self) -> float:
-        """CPU seconds used so far by the stubs of the model that computes."""
-        return sum(stub.cpu_s() for stub in self.server.stubs() if stub.instance.startswith(self.worker_model))
+    def _stubs_cpu_s(self) -> float:
+        """CPU seconds used so far by the model's stubs."""
+        return sum(stub.cpu_s() for stub in self.server.stubs())
 
     def start(self) -> None:
         """Starts tritonserver and waits until it is ready (or `stop` is set). One that dies from a

@@ -1,206 +1,231 @@
-"""The public model: the client contract (`query` BYTES [1] or `documents` BYTES [1, N] ->
-`embeddings` FP32 [1 or N, D]). It validates and routes; the encoder model `<name>-encoder` batches
-concurrent requests and computes. Each instance holds up to `requests_per_instance` requests at
-once, each waiting on the encoder on a thread of its own: execute() hands a request over and
-returns, and the answer goes out through the request's response sender. A few warm processes
-serve a lone query faster than many cold ones (Triton gives a request to the instance idle the
-longest, whose process then runs cold: bench/RESULTS.md, "Public instances")."""
+"""The model: the client contract (`query` BYTES [1] or `documents` BYTES [1, N] -> `embeddings` FP32
+[1 or N, D], L2-normalised; on request `token_counts` INT32 and `truncated` BOOL [N]), computed here.
+Per-request options are request parameters (instruction, prompt_name, truncate).
+
+execute() reads and checks each request once and hands it to a lane (lanes.py); the lanes compute the
+requests they hold together and answer each through its response sender, so a short request is never
+held behind a long one. A request whose own timeout passes is answered then; one whose client left
+is answered before its next forward pass; either way its texts are left out of the passes still to run."""
 
 # The Python backend imports asyncio when execute() returns (to ask whether it returned a coroutine):
-# ~20 ms on each instance's first request, then never again. Imported here, it is paid at load.
+# ~20 ms on the first request, then never again. Imported here, it is paid at load.
 import asyncio  # noqa: F401
 import json
+import os
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+import weakref
 
-import numpy as np
-import triton_python_backend_utils as pb_utils
+# Before torch loads: idle OpenMP threads sleep instead of spinning. On a CPU host spinning takes
+# cores from tritonserver and the request threads: PASSIVE gave the most queries/s at 1, 16 and 64
+# clients (bench/RESULTS.md). On a GPU host the CPU threads mostly wait for the GPU, so the same
+# holds. An OMP_WAIT_POLICY in the environment wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from nvembed_triton.protocol import contract
-from nvembed_triton.protocol.errors import InvalidInputError
-from nvembed_triton.protocol.lifecycle import (
-    CANCEL_TOKEN_PARAMETER,
-    CANCELLED_MESSAGE,
-    CLOSED_MESSAGE,
-    CancelBoard,
-    is_closed,
-)
-from nvembed_triton.protocol.reasons import REASONS, reason_of
-from nvembed_triton.protocol.request_rules import encoder_model_for, public_request
-from nvembed_triton.protocol.settings import PUBLIC, model_settings, triton_parameters
-from nvembed_triton.protocol.validation import RequestLimits
-from nvembed_triton.serving.client_watch import ClientWatch
-from nvembed_triton.serving.memory import cache_this_thread
-from nvembed_triton.serving.metrics import PUBLIC_COUNTERS, ModelMetrics
+import numpy as np  # noqa: E402
+import triton_python_backend_utils as pb_utils  # noqa: E402
 
-# When a waiting instance asks whether its client is still there: at once, then after
-# CANCEL_POLL_FIRST_S, each wait twice the one before, at most CANCEL_POLL_MAX_S (client_watch.py).
-# A client that leaves is noticed within about its own wait so far, and at most CANCEL_POLL_MAX_S;
-# a request's own timeout is kept to the millisecond without asking. (Triton does not end a
-# forwarded request at a timeout once the encoder has taken it: bench/bench_deadline.py.)
-CANCEL_POLL_FIRST_S = 0.2
-CANCEL_POLL_MAX_S = 1.0
-# Threads that send forwarded requests that have a timeout of their own, beyond one per request an
-# instance holds: forwarded requests still running after their timeout passed (the encoder drops
-# their remaining work at its next pass) hold a sender until then, and must not hold up the next.
-SPARE_SENDER_THREADS = 4
-FINALIZE_WAIT_S = 10.0  # how long an unload waits for the requests an instance holds to be answered
-OUTPUTS = (contract.EMBEDDINGS_OUTPUT, contract.TOKEN_COUNTS_OUTPUT, contract.TRUNCATED_OUTPUT)
-TIMEOUT_MESSAGE = "the request's timeout passed before its embeddings were ready"
+from nvembed_triton.engine.checkpoint import check_served_name  # noqa: E402
+from nvembed_triton.engine.encoders import load_encoder  # noqa: E402
+from nvembed_triton.protocol import contract  # noqa: E402
+from nvembed_triton.protocol.errors import InvalidInputError  # noqa: E402
+from nvembed_triton.protocol.lifecycle import CANCELLED_MESSAGE, CLOSED_MESSAGE, TIMEOUT_MESSAGE, is_closed  # noqa: E402
+from nvembed_triton.protocol.reasons import REASONS  # noqa: E402
+from nvembed_triton.protocol.request_rules import Refusal, combine, configured_instructions, read_request, split  # noqa: E402
+from nvembed_triton.protocol.settings import EncoderSettings, model_settings, triton_parameters  # noqa: E402
+from nvembed_triton.protocol.validation import RequestLimits  # noqa: E402
+from nvembed_triton.serving.deadlines import Deadlines  # noqa: E402
+from nvembed_triton.serving.held import Held  # noqa: E402
+from nvembed_triton.serving.lanes import LaneLimits, Lanes  # noqa: E402
+from nvembed_triton.serving.memory import cache_this_thread  # noqa: E402
+from nvembed_triton.serving.metrics import ModelMetrics  # noqa: E402
+
+# How stale a request's "is its client still there" answer may be before a pass: each ask is an IPC
+# call, so a request answered within one short pass, as most are, is never asked.
+CANCEL_CHECK_INTERVAL_S = 0.05
+# A request with more UTF-8 bytes of text than this many per token of the pass budget goes to the
+# long lane: about one full forward pass of text (English averages ~4 bytes per token).
+LONG_REQUEST_BYTES_PER_BATCH_TOKEN = 4
+LANE_MAX_REQUESTS_OF_TEXT = 4  # bytes of text one lane holds: four of the largest requests
+FINALIZE_WAIT_S = 30.0  # how long an unload waits for the batch being computed
+UNLOADING_MESSAGE = "the model is being unloaded; retry"
 
 
 class TritonPythonModel:
     def initialize(self, args):
-        values = model_settings(PUBLIC, triton_parameters(json.loads(args["model_config"])))
+        cache_this_thread()  # initialize() runs on the thread execute() runs on
+        started = time.monotonic()
+        values = model_settings(triton_parameters(json.loads(args["model_config"])))
+        settings = EncoderSettings.from_settings(values, args["model_instance_kind"], args["model_instance_device_id"])
+        self.encoder = load_encoder(settings)
+        self.dtype = settings.dtype
         self.limits = RequestLimits.from_settings(values)
-        self.instructions = {
-            contract.QUERY_PROMPT: values["query_instruction"],
-            contract.DOCUMENT_PROMPT: values["document_instruction"],
-        }
-        self.encoder_model = encoder_model_for(args["model_name"], values["encoder_model"])
-        self.cancel_board = CancelBoard()
-        self.metrics = ModelMetrics(args["model_name"], PUBLIC_COUNTERS)
-        self.capacity = values["requests_per_instance"]  # requests this instance holds at once
-        # execute() waits for a free slot: requests beyond them stay in Triton's queue, which is
+        check_served_name(args["model_name"], self.encoder.architecture)
+        configured = {prompt: values[f"{prompt}_instruction"] for prompt in contract.PROMPT_NAMES}  # query_instruction, ...
+        self.instruction_for = configured_instructions(configured, self.encoder.default_instruction)
+        self.metrics = ModelMetrics(args["model_name"])
+        # execute() waits for a free place: requests beyond them stay in Triton's queue, which is
         # bounded and served in priority order (config.pbtxt), not in this process.
-        self.slots = threading.BoundedSemaphore(self.capacity)
-        self.answerers = ThreadPoolExecutor(self.capacity, thread_name_prefix="answer", initializer=cache_this_thread)
-        self.senders = ThreadPoolExecutor(
-            self.capacity + SPARE_SENDER_THREADS, thread_name_prefix="forward", initializer=cache_this_thread
+        held_requests = values["max_held_requests"]
+        self.places = threading.BoundedSemaphore(held_requests)
+        long_request_bytes = LONG_REQUEST_BYTES_PER_BATCH_TOKEN * settings.max_batch_tokens
+        lane_bytes = LANE_MAX_REQUESTS_OF_TEXT * self.limits.max_request_bytes
+        batch_bytes = max(long_request_bytes, self.limits.max_request_bytes)
+        self.lanes = Lanes(
+            self._run_batch, long_request_bytes, LaneLimits(held_requests, lane_bytes, batch_bytes), setup=cache_this_thread,
+            long_limits=LaneLimits(max(1, held_requests // 2), lane_bytes, batch_bytes),  # half the places stay short's
+        )  # fmt: skip
+        self.deadlines = Deadlines(setup=cache_this_thread)
+        pb_utils.Logger.log_info(
+            f"{args['model_name']}: {self.encoder.architecture.value} from {settings.model_dir} on {settings.device} "
+            f"({settings.dtype}, {self.encoder.runs_on}), dimension {self.encoder.dimension}, "
+            f"max_length {self.encoder.max_length}, loaded in {time.monotonic() - started:.1f} s"
         )
-        self.watch = ClientWatch(self.cancel_board.mark, self.cancel_board.clear, CANCEL_POLL_FIRST_S, CANCEL_POLL_MAX_S)
-
-    def finalize(self):
-        # Requests still held are answered first (the encoder answers or refuses each), for a while.
-        deadline = time.monotonic() + FINALIZE_WAIT_S
-        for _ in range(self.capacity):
-            self.slots.acquire(timeout=max(0.0, deadline - time.monotonic()))
-        self.answerers.shutdown(wait=False, cancel_futures=True)
-        self.watch.close()
-        self.senders.shutdown(wait=False, cancel_futures=True)
-        self.metrics.close()
 
     def execute(self, requests):
         for request in requests:
-            self.slots.acquire()
-            self.metrics.hold(1)  # until answered: a drain waits for the gauge to come down
-            self.answerers.submit(self._answer_and_send, request, request.get_response_sender())
+            self.places.acquire()
+            self._accept(request)
         return None  # every response goes through its request's response sender
 
-    def _answer_and_send(self, request, sender):
-        try:
-            try:
-                response = self._answer(request)
-            except Exception as error:  # a request must get an answer whatever goes wrong
-                response = _refuse("internal", f"answering failed: {error!r}")
-            if response.has_error():
-                self.metrics.rejected(reason_of(response.error().message()).name)
-            sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
-        except Exception as error:  # nothing more can be sent for this request: say so in the log
-            with self.metrics.ipc_lock:  # a log line is an IPC call too
-                pb_utils.Logger.log_error(f"sending a response failed: {error!r}")
-        finally:
-            self.metrics.release(1)
-            self.slots.release()
+    def finalize(self):
+        for held in self.lanes.close(FINALIZE_WAIT_S):
+            self._refuse(held, "unavailable", UNLOADING_MESSAGE)
+        self.deadlines.close()
+        self.metrics.close()
 
-    def _answer(self, request):
-        if is_closed():  # a drain has served what was queued; this request came later
-            return _refuse("shutting_down", CLOSED_MESSAGE)
+    def _accept(self, request):
+        now = time.monotonic()
+        sender = request.get_response_sender()
         timeout_us = request.timeout()  # the request's own timeout (tritonclient's `timeout`), 0 if none
-        deadline = time.monotonic() + timeout_us / 1e6 if timeout_us else None
+        held = Held(
+            request.is_cancelled, lambda response: sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL),
+            taken=now, deadline=now + timeout_us / 1e6 if timeout_us else None,
+            wanted=frozenset(request.requested_output_names()), request=request,
+        )  # fmt: skip
+        self.metrics.hold(1)  # until answered: a drain waits for the gauge to come down
+        try:
+            self._take_on(held, request)
+        except Exception as error:  # a request must get an answer whatever goes wrong
+            self._log_error(f"taking a request on failed: {error!r}")
+            self._refuse(held, "internal", f"taking the request on failed: {error}")
+
+    def _take_on(self, held, request):
+        """Reads the request and hands it to a lane, or refuses it."""
+        if is_closed():  # a drain has served what was queued; this request came later
+            self._refuse(held, "shutting_down", CLOSED_MESSAGE)
+            return
 
         def tensor(name):
             found = pb_utils.get_input_tensor_by_name(request, name)
             return None if found is None else found.as_numpy()
 
         try:
-            query, documents = tensor(contract.QUERY_INPUT), tensor(contract.DOCUMENTS_INPUT)
-            forward = public_request(query, documents, request.parameters(), self.limits, self.instructions)
+            held.job = read_request(
+                tensor(contract.QUERY_INPUT), tensor(contract.DOCUMENTS_INPUT), request.parameters(), self.limits,
+                self.instruction_for, self.encoder.check_instruction,
+            )  # fmt: skip
         except InvalidInputError as error:
-            return _refuse("invalid_input", str(error))
-        inputs = [
-            pb_utils.Tensor(contract.TEXT_INPUT, forward.texts),
-            pb_utils.Tensor(contract.PROMPT_NAME_INPUT, np.array([[forward.prompt_name.encode()]], dtype=object)),
-        ]
-        if forward.instruction is not None:
-            inputs.append(pb_utils.Tensor(contract.INSTRUCTION_INPUT, np.array([[forward.instruction.encode()]], dtype=object)))
-        # Only what the client asked for (Triton lists every output when it named none): the seed's
-        # client asks for embeddings alone, and each tensor costs both hops shared memory and time.
-        wanted = [name for name in OUTPUTS if name in request.requested_output_names()]
-        response = self._forward(request, inputs, wanted, deadline, forward.parameters)
-        if isinstance(response, Exception):
-            return _refuse("internal", f"forwarding to the encoder failed: {response}")
-        if response is None:
-            return _refuse("cancelled", CANCELLED_MESSAGE if deadline is None else TIMEOUT_MESSAGE)
-        if response.has_error():  # the encoder's message, with the code BLS lost restored from it
-            message = response.error().message()
-            return _error(message, getattr(pb_utils.TritonError, reason_of(message).triton_code))
-        # The encoder's [1, N, ...] outputs become the contract's [N, ...], copied: as_numpy() is a view
-        # into the BLS response's shared memory, which may be reused once `response` is gone.
-        outputs = [np.array(pb_utils.get_output_tensor_by_name(response, name).as_numpy()[0]) for name in wanted]
-        return pb_utils.InferenceResponse([pb_utils.Tensor(name, array) for name, array in zip(wanted, outputs, strict=True)])
+            self._refuse(held, "invalid_input", str(error))
+            return
+        if not self.lanes.submit(held, held.job.size):
+            lane = self.lanes.lane_for(held.job.size).name
+            self._refuse(held, "over_capacity", f"the model's {lane} lane is full (exceeds maximum queue size); retry")
+        elif held.deadline is not None:
+            # Weakly: a request answered long before its deadline is not kept alive until then.
+            reference = weakref.ref(held)
+            self.deadlines.at(held.deadline, lambda: self._end_if_waited_for(reference(), time.monotonic()))
 
-    def _forward(self, request, inputs, wanted, deadline, parameters):
-        """The encoder's response (or what forwarding raised), or None once the client has gone or
-        the deadline passed. A forwarded request nobody waits for any more is marked on the cancel
-        board, so the encoder skips the rest of its work (and answers it once its call ends)."""
-        token = self.cancel_board.new_token()
-        parameters = {**parameters, **({CANCEL_TOKEN_PARAMETER: token} if token else {})}
-        forwarded = pb_utils.InferenceRequest(
-            model_name=self.encoder_model,
-            inputs=inputs,
-            requested_output_names=wanted,
-            parameters=parameters,
-            # The client's request id travels on (Triton's log lines name it). Not trace=request.trace():
-            # this request is released when execute() returns, its trace with it, and a child trace
-            # spawned from it afterwards crashed tritonserver 2.51 (SIGSEGV, tracing on).
-            request_id=request.request_id(),
-        )
-        if deadline is not None:
-            return self._forward_until(request, forwarded, token, deadline)
-        with self.watch.watching(request.is_cancelled, token) as gone:  # sent from this thread, the client watched meanwhile
+    def _end_if_waited_for(self, held, now):
+        """Answers a request nobody waits for any more: its timeout passed, or its client left (asked
+        at most every CANCEL_CHECK_INTERVAL_S). Does nothing to one already answered."""
+        if held is None or held.answered:
+            return
+        if held.timed_out(now):
+            self._refuse(held, "cancelled", TIMEOUT_MESSAGE)
+        elif now - held.checked >= CANCEL_CHECK_INTERVAL_S and held.client_left(now):
+            self._refuse(held, "cancelled", CANCELLED_MESSAGE)
+
+    def _run_batch(self, batch):
+        """On a lane's thread: compute the held requests together and answer each."""
+        batch = [held for held in batch if not held.answered]  # timed out while waiting
+        if not batch:
+            return
+        try:
+            outcomes = self._encode_together(batch)
+            for held, outcome in zip(batch, outcomes, strict=True):
+                if isinstance(outcome, Refusal):
+                    self._refuse(held, outcome.reason, outcome.message)
+                else:
+                    self._answer(held, lambda outcome=outcome, held=held: self._response(outcome, held))
+        except Exception as error:  # a lane must outlive any fault; its requests still get an answer
+            self._log_error(f"answering {len(batch)} request(s) failed: {error!r}")
+            for held in batch:
+                self._refuse(held, "internal", f"answering failed: {error}")
+
+    def _encode_together(self, batch):
+        """One encode call over every text of every request (request_rules.combine), so the
+        token-budget planner packs across requests; its rows are then split back, in order."""
+        jobs = [held.job for held in batch]
+        call = combine(jobs)
+
+        def keep(indices):
+            """Before each forward pass: the texts of requests somebody still waits for."""
+            now = time.monotonic()
+            for position in {call.owners[i] for i in indices}:
+                self._end_if_waited_for(batch[position], now)
+            return [i for i in indices if not batch[call.owners[i]].answered]
+
+        try:
+            result = self.encoder.encode(call.texts, call.options, keep)
+        except InvalidInputError as error:
+            return [Refusal("invalid_input", str(error))] * len(jobs)
+        except Exception as error:  # e.g. out of memory: these requests fail, the model stays up
+            self._log_error(f"encode failed for {len(jobs)} request(s): {error!r}")
+            return [Refusal("internal", f"encoding failed: {error}")] * len(jobs)
+        self.metrics.add("nvembed_forward_passes_total", result.passes)
+        self.metrics.add("nvembed_padded_tokens_total", result.padded_tokens)
+        return split(result.embeddings, result.token_counts, result.truncated, jobs, self.encoder.max_length, self.dtype)
+
+    def _response(self, answer, held):
+        """The response, with the outputs its request asked for, and the metrics of the texts it carries."""
+        self.metrics.add("nvembed_texts_total", len(held.job.texts), prompt=held.job.prompt)
+        self.metrics.add("nvembed_tokens_total", int(answer.token_counts.sum()), prompt=held.job.prompt)
+        self.metrics.add("nvembed_truncated_texts_total", int(answer.truncated.sum()))
+        outputs = {
+            contract.EMBEDDINGS_OUTPUT: np.ascontiguousarray(answer.embeddings),
+            contract.TOKEN_COUNTS_OUTPUT: answer.token_counts,
+            contract.TRUNCATED_OUTPUT: answer.truncated.astype(bool),
+        }
+        return pb_utils.InferenceResponse([pb_utils.Tensor(name, outputs[name]) for name in outputs if name in held.wanted])
+
+    def _refuse(self, held, reason, message):
+        self._answer(held, lambda: _error_response(reason, message), reason)
+
+    def _answer(self, held, response, rejected_reason=None):
+        """Sends the request's final response, `response()`, unless it has one; frees its place."""
+        if not held.claim():
+            return
+        try:
             try:
-                response = forwarded.exec()
-            except Exception as error:  # answered as internal by the caller
-                return error
-            return None if gone() else response
+                made = response()
+            except Exception as error:  # the request still gets an answer
+                made, rejected_reason = _error_response("internal", f"answering failed: {error!r}"), "internal"
+            held.send_final(made)
+        except Exception as error:  # nothing more can be sent for this request: say so in the log
+            self._log_error(f"sending a response failed: {error!r}")
+        finally:
+            if rejected_reason:
+                self.metrics.rejected(rejected_reason)
+            self.metrics.release(1)
+            self.places.release()
 
-    def _forward_until(self, request, forwarded, token, deadline):
-        """A request with a timeout of its own goes out on a sender thread while this one waits, so
-        that it is answered at its timeout whatever the encoder is doing. The client is asked after
-        only until this returns: its response is sent after (client_watch.py says why)."""
-        outcome, marked = [], []
-        done = threading.Event()
-
-        def send():
-            try:
-                outcome.append(forwarded.exec())
-            except Exception as error:  # handed to the waiting thread, which returns it
-                outcome.append(error)
-            finally:
-                done.set()
-                if marked:  # else there is no mark to clear: the file system is left alone
-                    self.cancel_board.clear(token)
-
-        self.senders.submit(send)
-        poll_s = 0.0  # the first look at once: the client may have gone while this request was queued
-        while True:
-            if done.wait(min(poll_s, max(0.0, deadline - time.monotonic()))):
-                return outcome[0]
-            if time.monotonic() >= deadline or request.is_cancelled():
-                marked.append(token)  # before the mark: if send() misses it, done is set by then and it is cleared here
-                self.cancel_board.mark(token)
-                if done.is_set():  # finished meanwhile: leave no mark behind
-                    self.cancel_board.clear(token)
-                return None
-            poll_s = min(max(2 * poll_s, CANCEL_POLL_FIRST_S), CANCEL_POLL_MAX_S)
+    def _log_error(self, message):
+        with self.metrics.ipc_lock:  # a log line is an IPC call too
+            pb_utils.Logger.log_error(message)
 
 
-def _refuse(reason, message):
-    """An error response whose message starts with its reason, as the encoder's do."""
-    return _error(f"{reason}: {message}", getattr(pb_utils.TritonError, REASONS[reason].triton_code))
-
-
-def _error(message, code):
+def _error_response(reason, message):
+    """An error response with the Triton code of its reason (reasons.REASONS)."""
+    code = getattr(pb_utils.TritonError, REASONS[reason].triton_code)
     return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code))
