@@ -250,7 +250,7 @@ def wait_for_model(process: subprocess.Popen, url: str, served_name: str, log_pa
 
 
 def stop_group(process: subprocess.Popen) -> None:
-    """SIGTERM to the group it leads (uvicorn shuts down cleanly), SIGKILL if it lingers."""
+    """SIGTERM to the group it leads (its HTTP server shuts down cleanly), SIGKILL if it lingers."""
     for signum, wait_s in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
         if process.poll() is not None:
             return

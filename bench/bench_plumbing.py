@@ -37,7 +37,7 @@ from pathlib import Path
 from shared import model_dir_or_tiny, request_inputs, text_of_tokens
 
 from nvembed_triton.protocol.contract import PUBLIC_MODEL, QUERY_INPUT
-from nvembed_triton.protocol.settings import BY_KEY, STAND_IN_CONSTANT
+from nvembed_triton.protocol.settings import BY_KEY, STAND_IN_CONSTANT, STAND_IN_H200
 from nvembed_triton.serving.serve import PACKAGED_REPOSITORY, plan, server_settings
 from nvembed_triton.serving.serve import parser as serve_parser
 from nvembed_triton.serving.server import TritonServer, free_port
@@ -84,14 +84,27 @@ async def closed_loop(url: str, queries: list[str], clients: int, seconds: float
 
 def measure(server: TritonServer, queries: list[str], clients: int, seconds: float) -> dict:
     groups = process_groups(server)
-    before, started = cpu_by_group(groups), time.perf_counter()
+    before, started, since = cpu_by_group(groups), time.perf_counter(), time.time()
     requests = asyncio.run(closed_loop(server.settings.grpc_url, queries, clients, seconds))
     wall = time.perf_counter() - started
     after = cpu_by_group(groups)
     row = {"clients": clients, "requests_per_s": requests / wall}
     for name in groups:
         row[f"{name} us/request"] = (after[name] - before[name]) / requests * 1e6
+    row.update(passes_since(server, since, wall))
     return row
+
+
+def passes_since(server: TritonServer, since: float, wall: float) -> dict:
+    """From the pass log: queries per pass, and the share of the cell's time a pass was running
+    (the stand-in's passes wait as a GPU's run: below 1, the stack leaves that GPU idle)."""
+    log = Path(server.settings.environment.get(BY_KEY["pass_log"].variable, "/nonexistent"))
+    passes = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
+    passes = [p for p in passes if p["time"] >= since]
+    if not passes:
+        return {}
+    busy_s = sum(p["wall_ms"] for p in passes) / 1e3
+    return {"rows per pass": statistics.median(p["rows"] for p in passes), "busy share": busy_s / wall}
 
 
 def profile(server: TritonServer, group: str, queries: list[str], seconds: float, out: Path) -> list[tuple[str, float]]:
@@ -141,12 +154,13 @@ def projection(row: dict, cores: int = 16) -> dict:
 def table(results: dict) -> str:
     names = ("tritonserver", "model stub", "load generator")
     lines = [
-        "| clients | requests/s | " + " | ".join(f"{n} µs/req" for n in names) + " |",
-        "|---|---|" + "---|" * len(names),
+        "| clients | requests/s | " + " | ".join(f"{n} µs/req" for n in names) + " | queries per pass | passes running |",
+        "|---|---|" + "---|" * len(names) + "---|---|",
     ]
     for row in results["rows"]:
         cells = " | ".join(f"{row[f'{n} us/request']:.0f}" for n in names)
-        lines.append(f"| {row['clients']} | {row['requests_per_s']:.0f} | {cells} |")
+        passes = f" | {row['rows per pass']:.0f} | {row['busy share']:.2f}" if "busy share" in row else " | - | -"
+        lines.append(f"| {row['clients']} | {row['requests_per_s']:.0f} | {cells}{passes} |")
     best = results["projection"]
     if best:
         lines.append(
@@ -165,6 +179,9 @@ def arguments() -> argparse.Namespace:
     parser.add_argument("--response-cache", action="store_true",
                         help="also measure Triton's response cache on the model (hits: queries repeat)")
     parser.add_argument("--model-dir", help="NV-Embed-v2 snapshot whose tokenizer is used (default: a generated tiny random one)")
+    parser.add_argument("--stand-in", choices=(STAND_IN_CONSTANT, STAND_IN_H200), default=STAND_IN_CONSTANT,
+                        help="constant: passes take no time (the stack alone); h200: each pass waits as long as an H200's "
+                             "pass of its size took, and the pass log shows how busy the stack keeps such a GPU")
     parser.add_argument("--real-network", metavar="DEVICE",
                         help="serve the checkpoint's real network on DEVICE (cpu, cuda) instead of the stand-in: with the tiny "
                              "checkpoint on a GPU, the whole production path (passes, host-device copies), negligible compute")
@@ -172,11 +189,13 @@ def arguments() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def start_settings(scratch: Path, model_dir: str | None, response_cache: bool, real_network: str | None = None):
+def start_settings(scratch: Path, model_dir: str | None, response_cache: bool, real_network: str | None = None,
+                   stand_in: str = STAND_IN_CONSTANT):
     """The stand-in (or, with real_network, the checkpoint's own network on that device) served as
     MODEL on free ports; with response_cache, the model caches."""
     model_dir = model_dir_or_tiny(model_dir, scratch)  # the stand-in uses only its tokenizer
-    stand_in = {} if real_network else {BY_KEY["stand_in"].variable: STAND_IN_CONSTANT}
+    pass_log = {BY_KEY["pass_log"].variable: str(scratch / "passes.jsonl")}
+    stand_in = pass_log if real_network else {BY_KEY["stand_in"].variable: stand_in, **pass_log}
     environ = {**os.environ, **stand_in, "TRITON_GRPC_PORT": str(free_port()),
                "TRITON_HTTP_PORT": str(free_port()), "TRITON_METRICS_PORT": str(free_port())}  # fmt: skip
     if response_cache:
@@ -218,8 +237,8 @@ def main() -> int:
     rng = random.Random(0)
     queries = [text_of_tokens(rng, rng.randint(6, 24)) for _ in range(512)]
     profile_into = scratch / "profile.pyspy" if args.profile else None
-    results = sweep(start_settings(scratch, args.model_dir, False, args.real_network), queries, args, profile_into)
-    network = f"real network on {args.real_network}" if args.real_network else "constant stand-in"
+    results = sweep(start_settings(scratch, args.model_dir, False, args.real_network, args.stand_in), queries, args, profile_into)
+    network = f"real network on {args.real_network}" if args.real_network else f"{args.stand_in} stand-in"
     results["setup"] = {"seconds": args.seconds, "repeats": args.repeats, "cpus": os.cpu_count(), "network": network,
                         "load": os.getloadavg()}  # fmt: skip
     print(f"network: {network}")

@@ -82,6 +82,7 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--after-env", action="append", default=[], metavar="KEY=VALUE", help="a setting of this checkout's server")
     p.add_argument("--stand-in", action="store_true", help="the constant stand-in, single-query cells only")
+    p.add_argument("--cells", default="", help="only the cells whose name contains this (e.g. passages)")
     p.add_argument("--json", default="bench/results/versions.json")
     p.add_argument("--serve", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--stand-in-dir", type=Path, help=argparse.SUPPRESS)
@@ -99,7 +100,7 @@ def main() -> int:
         stand_in = model_dir_or_tiny(None, Path(scratch)) if args.stand_in else None
         urls["after"], model = servers.enter_context(server_of(here, Path(scratch) / "after", settings, stand_in))
         urls["before"], _ = servers.enter_context(server_of(args.before.resolve(), Path(scratch) / "before", None, stand_in))
-        workloads = {name: w for name, w in WORKLOADS.items() if not (args.stand_in and w.passages)}
+        workloads = {name: w for name, w in WORKLOADS.items() if not (args.stand_in and w.passages) and args.cells in name}
         runs = asyncio.run(sweep(urls, model, requests, args, workloads))
     print(table(runs))
     setup = {**vars(args), "before": str(args.before), "serve": None, "stand_in_dir": None, "load": os.getloadavg()}

@@ -24,8 +24,6 @@ SERVE_SH = ROOT / "serve.sh"
 # The test server truncates at this many tokens, so truncation is tested without 32k-token inputs.
 TEST_MAX_LENGTH = 256
 STARTUP_TIMEOUT_S = 300
-# Unlocks Triton's restricted APIs (statistics, shared memory, logging...) on the test servers.
-TEST_ADMIN_KEY = "test-admin-key"
 
 
 @dataclass
@@ -78,7 +76,6 @@ def _start_server(tmp: Path, model: str, args: list[str], extra_env: dict[str, s
         "TRITON_HTTP_PORT": str(http_port),
         "TRITON_METRICS_PORT": str(metrics_port),
         "NVEMBED_OPENAI_PORT": str(openai_port),
-        "NVEMBED_ADMIN_KEY": TEST_ADMIN_KEY,
         "PYTHON": sys.executable,
         **extra_env,
     }

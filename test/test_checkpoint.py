@@ -205,6 +205,17 @@ def test_serve_check_refuses_a_truncated_shard_and_names_it(tiny_checkpoint, tmp
     assert "ok:" not in result.stdout
 
 
+@pytest.mark.parametrize("content", [b"{not json", b"\xff\xfe binary", b""], ids=["broken JSON", "not UTF-8", "empty"])
+def test_serve_says_in_one_line_that_config_json_is_not_json(tiny_checkpoint, tmp_path, content):
+    """Before: a 34-line traceback."""
+    copy = shutil.copytree(tiny_checkpoint, tmp_path / "copy")
+    (copy / "config.json").write_bytes(content)
+    command = [str(ROOT / "serve.sh"), "--check", "--model-dir", str(copy)]
+    result = subprocess.run(command, env={**os.environ, "PYTHON": sys.executable}, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and f"{copy / 'config.json'} is not valid JSON" in result.stderr
+
+
 def test_an_unreadable_snapshot_is_named_with_the_fix(tiny_checkpoint):
     """As the container's uid 1000 meets a snapshot written by root with mode 600. Root reads any
     file, so as root the child process drops to an unprivileged uid before the check."""

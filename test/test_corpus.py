@@ -20,7 +20,7 @@ from conftest import TEST_MAX_LENGTH, start_tiny_server, stop_server
 
 from nvembed_triton.clients.client import EmbeddingClient
 from nvembed_triton.clients.corpus import CorpusJob, EmbeddingOptions, Manifest, grpc_target
-from nvembed_triton.clients.corpus_files import CorpusError, count_rows, shards
+from nvembed_triton.clients.corpus_files import CorpusError, check_ids, shards
 
 WORDS = "bread flour water salt yeast oven crust crumb dough proof knead bake rye wheat starter".split()
 
@@ -66,8 +66,9 @@ def test_the_three_formats_give_the_same_shards(tmp_path):
         assert [i for s in found for i in s.ids.to_pylist()] == [row["id"] for row in rows]
         # CSV has no null: a missing text reads as "" there; both are refused as empty
         assert [t or "" for s in found for t in s.texts] == [row["text"] or "" for row in rows]
-    assert count_rows(paths[0]) == count_rows(paths[1]) == 25 and count_rows(paths[2]) is None
-    assert count_rows(write_jsonl(rows, tmp_path / "n.jsonl", trailing_newline=False)) == 25
+        assert [line for s in found for line in s.lines] == list(range(1, 26)) and not any(s.problems for s in found)
+    assert all(check_ids(path, "id", "text") == 25 for path in paths)
+    assert check_ids(write_jsonl(rows, tmp_path / "n.jsonl", trailing_newline=False), "id", "text") == 25
 
 
 def test_csv_ids_stay_strings(tmp_path):
@@ -78,10 +79,65 @@ def test_csv_ids_stay_strings(tmp_path):
 
 def test_a_missing_field_or_format_is_named(tmp_path):
     path = write_jsonl([{"key": 1, "body": "x"}], tmp_path / "c.jsonl")
-    with pytest.raises(CorpusError, match="no field id, text; it has key, body"):
+    with pytest.raises(CorpusError, match="no field id, text; it has body, key"):
         list(shards(path, "id", "text", 10))
     with pytest.raises(CorpusError, match="unknown format '.txt'"):
         list(shards(tmp_path / "c.txt", "id", "text", 10))
+
+
+def test_lines_that_cannot_be_read_are_each_a_rows_problem_and_reading_goes_on(tmp_path):
+    """Malformed JSON, bytes that are not UTF-8, a value that is not an object, a text that is not a
+    string: each is its row's problem, with its line, and the rows after it are read. A line of
+    9 MiB (over any block size) is read whole; blank lines are not rows."""
+    long_text = "flour " * (9 * 2**20 // 6)
+    lines = [
+        json.dumps({"id": "a", "text": "bread"}).encode(),
+        b'{"id": "b", "text": "unterminated',
+        json.dumps({"id": "c", "text": "caf\u00e9"}).encode().replace(b"\\u00e9", b"\xe9"),
+        b"",
+        b"[1, 2]",
+        json.dumps({"id": "e", "text": 12}).encode(),
+        json.dumps({"id": "f", "text": long_text}).encode(),
+        json.dumps({"id": "g", "text": "yeast"}).encode(),
+    ]
+    path = tmp_path / "c.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    (shard,) = shards(path, "id", "text", 100)
+    assert shard.lines == [1, 2, 3, 5, 6, 7, 8]  # line 4 is blank
+    reasons = {shard.lines[position]: reason for position, (reason, _) in shard.problems.items()}
+    assert reasons == {2: "malformed", 3: "not_utf8", 5: "malformed", 6: "malformed"}
+    assert "line 3 is not valid UTF-8" in shard.problems[2][1] and "line 2 is not valid JSON" in shard.problems[1][1]
+    assert shard.texts[0] == "bread" and shard.texts[5] == long_text and shard.texts[6] == "yeast"
+    assert shard.ids.to_pylist() == ["a", None, None, None, "e", "f", "g"]
+    assert check_ids(path, "id", "text") == 7  # unreadable rows are rejects, not id problems
+
+
+@pytest.mark.parametrize("content", ["", "\n\n", "id,text\n"], ids=["empty", "blank lines", "CSV header only"])
+def test_an_input_without_rows_is_refused_in_one_line(tmp_path, content):
+    path = tmp_path / ("c.csv" if content.startswith("id") else "c.jsonl")
+    path.write_text(content)
+    with pytest.raises(CorpusError, match="holds no rows"):
+        check_ids(path, "id", "text")
+
+
+def test_missing_and_repeated_ids_are_refused_naming_their_lines(tmp_path):
+    rows = [{"id": 1, "text": "a"}, {"text": "no id"}, {"id": "x", "text": "b"}, {"id": 1, "text": "c"}, {"id": "x", "text": "d"},
+            {"id": None, "text": "e"}, {"id": "1", "text": "a string, not the number 1"}]  # fmt: skip
+    path = write_jsonl(rows, tmp_path / "c.jsonl")
+    with pytest.raises(CorpusError) as raised:
+        check_ids(path, "id", "text")
+    message = str(raised.value)
+    assert "2 row(s) without an id (field 'id'), first at 2, 6" in message
+    assert "2 repeated id(s): 1 at 4 (first at 1); \"x\" at 5 (first at 3)" in message and "nothing was sent" in message
+
+
+def test_the_command_refuses_repeated_ids_before_sending_anything(tmp_path):
+    path = write_jsonl([{"id": 1, "text": "a"}, {"id": 1, "text": "b"}], tmp_path / "c.jsonl")
+    command = [sys.executable, "-m", "nvembed_triton.clients.corpus", str(path), str(tmp_path / "out"), "--url", "127.0.0.1:1",
+               "--text-field", "text", "--id-field", "id", "--no-progress"]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "repeated id" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "out" / "manifest.json").exists()
 
 
 def test_a_resumed_run_must_match_the_first(tmp_path):
@@ -208,6 +264,24 @@ def test_fp16_vectors_and_a_finished_run_rerun(nvembed_server, tmp_path):
     assert embeddings.num_rows == len(rows) - len(empty)  # long texts are cut (truncate END), not refused
     again = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "0 shard(s) written, 3 already done" in again.stdout, again.stdout
+
+
+@pytest.mark.server
+def test_a_run_over_bad_lines_embeds_the_rest_and_rejects_them_with_their_lines(nvembed_server, tmp_path):
+    good = [{"id": f"doc-{i}", "text": f"bread and flour number {i}"} for i in range(6)]
+    lines = [json.dumps(row).encode() for row in good]
+    lines.insert(2, b'{"id": "broken", "text": ')
+    lines.insert(4, b'{"id": "latin1", "text": "caf\xe9"}')
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_bytes(b"\n".join(lines) + b"\n")
+    command = [sys.executable, "-m", "nvembed_triton.clients.corpus", str(corpus), str(tmp_path / "out"), "--url",
+               nvembed_server.url, "--text-field", "text", "--id-field", "id", "--shard-rows", "3", "--no-progress"]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    embeddings, rejects = read_output(tmp_path / "out")
+    assert sorted(embeddings.column("id").to_pylist()) == sorted(row["id"] for row in good)
+    assert rejects.column("line").to_pylist() == [3, 5] and rejects.column("reason").to_pylist() == ["malformed", "not_utf8"]
+    assert rejects.column("id").to_pylist() == [None, None]
 
 
 @pytest.mark.server

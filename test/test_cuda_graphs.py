@@ -49,7 +49,7 @@ def test_a_pass_widened_to_its_bucket_gives_the_eager_vectors(encoder, tiny_chec
     bucket = bucket_of(*input_ids.shape)
     assert bucket is not None and bucket != tuple(input_ids.shape)  # really widened: more rows and columns
     widened = static_embed(encoder.model, *padded_to_bucket(input_ids, valid, pool_from, bucket))[: len(TEXTS)].numpy()
-    eager = encoder.embed_tokenized(tokenized)
+    eager = encoder.embed_tokenized(tokenized)[0]
     reference = ReferenceNVEmbed(tiny_checkpoint)
     independent = np.stack([reference.embed(text, instruction) for text in TEXTS])
     assert np.isfinite(widened).all()

@@ -18,8 +18,8 @@ class Recorder:
         self.long_started = threading.Event()
         self.done = threading.Condition()
 
-    def __call__(self, batch):
-        lane = threading.current_thread().name
+    def __call__(self, batch, lane):
+        lane = f"{lane.name}-lane"
         if lane == "long-lane" and not self.release_long.is_set():
             self.long_started.set()
             self.release_long.wait(10)
@@ -53,7 +53,7 @@ def test_a_free_lane_takes_what_waits_up_to_its_batch_bytes():
     recorder = Recorder()
     recorder.release_long.set()
     hold = threading.Event()
-    lanes = Lanes(lambda batch: (hold.wait(10), recorder(batch)), long_request_bytes=50, limits=LIMITS)
+    lanes = Lanes(lambda batch, lane: (hold.wait(10), recorder(batch, lane)), long_request_bytes=50, limits=LIMITS)
     try:
         assert lanes.submit("a", 40)
         time.sleep(0.1)  # "a" is taken at once and computes until `hold` is set
@@ -69,7 +69,7 @@ def test_a_free_lane_takes_what_waits_up_to_its_batch_bytes():
 
 def test_a_full_lane_refuses_but_an_empty_one_takes_any_one_request():
     hold = threading.Event()
-    lanes = Lanes(lambda batch: hold.wait(10), long_request_bytes=50, limits=LIMITS)
+    lanes = Lanes(lambda batch, lane: hold.wait(10), long_request_bytes=50, limits=LIMITS)
     assert lanes.submit("huge", 5000)  # over max_bytes, but the long lane is empty
     assert lanes.submit("short 0", 10)
     time.sleep(0.1)  # both taken: computing

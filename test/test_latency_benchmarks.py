@@ -43,19 +43,29 @@ def test_bench_latency_splits_a_lone_query_into_stages_that_add_up(tmp_path, tin
 
 
 def test_the_gpu_run_script_passes_its_cpu_smoke_test(tmp_path, tiny_checkpoint):
+    """Every phase of the one-call GPU run, on the CPU with the tiny network; this checkout's own
+    package stands in for the baseline (the run takes the baseline's src/ as --before-src)."""
     out = tmp_path / "gpu-server.json"
     run_bench(
         "bench_gpu_server.py", "--tiny", "--tokenizer-dir", str(tiny_checkpoint), "--scratch", str(tmp_path / "scratch"),
-        "--json", str(out), "--documents", "24", "--lone-queries", "30", "--seconds", "1", "--repeats", "1",
-        "--phases", "checkpoint,server-graphs,in-process",
+        "--before-src", str(ROOT / "src"), "--json", str(out), "--documents", "24", "--lone-queries", "30",
+        "--seconds", "1", "--repeats", "1", timeout_s=900,
     )  # fmt: skip
     results = json.loads(out.read_text())
-    server = results["server cuda_graphs on"]
-    assert "error" not in server and "error" not in results["in-process"], results
-    assert server["lone_query"]["n"] == 30
-    assert set(server["lone_query_stages"]) >= {"into the model", "the model", "total (client)"}
-    assert [row["clients"] for row in server["queries"]] == [1, 16, 64]
-    assert all(row["requests_per_s"] > 0 for row in server["queries"])
-    assert server["documents_tokens_per_s"] > 0 and results["in-process"]["documents_tokens_per_s"] > 0
-    # The server's vectors are the in-process encoder's (the script computes the cosine itself).
-    assert results["faithfulness"]["server graphs on vs in-process, min cosine"] > 0.9999
+    assert not [phase for phase, values in results.items() if isinstance(values, dict) and "error" in values], results
+    for name in ("server before", "server after"):
+        server = results[name]
+        assert server["lone_query"]["n"] == 30
+        assert set(server["lone_query_stages"]) >= {"into the model", "the model", "total (client)"}
+        assert [row["clients"] for row in server["queries"]] == [1, 16, 64]
+        assert all(row["requests_per_s"] > 0 for row in server["queries"]) and server["documents_tokens_per_s"] > 0
+    assert all(row["passes"]["rows_p50"] >= 1 for row in results["server after"]["queries"])  # its pass log
+    in_process = results["in-process"]
+    assert "compiled layers" in in_process["runs_on"] and in_process["weight_bytes_per_pass"] > 0
+    documents = in_process["documents"]
+    assert documents["packed"]["computed_per_token"] == 1.0 < documents["padded"]["computed_per_token"]
+    assert in_process["packed vs padded, min cosine"] > 0.99999
+    # The scripts' own cosines: the new server's vectors are the baseline's, fp32's and FP8's close.
+    assert results["faithfulness"]["server after vs before, min cosine"] > 0.9999
+    assert results["precision"]["fp32 vs in-process packed, min cosine"] > 0.9999
+    assert "FP8" in results["fp8"]["runs_on"] and results["fp8"]["cosine_vs_fp16"]["min"] > 0.9

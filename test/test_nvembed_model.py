@@ -46,18 +46,25 @@ def test_bf16_stays_close_to_fp32(tiny_checkpoint, reference):
     assert np.all(cosine(ours, expected) >= 0.99)
 
 
-@pytest.mark.parametrize("mask", [None, torch.ones(1, 1, 1, 5, dtype=torch.bool)], ids=["no mask", "4-D mask"])
-def test_attention_is_bidirectional(encoder, mask):
-    """The first token's state must depend on the last token, on both paths embed() uses:
-    transformers keeps Mistral causal unless our flags and masks take effect, and those internals
-    move between releases."""
+@pytest.mark.parametrize("layout", ["padded, no mask", "padded, key mask", "packed"])
+def test_attention_is_bidirectional(encoder, layout):
+    """The first token's state must depend on the last token, on every path embed() uses."""
+    from nvembed_triton.engine.fused_mistral import Attention
+
     backbone = encoder.model.backbone
-    ids = torch.tensor([[1, 1318, 2245, 5374, 2]])
+    ids = torch.tensor([1, 1318, 2245, 5374, 2])
     changed = ids.clone()
-    changed[0, 3] = 1602
+    changed[3] = 1602
+    positions = torch.arange(5)
+    attend = {
+        "padded, no mask": Attention.padded(torch.ones(1, 5, dtype=torch.bool), masked=False),
+        "padded, key mask": Attention.padded(torch.ones(1, 5, dtype=torch.bool)),
+        "packed": Attention.packed(torch.tensor([0, 5], dtype=torch.int32), 5),
+    }[layout]
+    shape = (5,) if layout == "packed" else (1, 5)
     with torch.inference_mode():
-        first = backbone(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state[0, 0]
-        second = backbone(input_ids=changed, attention_mask=mask, use_cache=False).last_hidden_state[0, 0]
+        first = backbone(ids.view(shape), positions.view(shape), attend).reshape(5, -1)[0]
+        second = backbone(changed.view(shape), positions.view(shape), attend).reshape(5, -1)[0]
     assert (first - second).abs().max() > 1e-3
 
 
@@ -65,24 +72,16 @@ def test_unpadded_and_padded_passes_agree(encoder):
     """A pass without padding takes the mask-free path; it must equal the masked one."""
     texts = encoder.tokenizer.encode(["same length one", "same length two"], ["", ""])
     assert len(texts[0].ids) == len(texts[1].ids)
-    unpadded = encoder.embed_tokenized(texts)
-    padded = encoder.embed_tokenized(texts + encoder.tokenizer.encode(["a longer text " * 5], [""]))[:2]
+    unpadded = encoder.embed_tokenized(texts)[0]
+    padded = encoder.embed_tokenized(texts + encoder.tokenizer.encode(["a longer text " * 5], [""]))[0][:2]
     assert np.abs(unpadded - padded).max() < 1e-5
-
-
-def test_no_kv_cache_is_built(encoder):
-    """An embedding is one pass: a key/value cache would only hold memory. Called as transformers
-    callers do, without use_cache, the backbone must return none."""
-    with torch.inference_mode():
-        output = encoder.model.backbone(input_ids=torch.tensor([[1, 1318, 2245, 2]]))
-    assert output.past_key_values is None
 
 
 def test_padding_does_not_leak_into_the_embedding(encoder):
     short = encoder.tokenizer.encode(["short text"], [""])
     long = encoder.tokenizer.encode(["a much longer text " * 10], [""])
-    alone = encoder.embed_tokenized(short)
-    padded = encoder.embed_tokenized(long + short)[1:]
+    alone = encoder.embed_tokenized(short)[0]
+    padded = encoder.embed_tokenized(long + short)[0][1:]
     assert np.abs(alone - padded).max() < 1e-5
 
 
@@ -101,9 +100,23 @@ def test_default_num_cross_heads_is_used_when_the_config_omits_it(encoder):
     assert encoder.model.head.cross_attend_blocks[0].fn.heads == 8
 
 
-def test_weights_load_in_the_requested_dtype(tiny_checkpoint):
+def test_weights_load_in_the_requested_dtype_with_projections_fused(tiny_checkpoint):
     encoder = encoder_for(tiny_checkpoint, dtype="fp16")
     assert {p.dtype for p in encoder.model.parameters()} == {torch.float16}
+    layer, shape = encoder.model.backbone.layers[0], encoder.model.backbone.shape
+    assert layer.qkv.weight.shape == ((shape.heads + 2 * shape.kv_heads) * shape.head_dim, shape.hidden)
+    assert layer.gate_up.weight.shape == (2 * shape.intermediate, shape.hidden)
+    # Fused, not doubled: the backbone holds exactly the checkpoint's backbone parameters.
+    from safetensors import safe_open
+
+    from nvembed_triton.engine.checkpoint import weight_files
+    from nvembed_triton.engine.fused_mistral import BACKBONE_PREFIX
+
+    stored = 0
+    for path in weight_files(tiny_checkpoint):
+        with safe_open(path, framework="pt") as shard:
+            stored += sum(int(np.prod(shard.get_slice(n).get_shape())) for n in shard.keys() if n.startswith(BACKBONE_PREFIX))
+    assert sum(p.numel() for p in encoder.model.backbone.parameters()) == stored
 
 
 def test_the_snapshots_own_python_files_never_run(tiny_checkpoint, tmp_path, reference):

@@ -485,9 +485,13 @@ def test_an_api_key_guards_every_v1_endpoint_but_health(api, tmp_path, monkeypat
             with pytest.raises(urllib.error.HTTPError) as raised:  # no Authorization header at all
                 urllib.request.urlopen(urllib.request.Request(base + path, data=data), timeout=30)
             assert raised.value.code == 401 and json.loads(raised.value.read())["error"]["code"] == "invalid_api_key"
-        request = urllib.request.Request(base + "/v1/models", headers={"Authorization": f"Bearer {key}"})
-        with urllib.request.urlopen(request, timeout=30) as answer:
-            assert answer.status == 200
+        for path in ("/v1/models", "/openapi.json"):
+            with pytest.raises(urllib.error.HTTPError) as raised:
+                urllib.request.urlopen(base + path, timeout=30)
+            assert raised.value.code == 401, path
+            request = urllib.request.Request(base + path, headers={"Authorization": f"Bearer {key}"})
+            with urllib.request.urlopen(request, timeout=30) as answer:
+                assert answer.status == 200 and json.loads(answer.read()), path
         for path in ("/health", "/v1/health/ready"):  # probes carry no key
             with urllib.request.urlopen(base + path, timeout=30) as answer:
                 assert answer.status == 200
@@ -495,6 +499,66 @@ def test_an_api_key_guards_every_v1_endpoint_but_health(api, tmp_path, monkeypat
         front.stop()
     assert front.process.returncode == 0 and not lines, lines  # a clean stop, not a crash to restart from
     assert not any(key in line for line in lines)
+
+
+def test_without_a_key_the_schema_is_served_and_no_docs_page_is(api):
+    with urllib.request.urlopen(api.openai_url.removesuffix("/v1") + "/openapi.json", timeout=30) as answer:
+        assert "/v1/embeddings" in json.loads(answer.read())["paths"]
+    with pytest.raises(urllib.error.HTTPError) as raised:
+        urllib.request.urlopen(api.openai_url.removesuffix("/v1") + "/docs", timeout=30)
+    assert raised.value.code == 404
+
+
+# --- connections that send nothing -----------------------------------------------------------------
+
+
+def test_idle_and_trickling_connections_are_closed_and_never_deny_the_api(api):
+    """1,000 connections that send nothing and one that sends its request line a byte a second: each
+    is closed within a few seconds, and meanwhile a client is answered as usual (before: 300 idle
+    connections got everyone 503 until they closed)."""
+    import resource
+
+    from nvembed_triton.clients.openai_api import IDLE_CONNECTION_S
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 4096)), hard))
+    port = api.openai_port
+    idle = [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(1000)]
+    trickling = socket.create_connection(("127.0.0.1", port), timeout=30)
+    opened = time.monotonic()
+    stop = threading.Event()
+
+    def trickle() -> None:
+        for byte in b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n":
+            if stop.wait(1.0):
+                return
+            try:
+                trickling.send(bytes([byte]))
+            except OSError:  # closed by the server: what this test waits for
+                return
+
+    sender = threading.Thread(target=trickle)
+    sender.start()
+    try:
+        answer = OpenAI(base_url=api.openai_url, api_key="not-needed", max_retries=0).embeddings.create(
+            model=PUBLIC_MODEL, input=TEXTS
+        )
+        assert len(answer.data) == len(TEXTS)
+        answered_s = time.monotonic() - opened
+        for connection in [*idle, trickling]:
+            connection.settimeout(IDLE_CONNECTION_S + 10)
+            try:
+                assert connection.recv(1) == b""  # closed by the server
+            except ConnectionResetError:
+                pass
+        closed_s = time.monotonic() - opened
+    finally:
+        stop.set()
+        sender.join()
+        for connection in [*idle, trickling]:
+            connection.close()
+    print(f"answered {answered_s:.1f} s after 1,001 idle connections opened; all closed after {closed_s:.1f} s")
+    assert answered_s < IDLE_CONNECTION_S and closed_s < IDLE_CONNECTION_S + 5
 
 
 # --- large query batches -------------------------------------------------------------------------

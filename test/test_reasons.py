@@ -7,13 +7,14 @@ import pytest
 from nvembed_triton.clients.openai_api import as_api_error
 from nvembed_triton.protocol.errors import EmbeddingError
 from nvembed_triton.protocol.lifecycle import CANCELLED_MESSAGE, CLOSED_MESSAGE, TIMEOUT_MESSAGE
-from nvembed_triton.protocol.reasons import REASONS, reason_of
+from nvembed_triton.protocol.reasons import REASONS, UNAUTHORIZED_MESSAGE, reason_of
 
 
 @pytest.mark.parametrize(
     "message, status, expected",
     [
         ("documents[1] is an empty string", "StatusCode.INVALID_ARGUMENT", "invalid_input"),
+        (UNAUTHORIZED_MESSAGE + "; send the server's inference key in it", "StatusCode.INVALID_ARGUMENT", "unauthorized"),
         ("unexpected shape for input 'query'", "StatusCode.INVALID_ARGUMENT", "invalid_input"),  # Triton's own
         ("[request id: <id_unknown>] Exceeds maximum queue size", "StatusCode.UNAVAILABLE", "over_capacity"),
         ("the model's long lane is full (exceeds maximum queue size); retry", "StatusCode.UNAVAILABLE", "over_capacity"),
@@ -39,6 +40,7 @@ def test_what_clients_receive_maps_to_its_reason(message, status, expected):
 # name: (the model's Triton code, the Python client retries, the OpenAI API's HTTP status)
 CONSEQUENCES = {
     "invalid_input": ("INVALID_ARG", False, 400),
+    "unauthorized": ("INVALID_ARG", False, 500),  # Triton refused the OpenAI API's own key: the deployment's fault
     "over_capacity": ("UNAVAILABLE", True, 429),
     "shutting_down": ("UNAVAILABLE", True, 503),
     "unavailable": ("UNAVAILABLE", True, 503),

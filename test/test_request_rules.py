@@ -36,7 +36,7 @@ def params(**values):
 
 def read(query=None, documents=None, options=None, configured=None, check=lambda instruction: None):
     instruction_for = configured_instructions(configured or {}, MODEL_DEFAULTS.__getitem__)
-    return read_request(query, documents, options, LIMITS, instruction_for, check)
+    return read_request(query, documents, json.loads(options or "{}"), LIMITS, instruction_for, check)
 
 
 def test_a_query_becomes_one_text_with_the_models_own_query_instruction():

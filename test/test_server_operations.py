@@ -27,6 +27,7 @@ from nvembed_triton.protocol.contract import (
     nvembed_query_instruction,
 )
 from nvembed_triton.protocol.settings import model_settings, triton_parameters
+from nvembed_triton.serving.serve import closed_flag
 
 pytestmark = pytest.mark.server  # starts real tritonservers
 
@@ -216,6 +217,47 @@ def test_metrics_count_texts_tokens_passes_and_rejections(nvembed_server, tiny_c
     passes = delta(before, after, "nvembed_forward_passes_total", model=model)
     assert passes >= 2  # two requests, not batched together: they were sent one after the other
     assert delta(before, after, "nvembed_padded_tokens_total", model=model) >= sum(c for c, _ in counts)
+
+
+def rejected(server, reason: str) -> float:
+    return scrape(server).get(("nvembed_rejected_requests_total", (("model", PUBLIC_MODEL), ("reason", reason))), 0.0)
+
+
+def test_each_refusal_is_counted_under_its_reason(small_queue_server):
+    """Every reason a request can meet from outside, each counted once under its own label (the
+    model's counters lag by its send interval). internal and unavailable need a fault or an unload."""
+    server = small_queue_server
+
+    def counted(reason: str, event) -> None:
+        before = rejected(server, reason)
+        event()
+        after = settled(lambda: rejected(server, reason), lambda value: value > before)
+        assert after > before, reason
+
+    def invalid():
+        with server.client() as client, pytest.raises(InferenceServerException, match="empty string"):
+            embed_documents(client, PUBLIC_MODEL, [""])
+
+    def cancelled():
+        with server.client() as client, pytest.raises(InferenceServerException, match="timeout passed"):
+            client.infer(PUBLIC_MODEL, [bytes_input(contract.DOCUMENTS_INPUT, [DOCUMENTS * 16], [1, 1024])], timeout=50_000)
+
+    def over_capacity():  # more long requests at once than the long lane holds
+        burst(server, DOCUMENTS, 32)
+
+    def shutting_down():  # the door a drain closes, closed by hand (and opened again)
+        door = closed_flag(server.log_path.parent)
+        door.touch()
+        try:
+            with server.client() as client, pytest.raises(InferenceServerException, match="shutting down"):
+                embed_query(client, PUBLIC_MODEL, "too late")
+        finally:
+            door.unlink()
+
+    counted("invalid_input", invalid)
+    counted("cancelled", cancelled)
+    counted("over_capacity", over_capacity)
+    counted("shutting_down", shutting_down)
 
 
 # --- per-request options -----------------------------------------------------------------------------

@@ -8,26 +8,31 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import tritonclient.grpc as grpcclient
-from conftest import SERVE_SH, TEST_ADMIN_KEY, start_server, stop_server
+from conftest import SERVE_SH, start_server, stop_server
 from grpc_helpers import bytes_input, embed_documents, embed_query
 from openai import OpenAI
-from server_processes import http, tritonserver_pid, wait_for_api
+from server_processes import http, scrape_metrics, tritonserver_pid, wait_for_api
 from tritonclient.utils import InferenceServerException
 
 from nvembed_triton.clients.client import EmbeddingClient
-from nvembed_triton.protocol.contract import INFERENCE_KEY_HEADER, PUBLIC_MODEL, grpc_header
+from nvembed_triton.protocol.contract import INFERENCE_KEY_HEADER, PUBLIC_MODEL
+from nvembed_triton.protocol.errors import UnauthorizedError
 from nvembed_triton.serving.leftovers import SHM_DIR
 from nvembed_triton.serving.memory import find_jemalloc
-from nvembed_triton.serving.server import ADMIN_KEY_GRPC_HEADER, ADMIN_KEY_HEADER, free_port, stubs_of, wait_until_ready
+from nvembed_triton.serving.server import CLOSED_HEADER, free_port, stubs_of, wait_until_ready
 
 pytestmark = pytest.mark.server  # starts real tritonservers
 
@@ -65,10 +70,21 @@ def wait_for_restarts(server, count: int, timeout_s: float = RECOVERY_LIMIT_S) -
 # --- only inference, health, metadata and metrics are open ----------------------------------------
 
 
+def closed_key(server) -> str:
+    """The key that closes Triton's restricted APIs, read from tritonserver's command line as any
+    local user can: it must be of no use to them."""
+    arguments = Path(f"/proc/{tritonserver_pid(server)}/cmdline").read_bytes().decode().split("\0")
+    rule = next(a for a in arguments if a.startswith("--http-restricted-api="))
+    return rule.split("=", 2)[2]
+
+
 def test_clients_cannot_register_shared_memory_or_touch_logging_statistics_or_trace_over_http(nvembed_server):
     """The attack: register a stub's own region (its name is visible in /dev/shm and in the stub's
-    command line), then have an inference write its output there. Registration is refused."""
+    command line), then have an inference write its output there. Registration is refused, also to
+    a client that sends the key read from tritonserver's command line, as far as HTTP can carry it."""
     stub_region = stubs_of(tritonserver_pid(nvembed_server))[0].shm_region
+    key = closed_key(nvembed_server)
+    assert key.endswith("\n")  # no HTTP header and no gRPC metadata can carry a line feed
     attempts = [
         ("POST", "/v2/systemsharedmemory/region/evil/register", {"key": f"/{stub_region}", "offset": 0, "byte_size": 4096}),
         ("GET", "/v2/systemsharedmemory/status", None),
@@ -80,11 +96,16 @@ def test_clients_cannot_register_shared_memory_or_touch_logging_statistics_or_tr
         ("GET", "/v2/trace/setting", None),
         ("POST", "/v2/repository/index", {}),
     ]
-    for method, path, body in attempts:
-        status, text = http(nvembed_server, method, path, body)
-        assert status == 403 and ADMIN_KEY_HEADER in text, (method, path, status, text)
-    status, text = http(nvembed_server, "GET", "/v2/logging", headers={ADMIN_KEY_HEADER: TEST_ADMIN_KEY})
-    assert status == 200 and "log_verbose_level" in text  # the operator's key opens them
+    for headers in ({}, {CLOSED_HEADER: key.strip()}):
+        for method, path, body in attempts:
+            status, text = http(nvembed_server, method, path, body, headers=headers)
+            assert status == 403 and CLOSED_HEADER in text, (method, path, status, text)
+    with pytest.raises(ValueError, match="Invalid header value"):  # the whole key cannot even be sent
+        http(nvembed_server, "GET", "/v2/logging", headers={CLOSED_HEADER: key})
+    with socket.create_connection(("127.0.0.1", nvembed_server.http_port), timeout=10) as raw:  # nor through a raw socket
+        raw.sendall(f"GET /v2/logging HTTP/1.1\r\nHost: x\r\n{CLOSED_HEADER}: {key}\r\nConnection: close\r\n\r\n".encode())
+        answer = raw.recv(4096)  # the line feed ends the header: refused, or the connection dropped
+        assert b"log_verbose_level" not in answer and not answer.startswith(b"HTTP/1.1 200"), answer[:200]
     for path in ("/v2/health/live", "/v2/health/ready", f"/v2/models/{PUBLIC_MODEL}", f"/v2/models/{PUBLIC_MODEL}/config"):
         assert http(nvembed_server, "GET", path)[0] == 200, path
     with nvembed_server.client() as client:
@@ -93,23 +114,27 @@ def test_clients_cannot_register_shared_memory_or_touch_logging_statistics_or_tr
 
 def test_clients_cannot_register_shared_memory_or_touch_logging_statistics_or_trace_over_grpc(nvembed_server):
     stub_region = stubs_of(tritonserver_pid(nvembed_server))[0].shm_region
+    key = closed_key(nvembed_server)
     with nvembed_server.client() as client:
         calls = {
-            "register system shared memory": lambda: client.register_system_shared_memory("evil", f"/{stub_region}", 4096),
-            "shared memory status": client.get_system_shared_memory_status,
-            "unregister shared memory": client.unregister_system_shared_memory,
-            "register CUDA shared memory": lambda: client.register_cuda_shared_memory("evil", b"", 0, 1),
-            "log settings": client.get_log_settings,
-            "change log settings": lambda: client.update_log_settings({"log_error": False}),
-            "statistics": lambda: client.get_inference_statistics(PUBLIC_MODEL),
-            "trace settings": client.get_trace_settings,
-            "repository index": client.get_model_repository_index,
+            "register system shared memory": lambda h: client.register_system_shared_memory("evil", f"/{stub_region}", 4096,
+                                                                                              headers=h),
+            "shared memory status": lambda h: client.get_system_shared_memory_status(headers=h),
+            "unregister shared memory": lambda h: client.unregister_system_shared_memory(headers=h),
+            "register CUDA shared memory": lambda h: client.register_cuda_shared_memory("evil", b"", 0, 1, headers=h),
+            "log settings": lambda h: client.get_log_settings(headers=h),
+            "change log settings": lambda h: client.update_log_settings({"log_error": False}, headers=h),
+            "statistics": lambda h: client.get_inference_statistics(PUBLIC_MODEL, headers=h),
+            "trace settings": lambda h: client.get_trace_settings(headers=h),
+            "repository index": lambda h: client.get_model_repository_index(headers=h),
         }
-        for what, call in calls.items():
-            with pytest.raises(InferenceServerException) as refused:
-                call()
-            assert ADMIN_KEY_HEADER in str(refused.value), (what, str(refused.value))
-        assert client.get_log_settings(headers={ADMIN_KEY_GRPC_HEADER: TEST_ADMIN_KEY})  # the operator's key opens them
+        for headers in (None, {f"triton-grpc-protocol-{CLOSED_HEADER}": key.strip()}):
+            for what, call in calls.items():
+                with pytest.raises(InferenceServerException) as refused:
+                    call(headers)
+                assert CLOSED_HEADER in str(refused.value), (what, str(refused.value))
+        with pytest.raises((ValueError, InferenceServerException)):  # gRPC refuses to send a line feed in metadata
+            client.get_log_settings(headers={f"triton-grpc-protocol-{CLOSED_HEADER}": key})
         assert client.is_server_live() and client.get_model_metadata(PUBLIC_MODEL) and client.get_model_config(PUBLIC_MODEL)
         assert embed_query(client, PUBLIC_MODEL, "still serving").shape[0] == 1
 
@@ -193,10 +218,70 @@ def test_a_stuck_model_is_restarted(long_text_server):
     assert answered_s < RECOVERY_LIMIT_S
 
 
+@pytest.fixture(scope="module")
+def production_timings_server(tmp_path_factory, tiny_checkpoint):
+    """The supervisor's shipped timings (health_interval_s 5, stall_timeout_s 45)."""
+    env = {"NVEMBED_MODEL_DIR": str(tiny_checkpoint), "NVEMBED_MAX_LENGTH": "256"}
+    server = start_server(tmp_path_factory.mktemp("production-timings"), PUBLIC_MODEL, ["--device", "cpu"], env)
+    yield server
+    stop_server(server)
+
+
+def openai_ready(server) -> bool:
+    try:
+        with urllib.request.urlopen(server.openai_url.removesuffix("/v1") + "/v1/health/ready", timeout=5) as answer:
+            return answer.status == 200
+    except OSError:  # 503, or the front not answering
+        return False
+
+
+@pytest.mark.parametrize("victim", ["tritonserver", "stub"])
+def test_a_hung_server_turns_not_ready_and_is_replaced_within_a_minute(production_timings_server, victim):
+    """SIGSTOP: the process is there and silent, as after the shared-memory attack (which hung
+    tritonserver for 290 s with health 200). Readiness turns false, and the server is replaced,
+    well within 60 s with the shipped timings; then it serves again."""
+    server = production_timings_server
+    wait_for_api(server)
+    assert openai_ready(server)
+    count = restarts(server)
+    pid = tritonserver_pid(server)
+    target = pid if victim == "tritonserver" else stubs_of(pid)[0].pid
+    restarting_before = server.console_path.read_text().count("restarting tritonserver")
+    os.kill(target, signal.SIGSTOP)
+    stopped, not_ready_s, restarting_s = time.monotonic(), None, None
+    try:
+        with ThreadPoolExecutor(1) as pool:  # a client waiting meanwhile, as real ones would be
+            waiting = pool.submit(lambda: EmbeddingClient(server.url).encode(["sent to a hung server"]))
+            while restarts(server) == count:
+                if not_ready_s is None and not openai_ready(server):
+                    not_ready_s = time.monotonic() - stopped
+                if restarting_s is None and server.console_path.read_text().count("restarting tritonserver") > restarting_before:
+                    restarting_s = time.monotonic() - stopped
+                assert time.monotonic() - stopped < RECOVERY_LIMIT_S, server.console_path.read_text()
+                time.sleep(0.5)
+            replaced_s = time.monotonic() - stopped
+            vector = waiting.result(timeout=60)
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # gone once the restart has killed it
+            os.kill(target, signal.SIGCONT)
+    reason = [line for line in server.console_path.read_text().splitlines() if "restarting tritonserver" in line][-1]
+    print(f"{victim} stopped: not ready after {not_ready_s} s, restart began after {restarting_s} s, replaced after "
+          f"{replaced_s:.1f} s ({reason})")  # fmt: skip
+    assert not_ready_s is not None and not_ready_s < replaced_s
+    if victim == "tritonserver":  # silent for seconds before the restart: the supervisor says so meanwhile
+        assert restarting_s is not None and not_ready_s < restarting_s
+    assert replaced_s < 60 and abs(np.linalg.norm(vector) - 1) < 1e-3
+    deadline = time.monotonic() + 30
+    while not openai_ready(server):
+        assert time.monotonic() < deadline, "readiness did not come back"
+        time.sleep(0.5)
+
+
 # --- every death is seen, and nothing is left behind ----------------------------------------------
 
 
 INFERENCE_KEY = "an-operators-inference-key"
+UNAUTHORIZED_SERIES = ("nvembed_rejected_requests_total", (("model", PUBLIC_MODEL), ("reason", "unauthorized")))
 
 
 @pytest.fixture(scope="module")
@@ -210,18 +295,21 @@ def restartable_server(tmp_path_factory, tiny_checkpoint):
 
 def test_an_inference_key_is_required_of_clients_but_not_of_health_or_metadata(restartable_server):
     server = restartable_server
-    keyed = {grpc_header(INFERENCE_KEY_HEADER): INFERENCE_KEY}
+    keyed = {INFERENCE_KEY_HEADER: INFERENCE_KEY}
     before = server.console_path.read_text()
+    refused_before = scrape_metrics(server.metrics_port).get(UNAUTHORIZED_SERIES, 0.0)
     with server.client() as client:
         with pytest.raises(InferenceServerException, match=INFERENCE_KEY_HEADER):  # the seed's call, unchanged
             embed_query(client, PUBLIC_MODEL, "no key")
-        with pytest.raises(InferenceServerException, match=INFERENCE_KEY_HEADER):
-            wrong = {grpc_header(INFERENCE_KEY_HEADER): "not the key"}
-            client.infer(PUBLIC_MODEL, [bytes_input("query", ["wrong key"], [1])], headers=wrong)
+        with pytest.raises(InferenceServerException, match=INFERENCE_KEY_HEADER) as refused:
+            client.infer(PUBLIC_MODEL, [bytes_input("query", ["wrong key"], [1])], headers={INFERENCE_KEY_HEADER: "not the key"})
+        assert "INVALID_ARGUMENT" in str(refused.value.status())
         raw = client.infer(PUBLIC_MODEL, [bytes_input("query", ["with the key"], [1])], headers=keyed).as_numpy("embeddings")
         assert client.is_server_live() and client.is_model_ready(PUBLIC_MODEL) and client.get_model_metadata(PUBLIC_MODEL)
-    status, text = http(server, "POST", f"/v2/models/{PUBLIC_MODEL}/infer", {"inputs": []})
-    assert status == 403 and INFERENCE_KEY_HEADER in text
+        assert client.get_model_config(PUBLIC_MODEL)  # clients read their limits there
+    status, text = http(server, "POST", f"/v2/models/{PUBLIC_MODEL}/infer",
+                        {"inputs": [{"name": "query", "shape": [1], "datatype": "BYTES", "data": ["no key"]}]})  # fmt: skip
+    assert status == 400 and INFERENCE_KEY_HEADER in text
     with EmbeddingClient(server.url, inference_key=INFERENCE_KEY) as client:
         assert float(client.encode("with the key", prompt_name="query") @ raw[0]) > 0.99999
     wait_for_api(server)
@@ -230,6 +318,35 @@ def test_an_inference_key_is_required_of_clients_but_not_of_health_or_metadata(r
     assert float(np.array(vector.data[0].embedding) @ raw[0]) > 0.99999
     time.sleep(4 * float(FAST_SUPERVISOR["NVEMBED_HEALTH_INTERVAL_S"]))  # several probes, each with the key
     assert "restarting" not in server.console_path.read_text()[len(before) :]
+    assert scrape_metrics(server.metrics_port).get(UNAUTHORIZED_SERIES, 0.0) - refused_before == 3  # gRPC twice, HTTP once
+
+
+@pytest.mark.parametrize("given", [None, "not the key"], ids=["no key", "a wrong key"])
+def test_the_python_client_says_the_key_was_refused_at_once(restartable_server, given):
+    """Before: 30 retries over 53 s, then ServerUnavailableError, not a word about the key."""
+    started = time.monotonic()
+    with EmbeddingClient(restartable_server.url, inference_key=given) as client, pytest.raises(UnauthorizedError) as refused:
+        client.encode(["bread"])
+    assert time.monotonic() - started < 5
+    assert "refused the inference key" in str(refused.value)
+    assert ("pass inference_key=" if given is None else "check the inference_key") in str(refused.value)
+
+
+def test_no_key_is_on_any_command_line_or_in_any_log(restartable_server, tmp_path):
+    """Every process a local user can list: serve.sh, tritonserver, its stub, the OpenAI front;
+    every log. The keys live in the environment, which only their own user can read."""
+    server = restartable_server
+    wait_for_api(server)
+    with EmbeddingClient(server.url, inference_key="a wrong key") as client, pytest.raises(UnauthorizedError):
+        client.encode(["a refused request leaves no key in a log"])
+    processes = [server.process.pid, tritonserver_pid(server), *(s.pid for s in stubs_of(tritonserver_pid(server)))]
+    processes += [c.pid for c in psutil.Process(server.process.pid).children(recursive=True)]
+    command_lines = {pid: Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace") for pid in set(processes)}
+    assert len(command_lines) >= 4, command_lines  # serve.sh, tritonserver, the stub, the front
+    assert not [pid for pid, line in command_lines.items() if INFERENCE_KEY in line], command_lines
+    logs = [server.log_path.read_text(errors="replace"), server.console_path.read_text(errors="replace")]
+    assert not any(INFERENCE_KEY in log for log in logs)
+    assert oct(Path(f"/proc/{tritonserver_pid(server)}/environ").stat().st_mode & 0o777) == "0o400"
 
 
 def test_every_death_is_seen_after_any_number_of_restarts_and_leaves_no_shared_memory(restartable_server):

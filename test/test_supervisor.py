@@ -149,6 +149,34 @@ def test_waiting_work_without_progress_is_a_stall(metrics):
     assert time.monotonic() - started >= FAST.stall_timeout_s
 
 
+def test_the_health_file_says_not_ready_from_a_third_of_the_stall_until_the_restart(metrics, tmp_path):
+    """A stuck model behind a live tritonserver (Triton's own readiness stays true): the supervisor's
+    health file, which the OpenAI front's readiness reads, says so well before the restart."""
+    server = StandInServer(f"http://127.0.0.1:{metrics.port}/metrics")
+    metrics.executing.labels(model="m").set(2)
+    health = tmp_path / "health"
+    watcher = Supervisor(server, lambda: None, closed_flag=tmp_path / "closed", log=lambda message: None, timings=FAST,
+                         is_busy=is_busy, health_file=health)  # fmt: skip
+    restarts = []
+    watcher.restart = lambda: (restarts.append(time.monotonic()), watcher.stop.set())  # the real one needs a tritonserver
+    states = []
+
+    def read_health():
+        while not watcher.stop.is_set():
+            states.append((time.monotonic(), health.read_text().strip() if health.exists() else None))
+            time.sleep(0.01)
+
+    reader = threading.Thread(target=read_health)
+    reader.start()
+    started = time.monotonic()
+    watcher.run()
+    reader.join()
+    doubted = [when for when, state in states if state and state.startswith("not ready: no progress")]
+    assert states[0][1] in (None, "ready") and doubted and restarts
+    assert FAST.stall_timeout_s / 3 <= doubted[0] - started < restarts[0] - started
+    assert health.read_text().startswith("not ready: restarting (no progress for")
+
+
 def test_a_long_computation_or_completions_are_progress(metrics):
     """The same wait, but the model computes (its CPU time grows) or requests complete: no problem."""
     server = StandInServer(f"http://127.0.0.1:{metrics.port}/metrics")

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from tritonclient.utils import InferenceServerException
 
 from nvembed_triton.protocol import contract
-from nvembed_triton.protocol.errors import EmbeddingError, InvalidInputError, ServerUnavailableError
+from nvembed_triton.protocol.errors import EmbeddingError, InvalidInputError, ServerUnavailableError, UnauthorizedError
 from nvembed_triton.protocol.reasons import Reason, reason_of
 from nvembed_triton.protocol.settings import BY_KEY
 
@@ -41,6 +41,7 @@ DEFAULT_MAX_RETRIES = 30
 # Retrying is silent at first (a restart or a full queue passes quickly); once attempts have failed
 # for this long, a warning says what is happening, so a wrong address is not a minute of silence.
 WARN_AFTER_S = 1.0
+HTTP1_SERVER = "http1.x server"  # gRPC's words for a server that answered HTTP/1.1
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -255,7 +256,7 @@ class AsyncEmbeddingClient:
             raise ValueError(f"need max_retries >= 0 and max_concurrency >= 1, got {max_retries} and {max_concurrency}")
         self.url, self.model = url, model
         self.timeout_s, self.max_retries, self.max_concurrency = timeout_s, max_retries, max_concurrency
-        self._headers = {contract.grpc_header(contract.INFERENCE_KEY_HEADER): inference_key} if inference_key else None
+        self._headers = {contract.INFERENCE_KEY_HEADER: inference_key} if inference_key else None
         self._warned = False  # one warning per outage, however many requests retry through it
         self._max_documents: int | None = None  # the server's limits, read on first use
         self._max_request_bytes: int | None = None
@@ -395,10 +396,19 @@ class AsyncEmbeddingClient:
     def _retry_or_raise(self, error: InferenceServerException, what: str, failures: int) -> None:
         """Returns if `error` may be retried once more, else raises the matching EmbeddingError."""
         reason = _reason(error)
-        if reason.retry and failures <= self.max_retries:
-            return
         status = _status(error)
         message, where = error.message() or str(error), f"model {self.model!r} at {self.url}, {what}"
+        if HTTP1_SERVER in message:  # no retry can help: the address is wrong
+            raise ServerUnavailableError(
+                f"{self.url} answers HTTP/1.1, not gRPC: is it Triton's HTTP port (8000 by default)? The client speaks "
+                f"gRPC: give Triton's gRPC port (8001 by default) ({where})", status, "unavailable",
+            ) from error  # fmt: skip
+        if reason.retry and failures <= self.max_retries:
+            return
+        if reason.name == "unauthorized":
+            hint = "pass inference_key=" if self._headers is None else "check the inference_key you pass"
+            raise UnauthorizedError(f"the server refused the inference key: {message}; {hint} ({where})", status,
+                                    reason.name) from error  # fmt: skip
         if reason.name == "invalid_input":
             raise InvalidInputError(f"{message} ({where})", status, reason.name) from error
         if reason.retry:

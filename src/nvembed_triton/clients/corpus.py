@@ -2,10 +2,14 @@
 
     nvembed-triton-embed-corpus INPUT OUTPUT_DIR --url HOST:PORT[,HOST:PORT...] --text-field TEXT --id-field ID
 
-INPUT is JSONL, CSV or Parquet, read a block at a time. Its rows are cut into shards of
---shard-rows; each shard's vectors go to OUTPUT_DIR/embeddings/part-NNNNNN.parquet (id, embedding,
-tokens, truncated) and the texts the server refused to OUTPUT_DIR/rejects/part-NNNNNN.parquet (id,
-reason, message); OUTPUT_DIR/manifest.json names the finished shards. Run the same command again
+INPUT is JSONL, CSV or Parquet, read a block at a time (JSONL a line at a time, of any length). Every
+row needs an id of its own: a missing or repeated id is refused, naming its lines, before anything
+is sent. Its rows are cut into shards of --shard-rows; each shard's vectors go to
+OUTPUT_DIR/embeddings/part-NNNNNN.parquet (id, embedding, tokens, truncated) and the rows not
+embedded to OUTPUT_DIR/rejects/part-NNNNNN.parquet (id, line, reason, message): texts the server
+refused, empty ones, and lines that could not be read (malformed JSON, not UTF-8), which do not stop
+the run. OUTPUT_DIR/manifest.json names the finished shards. A server that requires an inference
+key gets the one in NVEMBED_INFERENCE_KEY. Run the same command again
 after a crash or Ctrl-C and it carries on from the first unfinished shard: every id ends up exactly
 once, in embeddings or in rejects. Several servers share the work through gRPC's round-robin, and a
 server that goes away mid-run is skipped while its requests are retried on the others.
@@ -17,7 +21,6 @@ import argparse
 import asyncio
 import json
 import logging
-import os
 import socket
 import sys
 import time
@@ -34,7 +37,7 @@ from nvembed_triton.clients.corpus_files import (  # pyarrow comes in there, wit
     CorpusError,
     EmbeddedTexts,
     Shard,
-    count_rows,
+    check_ids,
     input_format,
     remove_partials,
     shard_name,
@@ -45,6 +48,7 @@ from nvembed_triton.clients.corpus_files import (  # pyarrow comes in there, wit
 from nvembed_triton.protocol import contract
 from nvembed_triton.protocol.errors import EmbeddingError, InvalidInputError
 from nvembed_triton.protocol.reasons import reason_of
+from nvembed_triton.protocol.settings import launcher_setting
 
 DEFAULT_SHARD_ROWS = 4096
 DEFAULT_BATCH_SIZE = 32  # texts per request: the server's dynamic batching packs many into one pass
@@ -137,11 +141,14 @@ class _Refused(NamedTuple):
 
 
 async def embed_texts(
-    client: AsyncEmbeddingClient, texts: list[str | None], options: EmbeddingOptions, batch_size: int
-) -> EmbeddedTexts:
+    client: AsyncEmbeddingClient, texts: list[str | None], options: EmbeddingOptions, batch_size: int,
+    problems: dict[int, tuple[str, str]] | None = None,
+) -> EmbeddedTexts:  # fmt: skip
     """Every text embedded as a document, or refused with its reason: a request the server refuses
-    as invalid is resent text by text to find which. Errors that are not about a text (a server
-    down past the client's retries, an internal fault) are raised: the run stops, and resumes."""
+    as invalid is resent text by text to find which; rows that could not be read (`problems`) and
+    empty texts are never sent. Errors that are not about a text (a server down past the client's
+    retries, an internal fault) are raised: the run stops, and resumes."""
+    problems = problems or {}
 
     async def one_request(positions: list[int]) -> list[_Embedded | _Refused]:
         try:
@@ -156,11 +163,12 @@ async def embed_texts(
         rows = zip(positions, result.embeddings, result.token_counts, result.truncated, strict=True)
         return [_Embedded(i, vector, int(count), bool(cut)) for i, vector, count, cut in rows]
 
-    wanted = [i for i, text in enumerate(texts) if text]
+    wanted = [i for i, text in enumerate(texts) if text and i not in problems]
     requests = [wanted[start : start + batch_size] for start in range(0, len(wanted), batch_size)]
     rows = [row for answer in await asyncio.gather(*(one_request(r) for r in requests)) for row in answer]
     done = sorted((row for row in rows if isinstance(row, _Embedded)), key=lambda row: row.position)
-    refused = [_Refused(i, EMPTY_REASON, "the text is empty or missing") for i, text in enumerate(texts) if not text]
+    refused = [_Refused(i, *problems[i]) if i in problems else _Refused(i, EMPTY_REASON, "the text is empty or missing")
+               for i, text in enumerate(texts) if not text or i in problems]  # fmt: skip
     refused = sorted(refused + [row for row in rows if isinstance(row, _Refused)], key=lambda row: row.position)
     return EmbeddedTexts(
         embedded=[row.position for row in done],
@@ -228,14 +236,14 @@ async def run(job: CorpusJob, show_progress: bool = True) -> RunSummary:
     remove_partials(job.output_dir)
     manifest = Manifest(job)
     summary, started = RunSummary(), time.monotonic()
+    total = await asyncio.to_thread(check_ids, job.input, job.id_field, job.text_field)  # before anything is sent
     client = fleet_client(job.urls, job.model, job.concurrency, job.inference_key, job.max_retries)
-    total = count_rows(job.input)
     done_rows = sum(counts["rows"] for counts in manifest.document["shards"].values())
     slots = asyncio.Semaphore(SHARDS_IN_FLIGHT)
 
     async def embed_shard(shard: Shard, progress: tqdm) -> None:
         try:
-            result = await embed_texts(client, shard.texts, job.options, job.batch_size)
+            result = await embed_texts(client, shard.texts, job.options, job.batch_size, shard.problems)
             # the loop keeps answering meanwhile
             await asyncio.to_thread(write_shard, job.output_dir, shard, result, job.options.dtype)
             counts = {"rows": len(shard.texts), "embedded": len(result.embedded), "rejected": len(result.rejected),
@@ -293,7 +301,6 @@ def parser() -> argparse.ArgumentParser:
     cli.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="texts per request")
     cli.add_argument("--concurrency", type=int, help=f"requests in flight (default {REQUESTS_PER_SERVER} per server)")
     cli.add_argument("--model", default=contract.PUBLIC_MODEL)
-    cli.add_argument("--inference-key", help="the server's inference key, if it requires one (or NVEMBED_INFERENCE_KEY)")
     cli.add_argument("--no-progress", action="store_true", help="no progress bar (the summary is still printed)")
     return cli
 
@@ -314,7 +321,8 @@ def main(argv: list[str] | None = None) -> int:
         batch_size=args.batch_size,
         concurrency=args.concurrency,
         model=args.model,
-        inference_key=args.inference_key or os.environ.get("NVEMBED_INFERENCE_KEY") or None,
+        # From the environment only: a flag would show the key to every local user (ps).
+        inference_key=launcher_setting("inference_key") or None,
     )
     try:
         summary = asyncio.run(run(job, show_progress=not args.no_progress))

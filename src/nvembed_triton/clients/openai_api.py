@@ -12,9 +12,10 @@ endpoint but the health check asks for `Authorization: Bearer <key>`."""
 from __future__ import annotations
 
 import argparse
+import asyncio
 import base64
 import hmac
-import os
+import signal
 from typing import Any
 
 import numpy as np
@@ -37,22 +38,23 @@ from nvembed_triton.clients.openai_schemas import (
     parse_embedding_request,
 )
 from nvembed_triton.protocol import contract
-from nvembed_triton.protocol.contract import INFERENCE_KEY_HEADER, grpc_header
+from nvembed_triton.protocol.contract import INFERENCE_KEY_HEADER
+from nvembed_triton.protocol.lifecycle import supervisor_says_ready
 from nvembed_triton.protocol.reasons import REASONS
+from nvembed_triton.protocol.settings import launcher_setting
 
-API_KEY_VARIABLE = "NVEMBED_API_KEY"
-INFERENCE_KEY_VARIABLE = "NVEMBED_INFERENCE_KEY"  # Triton's key, inherited from serve.sh like the API key
 # The body holds texts as JSON strings: escaping can double them, so twice the model's text limit.
 BODY_BYTES_PER_TEXT_BYTE = 2
 BODY_TIMEOUT_S = 60.0  # for the whole body to arrive: 33 MiB at ~0.5 MiB/s
 # Requests to Triton at once, across HTTP callers; the rest wait here. Well below the model's
 # queue (256), so one large HTTP request cannot fill it: 2048 texts are 64 requests of 32.
 MAX_IN_FLIGHT = 64
-MAX_CONNECTIONS = 256  # uvicorn's limit_concurrency: beyond it, new requests get 503 at once
-# An idle keep-alive connection is closed after this. Longer than clients keep theirs (httpx, under
-# the openai SDK, reuses one for 5 s): with both at 5 s a client could send on a connection the
-# server was closing that moment, and that request failed.
-KEEP_ALIVE_S = 30
+# Hypercorn closes a connection that is idle this long: one that has not sent a whole request's
+# headers since it opened (so idle or trickling connections cannot pile up: uvicorn 0.55 times only
+# the wait between requests, and refuses everyone once its connection limit is full), or since its
+# last response. Longer than clients keep an idle one (httpx, under the openai SDK: 5 s), so a client
+# never sends on a connection the server is closing at that moment.
+IDLE_CONNECTION_S = 8
 GRACEFUL_SHUTDOWN_S = 10  # on SIGTERM/SIGINT, requests in flight get this long
 
 
@@ -61,15 +63,22 @@ def body_limit(model_config: dict[str, Any]) -> int:
     return _limit(model_config, "max_request_bytes") * BODY_BYTES_PER_TEXT_BYTE + 2**20
 
 
+# Each reason (reasons.REASONS) as an HTTP status: the caller's input 400, a full queue 429, a server
+# restarting or draining 503, a client gone 499; Triton refusing this API's own inference key is a
+# fault of the deployment (500), not of the caller.
+HTTP_STATUS = {"invalid_input": 400, "over_capacity": 429, "shutting_down": 503, "unavailable": 503, "cancelled": 499,
+               "unauthorized": 500, "internal": 500}  # fmt: skip
+
+
 def as_api_error(error: EmbeddingError) -> ApiError:
-    """The Python client's errors as HTTP statuses, by their reason (reasons.REASONS): the caller's
-    input 400, a full queue 429, a server restarting or draining 503, anything else 500."""
+    """The Python client's errors as OpenAI-shaped HTTP errors, by their reason."""
     reason = REASONS.get(error.reason or "internal", REASONS["internal"])
+    status = HTTP_STATUS[reason.name]
     if reason.name == "invalid_input":
-        return ApiError(reason.http_status, str(error), "input")
+        return ApiError(status, str(error), "input")
     if reason.retry:
-        return ApiError(reason.http_status, f"the server is at capacity or restarting; retry: {error}", code="unavailable")
-    return ApiError(reason.http_status, str(error), code="internal_error")
+        return ApiError(status, f"the server is at capacity or restarting; retry: {error}", code="unavailable")
+    return ApiError(status, str(error), code="internal_error")
 
 
 def encode_vector(vector: np.ndarray, encoding_format: str) -> list[float] | str:
@@ -95,7 +104,8 @@ def create_app(
     triton_url: str, model: str, *, api_key: str = "", body_timeout_s: float = BODY_TIMEOUT_S, inference_key: str = ""
 ) -> FastAPI:
     """inference_key: Triton's, when serve.sh's inference_key setting requires one."""
-    app = FastAPI(title="nvembed-triton OpenAI-compatible embeddings", docs_url=None, redoc_url=None)
+    # No documentation pages (nothing is fetched from a CDN at run time); the schema below, behind the key.
+    app = FastAPI(title="nvembed-triton OpenAI-compatible embeddings", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(CloseUnreadBodies)
     guarded = [Depends(key_check(api_key))] if api_key else []
     state: dict[str, Any] = {}
@@ -114,7 +124,7 @@ def create_app(
         if "limits" not in state:
             try:
                 async with aio_grpcclient.InferenceServerClient(triton_url) as triton:
-                    headers = {grpc_header(INFERENCE_KEY_HEADER): inference_key} if inference_key else None
+                    headers = {INFERENCE_KEY_HEADER: inference_key} if inference_key else None
                     config = await triton.get_model_config(model, as_json=True, client_timeout=10, headers=headers)
             except InferenceServerException as error:
                 raise ServerUnavailableError(f"cannot read the model config: {error.message()}", "UNAVAILABLE") from None
@@ -123,6 +133,9 @@ def create_app(
         return state["limits"]
 
     async def triton_ready() -> bool:
+        """Triton says the model is ready, and serve.sh's supervisor does not say it is stuck."""
+        if not supervisor_says_ready():
+            return False
         try:
             async with aio_grpcclient.InferenceServerClient(triton_url) as triton:
                 return await triton.is_model_ready(model, client_timeout=5)
@@ -147,7 +160,7 @@ def create_app(
 
     @app.exception_handler(Exception)
     async def unexpected(_request: Request, error: Exception) -> Response:
-        """A fault of ours, still in OpenAI's shape (and logged by uvicorn)."""
+        """A fault of ours, still in OpenAI's shape (and logged by the HTTP server)."""
         return error_response(ApiError(500, f"internal error: {error!r}", code="internal_error"))
 
     @app.get("/health")
@@ -159,6 +172,10 @@ def create_app(
     async def health_ready() -> JSONResponse:
         ready = await triton_ready()
         return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
+
+    @app.get("/openapi.json", dependencies=guarded, include_in_schema=False)
+    async def openapi() -> JSONResponse:
+        return JSONResponse(app.openapi())
 
     @app.get("/v1/models", dependencies=guarded, response_model=ModelList)
     async def models() -> ModelList:
@@ -197,7 +214,8 @@ def create_app(
 
 
 def main() -> None:
-    import uvicorn
+    from hypercorn.asyncio import serve
+    from hypercorn.config import Config
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--triton-url", default="127.0.0.1:8001")
@@ -206,18 +224,26 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=8080)
     parser.add_argument("--body-timeout-s", type=float, default=BODY_TIMEOUT_S, help="for a request body to arrive (408 after)")
     args = parser.parse_args()
-    api_key = os.environ.get(API_KEY_VARIABLE, "")
-    inference_key = os.environ.get(INFERENCE_KEY_VARIABLE, "")
+    # Both keys come from the environment serve.sh passes on: never on a command line.
+    api_key, inference_key = launcher_setting("api_key"), launcher_setting("inference_key")
     app = create_app(
         args.triton_url, args.model, api_key=api_key, body_timeout_s=args.body_timeout_s, inference_key=inference_key
     )
-    try:
-        uvicorn.run(
-            app, host=args.host, port=args.port, log_level="warning", limit_concurrency=MAX_CONNECTIONS,
-            timeout_keep_alive=KEEP_ALIVE_S, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
-        )  # fmt: skip
-    except KeyboardInterrupt:  # uvicorn re-raises the SIGINT it stopped on: a clean stop, exit 0
-        pass
+    config = Config()
+    config.bind = [f"[{args.host}]:{args.port}" if ":" in args.host else f"{args.host}:{args.port}"]
+    config.keep_alive_timeout = IDLE_CONNECTION_S
+    config.graceful_timeout = GRACEFUL_SHUTDOWN_S
+    config.accesslog, config.errorlog = None, "-"
+    asyncio.run(serve_until_signalled(serve, app, config))
+
+
+async def serve_until_signalled(serve, app, config) -> None:
+    """Serves until SIGTERM or SIGINT, then lets requests in flight finish (graceful_timeout): exit 0."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await serve(app, config, shutdown_trigger=stop.wait)
 
 
 if __name__ == "__main__":

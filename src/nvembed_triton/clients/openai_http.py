@@ -45,7 +45,7 @@ async def read_body(request: Request, max_bytes: int, timeout_s: float) -> bytea
 
 class CloseUnreadBodies:
     """ASGI middleware: a response given before the request body was read to its end (a refusal)
-    says `Connection: close`, and uvicorn closes the connection; otherwise it would go on reading,
+    says `Connection: close`, and the HTTP server closes the connection; otherwise it would go on reading,
     and discarding, the rest of the body however long it is."""
 
     def __init__(self, app: ASGIApp):

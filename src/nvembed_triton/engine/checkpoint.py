@@ -67,8 +67,12 @@ class LatentAttentionSettings:
 
 
 def read_json(path: Path) -> dict:
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    """A JSON file of a snapshot; one that is not JSON (or not UTF-8) is named, in one line."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except ValueError as error:  # JSONDecodeError and UnicodeDecodeError alike
+        raise damaged(path, f"is not valid JSON ({error})") from None
 
 
 def detect_architecture(model_dir: str | Path) -> Architecture:

@@ -1,6 +1,6 @@
-"""Small GPU passes replayed from CUDA graphs. Eagerly, one pass of NV-Embed-v2 launches about 600
-kernels (32 layers), and for a lone query the host's launch and dispatch time, not the GPU, sets
-the latency. A graph captured per (rows, padded length) bucket replays the whole pass with one
+"""Small GPU passes replayed from CUDA graphs. Eagerly, one pass of NV-Embed-v2 launched 1,495
+kernels before its projections were fused (32 layers), and for a lone query the host's launch and
+dispatch time, not the GPU, sets the latency. A graph captured per (rows, padded length) bucket replays the whole pass with one
 launch (measured on an H200: bench/RESULTS.md, "end to end through tritonserver"). Captured at load
 for every bucket up to MAX_GRAPH_TOKENS padded tokens; larger passes run eagerly, where the GPU's
 work per kernel hides the launches."""
@@ -14,6 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from nvembed_triton.engine.fused_mistral import Attention
 from nvembed_triton.engine.tokenization import PAD_ID
 
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
@@ -62,7 +63,8 @@ def static_embed(model, input_ids: torch.Tensor, valid: torch.Tensor, weights: t
     always the (B, 1, 1, L) key mask, and the pooling head over every position with the mean
     weighted by `weights` (the head works token by token, so padding positions change nothing)."""
     rows, length = input_ids.shape
-    hidden = model.backbone(input_ids=input_ids, attention_mask=valid[:, None, None, :], use_cache=False).last_hidden_state
+    positions = torch.arange(length, device=input_ids.device).expand(rows, length)
+    hidden = model.backbone(input_ids, positions, Attention.padded(valid))  # always masked: a graph has one path
     head_out = model.head(hidden.reshape(rows * length, -1)).view(rows, length, -1).float()
     means = (head_out * weights[..., None]).sum(dim=1) / weights.sum(dim=1, keepdim=True)
     return F.normalize(means, dim=-1)
@@ -83,13 +85,18 @@ class _Captured:
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph, pool=pool):
             self.output = static_embed(model, self.input_ids, self.valid, self.weights)
+        self.started, self.ended = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
 
-    def run(self, input_ids: torch.Tensor, valid: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    def run(self, input_ids: torch.Tensor, valid: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """The replay's output on the host, and the replay alone's GPU time in ms (CUDA events)."""
         self.input_ids.copy_(input_ids)
         self.valid.copy_(valid)
         self.weights.copy_(weights)
+        self.started.record()
         self.graph.replay()
-        return self.output.cpu()
+        self.ended.record()
+        output = self.output.cpu()  # waits for the replay
+        return output, self.started.elapsed_time(self.ended)
 
 
 class GraphedPasses:
@@ -108,14 +115,13 @@ class GraphedPasses:
     def __len__(self) -> int:
         return len(self._graphs)
 
-    def embed(self, input_ids: torch.Tensor, valid: torch.Tensor, pool_from: torch.Tensor) -> np.ndarray | None:
-        """(B, D) unit FP32 vectors for a right-padded pass on the host, or None when no bucket fits."""
-        bucket = bucket_of(*input_ids.shape)
-        if bucket is None:
-            return None
-        padded = padded_to_bucket(input_ids, valid, pool_from, bucket)
+    def embed(self, input_ids: torch.Tensor, valid: torch.Tensor, pool_from: torch.Tensor) -> tuple[np.ndarray, float]:
+        """(B, D) unit FP32 vectors for a right-padded pass that fits a bucket (bucket_of), on the
+        host, and the replay's GPU time in ms."""
+        padded = padded_to_bucket(input_ids, valid, pool_from, bucket_of(*input_ids.shape))
         with self._lock:
-            return self._graphs[bucket].run(*padded)[: input_ids.shape[0]].numpy()
+            output, device_ms = self._graphs[bucket_of(*input_ids.shape)].run(*padded)
+        return output[: input_ids.shape[0]].numpy(), device_ms
 
 
 def capture_or_none(model, device: torch.device, enabled: bool) -> GraphedPasses | None:

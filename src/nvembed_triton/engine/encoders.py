@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from nvembed_triton.engine.checkpoint import Architecture, check_model_dir
+from nvembed_triton.engine.compiled import ensure_compile_cache
 from nvembed_triton.engine.text_encoder import TextEncoder
 from nvembed_triton.protocol.settings import EncoderSettings, SettingsError
 
@@ -25,6 +26,7 @@ def check_device_available(device: str) -> None:
 
 def load_encoder(settings: EncoderSettings) -> TextEncoder:
     check_device_available(settings.device)
+    ensure_compile_cache()
     architecture = check_model_dir(settings.model_dir)
     if settings.stand_in:  # benchmarks only: NV-Embed-v2's tokenizer, no network
         from nvembed_triton.engine.stand_in import ConstantEncoder

@@ -1,5 +1,6 @@
-"""NV-Embed-v2's forward pass without remote code: transformers' Mistral decoder made bidirectional,
-the latent-attention pooling head, the masked mean and the L2 norm (docs/nv-embed-v2.md)."""
+"""NV-Embed-v2's forward pass without remote code: the bidirectional Mistral backbone with fused
+projections (fused_mistral.py), the latent-attention pooling head, the masked mean and the L2 norm
+(docs/nv-embed-v2.md), over padded rows or a packed stream of texts (packing.py)."""
 
 from __future__ import annotations
 
@@ -9,18 +10,15 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 from torch import nn
-from transformers import MistralConfig, MistralModel
-from transformers.utils import logging as transformers_logging
 
 from nvembed_triton.engine.checkpoint import LatentAttentionSettings, read_json, weight_files
+from nvembed_triton.engine.fused_mistral import Attention, FusedMistral, load_fused_mistral
+from nvembed_triton.engine.packing import PackedPass
 
-BACKBONE_PREFIX = "embedding_model."
 HEAD_PREFIX = "latent_attention_model."
 # The head's 8 x 4096-wide projections dominate memory on long inputs: run it on this many tokens at
 # a time (tokens are independent in the head, so the result does not change).
 HEAD_CHUNK_TOKENS = 8192
-# Keys of `text_config` that describe the file rather than the network.
-_NON_ARCHITECTURE_KEYS = {"model_type", "architectures", "_name_or_path", "torch_dtype", "dtype", "auto_map"}
 
 
 class _CrossAttention(nn.Module):
@@ -93,11 +91,10 @@ class LatentAttentionPooling(nn.Module):
 
 
 class NVEmbedModel(nn.Module):
-    def __init__(self, backbone: MistralModel, head: LatentAttentionPooling):
+    def __init__(self, backbone: FusedMistral, head: LatentAttentionPooling):
         super().__init__()
         self.backbone = backbone
         self.head = head
-        make_bidirectional(backbone)
 
     @property
     def dimension(self) -> int:
@@ -110,65 +107,42 @@ class NVEmbedModel(nn.Module):
 
     @torch.inference_mode()
     def token_states(self, input_ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        """The bidirectional backbone's last hidden states, (B, L, hidden)."""
-        # With padding: a (B, 1, 1, L) boolean mask, so every token sees every real token of its own
-        # row and none of the padding (it broadcasts over query positions: B x L, not B x L x L).
-        # Without padding (the planner makes most passes so, and every single long document): no
-        # mask, which lets SDPA use its flash / memory-efficient kernels and native grouped-query
-        # attention. make_bidirectional keeps both paths non-causal. No KV cache: nothing decodes.
-        mask = None if bool(valid.all()) else valid[:, None, None, :]
-        return self.backbone(input_ids=input_ids, attention_mask=mask, use_cache=False).last_hidden_state
+        """The bidirectional backbone's last hidden states over padded rows, (B, L, hidden). Without
+        padding (the planner makes many passes so, and every single long document) no mask, which
+        lets SDPA use its flash and memory-efficient kernels. No KV cache: nothing decodes."""
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand(input_ids.shape)
+        return self.backbone(input_ids, positions, Attention.padded(valid, masked=not bool(valid.all())))
 
     @torch.inference_mode()
     def pool(self, hidden: torch.Tensor, valid: torch.Tensor, pool_from: torch.Tensor) -> torch.Tensor:
         """The latent-attention head on the pooled tokens, their mean and the L2 norm: (B, D) FP32."""
         positions = torch.arange(hidden.shape[1], device=hidden.device)
         pooled = valid & (positions[None, :] >= pool_from[:, None])
-        # The head works token by token, so only the tokens that enter the mean go through it.
-        rows = pooled.nonzero()[:, 0]
-        head_out = torch.cat([self.head(chunk) for chunk in hidden[pooled].split(HEAD_CHUNK_TOKENS)])
-        sums = torch.zeros(hidden.shape[0], head_out.shape[-1], dtype=torch.float32, device=hidden.device)
-        sums.index_add_(0, rows, head_out.float())
-        means = sums / pooled.sum(dim=1, keepdim=True)
-        return F.normalize(means, dim=-1)
+        return self.mean_of_head(hidden[pooled], pooled.nonzero()[:, 0], hidden.shape[0])
 
+    @torch.inference_mode()
+    def embed_packed(self, packed: PackedPass) -> torch.Tensor:
+        """A packed stream of texts (on this model's device) -> (N, D) unit FP32 vectors."""
+        hidden = self.backbone(packed.input_ids, packed.positions, Attention.packed(packed.starts, packed.longest))
+        return self.mean_of_head(hidden[packed.pooled], packed.pooled_text, packed.texts)
 
-def make_bidirectional(backbone: MistralModel) -> None:
-    """NV-Embed removes Mistral's causal mask and sliding window. transformers decides causality per
-    attention module and from the mask it is given; test_nvembed_model guards this against a
-    from-scratch implementation, because these internals move between releases."""
-    backbone.config.sliding_window = None
-    backbone.config.use_cache = False
-    for layer in backbone.layers:
-        layer.self_attn.is_causal = False
-
-
-def mistral_config(text_config: dict) -> MistralConfig:
-    settings = {k: v for k, v in text_config.items() if k not in _NON_ARCHITECTURE_KEYS}
-    config = MistralConfig(**settings)
-    config.sliding_window = None  # the published model attends over the full sequence
-    return config
+    def mean_of_head(self, tokens: torch.Tensor, owners: torch.Tensor, texts: int) -> torch.Tensor:
+        """The head works token by token, so only the tokens that enter the means go through it:
+        `tokens` (P, hidden) of texts `owners` (P,) -> the L2-normalised mean of each text, (texts, D)."""
+        head_out = torch.cat([self.head(chunk) for chunk in tokens.split(HEAD_CHUNK_TOKENS)])
+        sums = torch.zeros(texts, head_out.shape[-1], dtype=torch.float32, device=tokens.device)
+        sums.index_add_(0, owners, head_out.float())
+        counts = torch.bincount(owners, minlength=texts)  # a text with none would give NaN, refused upstream
+        return F.normalize(sums / counts[:, None], dim=-1)
 
 
 def load_nvembed(model_dir: str | Path, device: torch.device, dtype: torch.dtype) -> NVEmbedModel:
     """Loads a snapshot straight onto `device` in `dtype`: no float32 copy of 7B parameters first."""
     model_dir = Path(model_dir)
     config = read_json(model_dir / "config.json")
-    previous_verbosity = transformers_logging.get_verbosity()
-    transformers_logging.set_verbosity_error()  # the head's tensors are reported "unexpected" otherwise
-    try:
-        backbone = MistralModel.from_pretrained(
-            model_dir,
-            config=mistral_config(config["text_config"]),
-            key_mapping={rf"^{BACKBONE_PREFIX}": ""},
-            dtype=dtype,
-            device_map=device,
-            attn_implementation="sdpa",
-        )
-    finally:
-        transformers_logging.set_verbosity(previous_verbosity)
+    backbone = load_fused_mistral(model_dir, config["text_config"], device, dtype)
     head = _load_head(model_dir, LatentAttentionSettings.from_config(config.get("latent_attention_config")), device, dtype)
-    return NVEmbedModel(backbone.eval(), head)
+    return NVEmbedModel(backbone, head)
 
 
 def _load_head(

@@ -17,6 +17,8 @@ import torch
 from nvembed_triton.engine.batching import padded_tokens, plan_batches, split_for_workers
 from nvembed_triton.engine.text_encoder import KeepFilter
 
+# Texts' token counts and a budget -> passes (lists of indices into the counts).
+Planner = Callable[[Sequence[int], int], list[list[int]]]
 # A lone pass uses every intra-op thread only from this many padded tokens; a smaller one runs on
 # a pass thread with one. With OMP_WAIT_POLICY=PASSIVE (model.py) every torch op wakes the sleeping
 # threads, which costs more than they add on small inputs; the two break even at about this size
@@ -50,13 +52,15 @@ class PassRunner:
     def run(
         self, rows: Sequence[int], lengths: Sequence[int], max_batch_tokens: int,
         compute: Callable[[list[int]], None], keep: KeepFilter | None = None,
+        planner: Planner = plan_batches, cost: Callable[[list[int]], int] | None = None,
     ) -> tuple[int, int]:  # fmt: skip
-        """Plans passes over `rows` (indices into `lengths`, each row's tokens) and calls
-        compute(batch) for each with the rows `keep` still wants, asked just before the pass starts
-        (always from the calling thread: keep may make IPC calls). Returns (passes run, padded
-        tokens computed). Raises the first error of a pass once the running ones have ended."""
+        """Plans passes over `rows` (indices into `lengths`, each row's tokens) with `planner` and
+        calls compute(batch) for each with the rows `keep` still wants, asked just before the pass
+        starts (always from the calling thread: keep may make IPC calls). Returns (passes run, tokens
+        computed: `cost` of each pass run, by default its rows x longest row). Raises the first error
+        of a pass once the running ones have ended."""
         row_lengths = [lengths[row] for row in rows]
-        plan = [[rows[i] for i in batch] for batch in plan_batches(row_lengths, max_batch_tokens)]
+        plan = [[rows[i] for i in batch] for batch in planner(row_lengths, max_batch_tokens)]
         plan = split_for_workers(plan, lengths, self.workers)
         computed: list[list[int]] = []
         pool = self._pool
@@ -80,4 +84,4 @@ class PassRunner:
                     future.result()
             finally:
                 wait(running)  # no pass may still write into the caller's result after this returns
-        return len(computed), padded_tokens(lengths, computed)
+        return len(computed), sum(map(cost, computed)) if cost else padded_tokens(lengths, computed)

@@ -5,7 +5,7 @@ Kept apart from encoders.py, which loads the implementations, so none of them im
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
@@ -17,6 +17,18 @@ from nvembed_triton.protocol.options import TextOptions
 KeepFilter = Callable[[list[int]], list[int]]
 
 
+@dataclass(frozen=True)
+class PassRecord:
+    """One forward pass, as NV-Embed-v2's encoder ran it (for the pass log: what limits a GPU)."""
+
+    rows: int  # texts
+    tokens: int  # their tokens
+    computed: int  # tokens the pass computed, padding included (a graph's whole bucket)
+    path: str  # "graph RxL", "packed" or "padded"
+    device_ms: float | None  # the pass's GPU time (CUDA events); None on a CPU
+    wall_ms: float  # from the host's first step to the vectors on the host
+
+
 @dataclass
 class Encoded:
     """An encode call's result: the vectors and what it took to make them."""
@@ -26,6 +38,7 @@ class Encoded:
     truncated: np.ndarray  # (N,) bool: the text had more than max_length tokens and was cut
     passes: int = 0  # forward passes run
     padded_tokens: int = 0  # tokens those passes computed, padding included
+    records: list[PassRecord] = field(default_factory=list)  # each pass, where the encoder records them
 
 
 class TextEncoder(Protocol):

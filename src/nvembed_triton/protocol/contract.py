@@ -33,11 +33,6 @@ def nvembed_query_instruction(task: str) -> str:
     return f"Instruct: {task}\nQuery: "
 
 
-# An operator may require a key on Triton's inference and model-config APIs (serve.sh's setting
-# inference_key). HTTP clients send it in this header; gRPC clients in metadata under Triton's prefix.
+# An operator may require a key on inference (serve.sh's setting inference_key). Clients send it in
+# this header (gRPC metadata alike); Triton forwards it to the model as a request parameter.
 INFERENCE_KEY_HEADER = "nvembed-inference-key"
-
-
-def grpc_header(header: str) -> str:
-    """The gRPC metadata key under which Triton's restricted protocols look for `header`."""
-    return f"triton-grpc-protocol-{header}"

@@ -20,3 +20,7 @@ class InvalidInputError(EmbeddingError, ValueError):
 
 class ServerUnavailableError(EmbeddingError, ConnectionError):
     """The server could not be reached, even after retries."""
+
+
+class UnauthorizedError(EmbeddingError, PermissionError):
+    """The server requires an inference key, and the request's was missing or wrong. Not retried."""

@@ -14,6 +14,23 @@ TIMEOUT_MESSAGE = "the request's timeout passed before its embeddings were ready
 CLOSED_MESSAGE = "the server is shutting down and takes no new requests; retry (another replica serves it)"
 
 
+# The supervisor's view of the server, in a file the OpenAI front reads for its readiness: "ready",
+# or "not ready: why" (restarting, a liveness check unanswered, no progress while work waits).
+# Triton's own readiness cannot say a stuck model is not ready; this can, until the restart.
+HEALTH_FILE_ENV = "NVEMBED_HEALTH_FILE"
+
+
+def supervisor_says_ready() -> bool:
+    """True unless the supervisor (if there is one) says otherwise."""
+    path = os.environ.get(HEALTH_FILE_ENV)
+    if not path:
+        return True
+    try:
+        return Path(path).read_text().startswith("ready")
+    except OSError:
+        return False
+
+
 def is_closed() -> bool:
     flag = os.environ.get(CLOSED_FLAG_ENV)
     return bool(flag) and Path(flag).exists()

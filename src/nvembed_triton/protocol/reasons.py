@@ -1,13 +1,14 @@
 """Why a request was not answered: one table, read by the model (the Triton error code it answers
-with, and the metrics' label), the clients (whether to send the request again) and the OpenAI API
-(its HTTP status). reason_of reads the reason back from an error a client received: its gRPC status,
-and for the statuses several reasons share, the message (Triton's own texts and the model's).
-Standard library only: the light client imports it."""
+with, and the metrics' label) and the clients (whether to send the request again; the OpenAI API
+maps each to an HTTP status). reason_of reads the reason back from an error a client received: its
+gRPC status, and for the statuses several reasons share, the message (Triton's own texts and the
+model's). Standard library only: the light client imports it."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from nvembed_triton.protocol.contract import INFERENCE_KEY_HEADER
 from nvembed_triton.protocol.lifecycle import CANCELLED_MESSAGE, CLOSED_MESSAGE, TIMEOUT_MESSAGE
 
 
@@ -15,30 +16,31 @@ from nvembed_triton.protocol.lifecycle import CANCELLED_MESSAGE, CLOSED_MESSAGE,
 class Reason:
     name: str  # the metrics' `reason` label
     triton_code: str  # the pb_utils.TritonError code the model answers with; clients see it as the gRPC status
-    http_status: int  # what the OpenAI API answers
     retry: bool  # whether sending the same request again can succeed
 
 
 REASONS = {
     reason.name: reason
     for reason in (
-        Reason("invalid_input", "INVALID_ARG", 400, False),  # the client must change the request
-        Reason("over_capacity", "UNAVAILABLE", 429, True),  # the queue or a lane is full: retry with backoff
-        Reason("shutting_down", "UNAVAILABLE", 503, True),  # the server drains: another replica serves it
-        Reason("unavailable", "UNAVAILABLE", 503, True),  # restarting or not reachable: retry shortly
-        Reason("cancelled", "CANCELLED", 499, False),  # the client went away or its timeout passed
-        Reason("internal", "INTERNAL", 500, False),  # a fault of the server
+        Reason("invalid_input", "INVALID_ARG", False),  # the client must change the request
+        Reason("unauthorized", "INVALID_ARG", False),  # the inference key is missing or wrong
+        Reason("over_capacity", "UNAVAILABLE", True),  # the queue or a lane is full: retry with backoff
+        Reason("shutting_down", "UNAVAILABLE", True),  # the server drains: another replica serves it
+        Reason("unavailable", "UNAVAILABLE", True),  # restarting or not reachable: retry shortly
+        Reason("cancelled", "CANCELLED", False),  # the client went away or its timeout passed
+        Reason("internal", "INTERNAL", False),  # a fault of the server
     )
 }
 # "Exceeds maximum queue size" is Triton's; the model's full lanes say it too.
 FULL_QUEUE = "maximum queue size"
+UNAUTHORIZED_MESSAGE = f"the inference key (header {INFERENCE_KEY_HEADER}) is missing or wrong"
 
 
 def reason_of(message: str, grpc_status: str | None = None) -> Reason:
     """The reason of an error a client received, from its gRPC status (`StatusCode.X` or `X`)."""
     status = (grpc_status or "").removeprefix("StatusCode.")
     if status == "INVALID_ARGUMENT":
-        return REASONS["invalid_input"]
+        return REASONS["unauthorized" if UNAUTHORIZED_MESSAGE in message else "invalid_input"]
     if status == "UNAVAILABLE":  # a full queue, a drain, a restart, or a connection refused or dropped
         if FULL_QUEUE in message:
             return REASONS["over_capacity"]

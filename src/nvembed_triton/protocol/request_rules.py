@@ -4,7 +4,6 @@ result goes back to each (split). model.py only moves tensors in and out of Trit
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -31,7 +30,7 @@ class Job:
 def read_request(
     query: np.ndarray | None,
     documents: np.ndarray | None,
-    parameters_json: str | None,
+    parameters: Mapping[str, object],
     limits: RequestLimits,
     instruction_for: Callable[[str], str],
     check_instruction: Callable[[str], None],
@@ -40,7 +39,7 @@ def read_request(
     prompt: the `prompt_name` parameter, else the input's (query or document). Its instruction: the
     request's own `instruction` parameter (even ""), else `instruction_for(prompt)` (the configured
     query_instruction / document_instruction, else the model's own)."""
-    options = RequestOptions.from_parameters(json.loads(parameters_json or "{}"))
+    options = RequestOptions.from_parameters(parameters)
     if query is not None and documents is not None:
         raise InvalidInputError("send either `query` or `documents`, not both in the same request")
     if query is None and documents is None:

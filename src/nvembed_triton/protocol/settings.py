@@ -19,7 +19,7 @@ from typing import Any
 # Which part of the stack reads a setting.
 MODEL = "model"  # the model's config.pbtxt `parameters` (and the setting's environment variable)
 LAUNCHER = "serve.sh"  # the launcher only: environment variable or flag
-STAND_IN_CONSTANT = "constant"  # the stand_in setting's one value (stand_in.py)
+STAND_IN_CONSTANT, STAND_IN_H200 = "constant", "h200"  # the stand_in setting's values (stand_in.py)
 
 DTYPE_NAMES = {
     "bf16": "bfloat16", "bfloat16": "bfloat16",
@@ -69,8 +69,8 @@ def auto_or_positive_int(raw: str) -> str | int:
 
 
 def stand_in_choice(raw: str) -> str:
-    if raw not in ("", STAND_IN_CONSTANT):
-        raise SettingsError(f'must be empty (the real model) or "constant" (benchmarks only), got {raw!r}')
+    if raw not in ("", STAND_IN_CONSTANT, STAND_IN_H200):
+        raise SettingsError(f'must be empty (the real model), "constant" or "h200" (benchmarks only), got {raw!r}')
     return raw
 
 
@@ -83,6 +83,15 @@ def allocator_choice(raw: str) -> str:
 def cpu_engine_choice(raw: str) -> str:
     if raw not in CPU_ENGINES:
         raise SettingsError(f"must be one of {', '.join(CPU_ENGINES)}, got {raw!r}")
+    return raw
+
+
+PASSES_AUTO, PASSES_PADDED, PASSES_PACKED = "auto", "padded", "packed"
+
+
+def passes_choice(raw: str) -> str:
+    if raw not in (PASSES_AUTO, PASSES_PADDED, PASSES_PACKED):
+        raise SettingsError(f"must be one of {PASSES_AUTO}, {PASSES_PADDED}, {PASSES_PACKED}, got {raw!r}")
     return raw
 
 
@@ -154,9 +163,25 @@ SETTINGS = (
     Setting("cuda_graphs", "on", "on a GPU: `on` captures each small pass shape (up to 2048 padded tokens) as a "
             "CUDA graph at load and replays it, so a lone query is not bound by kernel launches (a failed capture "
             "falls back to eager passes and says so in the log); `off` runs every pass eagerly", MODEL, on_off),
+    Setting("passes", PASSES_AUTO, "NV-Embed-v2: how a forward pass holds its texts. `packed`: end to end in one "
+            "stream, no padding, each text attending only to itself (varlen flash attention on a GPU); `padded`: "
+            "rows padded to the pass's longest, texts of similar length grouped. `auto`: packed on a GPU once a "
+            "check at load finds it gives the padded path's vectors (else padded, and the log says why), padded on "
+            "a CPU (which has no varlen kernel). Small GPU passes replay CUDA graphs either way", MODEL, passes_choice),
+    Setting("compile", "off", "NV-Embed-v2: `on` compiles each layer's dense parts (RMSNorm, the fused "
+            "projections, rotary, SwiGLU, residual adds) with torch.compile at load, checked against the eager "
+            "layers on a probe; a failed compile or check keeps the eager layers and the log says why. Its cache "
+            "goes to TORCHINDUCTOR_CACHE_DIR (serve.sh: the run directory, unless set)", MODEL, on_off),
+    Setting("fp8", "off", "NV-Embed-v2, opt-in: `on` runs the backbone's linear layers as FP8 (e4m3) matmuls, "
+            "weights quantised per output channel at load, inputs per token (the pooling head stays in `dtype`). "
+            "Its fidelity depends on the trained weights: measure it on yours first (python -m "
+            "nvembed_triton.engine.fp8_check --model-dir DIR --texts FILE)", MODEL, on_off),
+    Setting("pass_log", "", "diagnosis and benchmarks: a file the model appends one JSON line to per forward pass "
+            "(rows, tokens, padding, path, GPU and wall time, what its lane held); empty: none", MODEL),
     Setting("stand_in", "", "benchmarks only: `constant` replaces the network with a constant unit vector "
-            "(tokenisation and all the plumbing still run) to measure the serving stack's own ceiling; refused "
-            "under the name nv-embed-v2", MODEL, stand_in_choice),
+            "(tokenisation and all the plumbing still run) to measure the serving stack's own ceiling; `h200` also "
+            "waits, each pass, the time an H200 took for a pass of that size (bench/RESULTS.md); refused under the "
+            "name nv-embed-v2", MODEL, stand_in_choice),
     Setting("max_documents", "1024", "most texts per request. config.pbtxt only: clients read it from the "
             "model config (the Python client splits its input by it)", MODEL, positive_int, env=None),
     Setting("max_request_bytes", "16777216", "most UTF-8 bytes of text per request (16 MiB). config.pbtxt "
@@ -187,17 +212,16 @@ SETTINGS = (
             "an LD_PRELOAD already set wins", LAUNCHER, allocator_choice),
     Setting("health_interval_s", "5", "how often the supervisor asks tritonserver whether it is live and sends "
             "it a real query (three unanswered liveness checks in a row restart it)", LAUNCHER, positive_seconds),
-    Setting("stall_timeout_s", "300", "how long requests may wait while nothing progresses (no request or "
-            "forward pass ends and the model uses no CPU) before tritonserver is restarted; a slow request that "
-            "computes is never a stall", LAUNCHER, positive_seconds),
-    Setting("admin_key", "", "the value of the `nvembed-admin-key` header that unlocks Triton's shared-memory, "
-            "logging, trace, statistics and repository APIs; empty: a random key per start (closed to everyone)",
-            LAUNCHER),
+    Setting("stall_timeout_s", "45", "how long requests may wait while nothing progresses (no request or "
+            "forward pass ends and the model uses no CPU) before tritonserver is restarted; the OpenAI front's "
+            "readiness says not ready after a third of it. A slow request that computes is never a stall",
+            LAUNCHER, positive_seconds),
     Setting("api_key", "", "require `Authorization: Bearer <key>` on the OpenAI/NIM API (health endpoints "
             "excepted); empty: no key", LAUNCHER),
-    Setting("inference_key", "", "require the header `nvembed-inference-key: <key>` (gRPC: "
-            "`triton-grpc-protocol-nvembed-inference-key`) on Triton's inference and model-config APIs; the seed's "
-            "clients must then send it. Health, metadata and metrics stay open; empty: no key", LAUNCHER),
+    Setting("inference_key", "", "require the header `nvembed-inference-key: <key>` (gRPC metadata alike) on "
+            "inference: the model refuses a request without it; the seed's clients must then send it. Kept off every "
+            "command line (in the environment, which only its user can read). Health, metadata, configs and "
+            "metrics stay open; empty: no key", LAUNCHER),
 )  # fmt: skip
 BY_KEY = {setting.key: setting for setting in SETTINGS}
 
@@ -245,9 +269,12 @@ class EncoderSettings:
     dtype: str  # a torch dtype name
     max_length: int
     max_batch_tokens: int
-    stand_in: str = ""  # "constant": benchmarks only (stand_in.py)
+    stand_in: str = ""  # "constant" or "h200": benchmarks only (stand_in.py)
     cpu_engine: str = CPU_ENGINE_OPENVINO  # what runs an fp32 forward pass on a CPU (openvino_runtime.py, cpu_linear.py)
     cuda_graphs: bool = True  # small GPU passes replayed from CUDA graphs (cuda_graphs.py)
+    passes: str = PASSES_AUTO  # packed or padded passes (packing.py)
+    compile: bool = False  # the layers' dense parts through torch.compile (compiled.py)
+    fp8: bool = False  # the backbone's linear layers as FP8 matmuls (fp8.py)
 
     @classmethod
     def from_parameters(
@@ -274,6 +301,9 @@ class EncoderSettings:
             stand_in=values["stand_in"],
             cpu_engine=values["cpu_engine"],
             cuda_graphs=values["cuda_graphs"],
+            passes=values["passes"],
+            compile=values["compile"],
+            fp8=values["fp8"],
         )
 
 

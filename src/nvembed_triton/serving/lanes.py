@@ -35,8 +35,9 @@ class Lane(Generic[Item]):
     """A thread computing batches of waiting items, first come first served."""
 
     def __init__(
-        self, name: str, run_batch: Callable[[list[Item]], None], limits: LaneLimits, setup: Callable[[], object] = lambda: None
-    ):
+        self, name: str, run_batch: Callable[[list[Item], Lane[Item]], None], limits: LaneLimits,
+        setup: Callable[[], object] = lambda: None,
+    ):  # fmt: skip
         self.name, self._run_batch, self._limits, self._setup = name, run_batch, limits, setup
         self._waiting: deque[tuple[Item, int]] = deque()
         self._waiting_bytes = 0
@@ -56,6 +57,11 @@ class Lane(Generic[Item]):
             self._changed.notify()
         return True
 
+    def waiting(self) -> int:
+        """Requests waiting now (not those being computed)."""
+        with self._changed:
+            return len(self._waiting)
+
     def _take(self) -> list[Item] | None:
         with self._changed:
             while not self._waiting and not self._closed:
@@ -73,7 +79,7 @@ class Lane(Generic[Item]):
     def _loop(self) -> None:
         self._setup()
         while (batch := self._take()) is not None:
-            self._run_batch(batch)  # must answer every item itself, errors included
+            self._run_batch(batch, self)  # must answer every item itself, errors included
 
     def close(self, timeout_s: float) -> list[Item]:
         """Stops taking work; the batch being computed finishes (up to timeout_s). Returns the
@@ -92,7 +98,7 @@ class Lanes(Generic[Item]):
     """The short and the long lane, and which one a request goes to."""
 
     def __init__(
-        self, run_batch: Callable[[list[Item]], None], long_request_bytes: int, limits: LaneLimits,
+        self, run_batch: Callable[[list[Item], Lane[Item]], None], long_request_bytes: int, limits: LaneLimits,
         setup: Callable[[], object] = lambda: None, long_limits: LaneLimits | None = None,
     ):  # fmt: skip
         """`setup` runs first on each lane's thread; the long lane has `long_limits` if given, else `limits`."""

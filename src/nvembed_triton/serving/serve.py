@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import secrets
 import shutil
 import signal
 import socket
@@ -17,8 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from nvembed_triton.engine.checkpoint import Architecture, CheckpointError, check_model_dir, check_served_name
-from nvembed_triton.protocol.contract import EMBEDDINGS_OUTPUT, INFERENCE_KEY_HEADER, PUBLIC_MODEL, QUERY_INPUT, grpc_header
-from nvembed_triton.protocol.lifecycle import CLOSED_FLAG_ENV
+from nvembed_triton.protocol.contract import EMBEDDINGS_OUTPUT, INFERENCE_KEY_HEADER, PUBLIC_MODEL, QUERY_INPUT
+from nvembed_triton.protocol.lifecycle import CLOSED_FLAG_ENV, HEALTH_FILE_ENV
 from nvembed_triton.protocol.reasons import reason_of
 from nvembed_triton.protocol.settings import (
     BY_KEY,
@@ -47,6 +46,9 @@ PROBE_PRIORITY = 1
 BUSY_REASONS = {"over_capacity", "shutting_down", "cancelled"}
 BUSY_STATUSES = {"StatusCode.DEADLINE_EXCEEDED", "StatusCode.UNAVAILABLE"}
 PORTS = ("grpc_port", "http_port", "metrics_port")  # Triton's; openai_port is the launcher's own
+# Where torch.compile (setting compile) keeps what it generates; an operator's value wins, e.g. a
+# persistent volume, so a restart reuses it.
+COMPILE_CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
 # What asking torch for the GPU count may take (importing torch: ~1.5 s here, more on a cold disk);
 # past it serve.sh starts anyway and the model's own check at load time has the last word.
 GPU_QUERY_TIMEOUT_S = 60
@@ -133,6 +135,8 @@ def server_settings(plan_: ServePlan, run_dir: Path, environ=os.environ, record:
     """Where and how tritonserver runs. With a run record, its stubs' shared memory is named after
     the run and tritonserver holds the record's lock (leftovers.py)."""
     overrides = {BY_KEY["model_dir"].variable: str(plan_.model_dir), CLOSED_FLAG_ENV: str(closed_flag(run_dir))}
+    if COMPILE_CACHE_ENV not in environ:  # compile's cache in the run directory: writable on a read-only root too
+        overrides[COMPILE_CACHE_ENV] = str(run_dir / "compile-cache")
     if plan_.device:
         overrides[BY_KEY["device"].variable] = plan_.device
     overrides.update(allocator_environment(launcher_setting("allocator", environ), environ)[0])
@@ -149,7 +153,6 @@ def server_settings(plan_: ServePlan, run_dir: Path, environ=os.environ, record:
         host=plan_.host,
         environment=overrides,
         shm_prefix=record.shm_prefix if record else "",
-        admin_key=launcher_setting("admin_key", environ) or secrets.token_urlsafe(24),
         inference_key=launcher_setting("inference_key", environ),
         inherited_fds=(record.fd,) if record else (),
     )
@@ -176,6 +179,10 @@ def closed_flag(run_dir: Path) -> Path:
     return run_dir / "closed"
 
 
+def health_file(run_dir: Path) -> Path:
+    return run_dir / "health"
+
+
 def probe(settings: ServerSettings, model: str, timeout_s: float) -> None:
     """One real query, ahead of queued client requests; raises unless a
     finite unit vector comes back (is_busy tells which errors only mean a busy server)."""
@@ -185,7 +192,7 @@ def probe(settings: ServerSettings, model: str, timeout_s: float) -> None:
     with grpcclient.InferenceServerClient(settings.grpc_url) as client:
         query = grpcclient.InferInput(QUERY_INPUT, [1], "BYTES")
         query.set_data_from_numpy(np.array([b"health probe"], dtype=object))
-        headers = {grpc_header(INFERENCE_KEY_HEADER): settings.inference_key} if settings.inference_key else None
+        headers = {INFERENCE_KEY_HEADER: settings.inference_key} if settings.inference_key else None
         result = client.infer(model, [query], client_timeout=timeout_s, priority=PROBE_PRIORITY, headers=headers)
     norm = float(np.linalg.norm(result.as_numpy(EMBEDDINGS_OUTPUT)))
     if not abs(norm - 1.0) < 1e-3:
@@ -227,7 +234,7 @@ def invoked_as() -> str:
 
 
 # What serving needs beyond the light client (the package's `serving` extra; `server` adds a tritonserver).
-SERVING_MODULES = ("torch", "transformers", "sentence_transformers", "prometheus_client", "fastapi", "uvicorn")
+SERVING_MODULES = ("torch", "transformers", "sentence_transformers", "prometheus_client", "fastapi", "hypercorn")
 
 
 def check_serving_installed() -> None:
@@ -348,7 +355,7 @@ def serve(plan_: ServePlan, settings: ServerSettings) -> int:
     )
     supervisor = Supervisor(
         server, lambda: probe(settings, plan_.name, timings.stall_timeout_s), closed_flag(run_dir), log, timings,
-        is_busy=is_busy,
+        is_busy=is_busy, health_file=health_file(run_dir),
     )  # fmt: skip
     for signum in (signal.SIGTERM, signal.SIGINT):  # both drain: serve what was accepted, then exit
         signal.signal(signum, lambda *_: supervisor.stop.set())
@@ -360,7 +367,7 @@ def serve(plan_: ServePlan, settings: ServerSettings) -> int:
         watch = supervisor.watch()  # its processes, now: one that dies while the OpenAI API starts is seen too
         ports = f"grpc {settings.grpc_port}, http {settings.http_port}, metrics {settings.metrics_port}"
         if plan_.openai_port:
-            http_api = OpenAIServer(settings, plan_.name, plan_.openai_port, log=log)
+            http_api = OpenAIServer(settings, plan_.name, plan_.openai_port, health_file(run_dir), log=log)
             ports += f", OpenAI API {plan_.openai_port}"
         log(f"{plan_.name} ready on {settings.host}: {ports}")
         code = supervisor.run(watch)
@@ -381,13 +388,15 @@ class OpenAIServer:
     so NVEMBED_API_KEY reaches it without showing on its command line (which every local user can read)."""
 
     RESTART_DELAY_S = 0.5  # after an unexpected exit: a front that cannot start is retried at this pace
-    STOP_GRACE_S = 15.0  # SIGINT lets uvicorn finish what is in flight (openai_api.GRACEFUL_SHUTDOWN_S), then SIGKILL
+    STOP_GRACE_S = 15.0  # SIGINT lets the HTTP server finish what is in flight (openai_api.GRACEFUL_SHUTDOWN_S), then SIGKILL
 
-    def __init__(self, settings: ServerSettings, model: str, port: int, log=print):
+    def __init__(self, settings: ServerSettings, model: str, port: int, health: Path | None = None, log=print):
         # -P: nothing is imported from the working directory, whatever it holds.
         self.command = [sys.executable, "-P", "-m", "nvembed_triton.clients.openai_api", "--triton-url", settings.grpc_url,
                         "--model", model, "--host", settings.host, "--port", str(port)]  # fmt: skip
         self.log = log
+        # Its readiness follows the supervisor's view (health), where there is a supervisor.
+        self.environment = {**os.environ, **({HEALTH_FILE_ENV: str(health)} if health else {})}
         self._stopping = threading.Event()
         self._lock = threading.Lock()  # no restart once stop() has begun
         self.process = self._start()
@@ -402,7 +411,8 @@ class OpenAIServer:
         # Its own process group, as tritonserver: a terminal's Ctrl-C reaches only the launcher, which
         # stops the front after the drain. SIGTERM reaches it when the thread that started it ends:
         # the launcher's main thread, or the watcher, which ends only once its child has.
-        return subprocess.Popen(self.command, preexec_fn=own_group_dying_with_parent if sys.platform == "linux" else None)
+        return subprocess.Popen(self.command, env=self.environment,
+                                preexec_fn=own_group_dying_with_parent if sys.platform == "linux" else None)  # fmt: skip
 
     def _watch(self) -> None:
         while True:

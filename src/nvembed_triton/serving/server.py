@@ -6,6 +6,7 @@ from __future__ import annotations
 import ctypes
 import importlib.util
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -18,19 +19,23 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from nvembed_triton.protocol.contract import INFERENCE_KEY_HEADER, grpc_header
+from nvembed_triton.protocol.contract import INFERENCE_KEY_HEADER
+from nvembed_triton.protocol.settings import BY_KEY
 from nvembed_triton.serving.leftovers import remove_regions
 from nvembed_triton.serving.memory import shm_arguments
 
 CONTAINER_TRITON = Path("/opt/tritonserver")
 # Only inference, health, metadata, model configs (clients read their limits there) and metrics stay
-# open: registering shared memory lets a client write into the backend's own regions (and crash
-# tritonserver), logging can silence or flood the log, and the rest is administration.
+# open: registering shared memory lets a client write into the backend's own regions (and hang or
+# crash tritonserver), logging can silence or flood the log, and the rest is administration. These are
+# closed to every client: Triton 2.51 takes a restricted API's key only on its command line
+# (command_line_parser.cc), which every local user can read, so the key is one no client can send: it
+# holds a line feed, which neither an HTTP header nor gRPC metadata can carry.
 RESTRICTED_APIS = ("shared-memory", "model-repository", "statistics", "trace", "logging")
-ADMIN_KEY_HEADER = "nvembed-admin-key"
-ADMIN_KEY_GRPC_HEADER = grpc_header(ADMIN_KEY_HEADER)
-# With the inference_key setting, these need contract.INFERENCE_KEY_HEADER (health, metadata and metrics stay open).
-KEYED_APIS = ("inference", "model-config")
+CLOSED_HEADER = "nvembed-closed"
+# With the inference_key setting, Triton forwards this header to the model as a request parameter
+# (its header-forward pattern); the model compares it with the key in its environment.
+FORWARDED_HEADERS = f"^{INFERENCE_KEY_HEADER}$"
 PYTHON_BACKEND_FILES = ("libtriton_python.so", "triton_python_backend_utils.py")
 
 
@@ -123,13 +128,13 @@ class ServerSettings:
     # Triton's own per-request timestamps (its trace API, level TIMESTAMPS, every request), written
     # to this file and its numbered siblings, for benchmarks (bench_latency.py): off when None.
     trace_file: Path | None = None
+    trace_count: int = 0  # with trace_file: trace only the first this many requests; 0: all
     # The stubs' shared-memory regions are named with this prefix (leftovers.py), so a crashed
     # run's regions can be found and removed; empty: the Python backend's default name.
     shm_prefix: str = ""
-    # Triton's APIs that no client needs (RESTRICTED_APIS) answer only requests that carry this
-    # value in the ADMIN_KEY_HEADER header. Empty: they are open (tests of the restriction itself).
-    admin_key: str = ""
-    inference_key: str = ""  # if set, inference and model configs need it too (KEYED_APIS)
+    # Set: the model requires it on inference (in its environment, never on a command line), and
+    # Triton forwards the header that carries it.
+    inference_key: str = ""
     inherited_fds: tuple[int, ...] = ()  # descriptors tritonserver keeps open (the run record's lock)
 
     @property
@@ -286,12 +291,10 @@ class TritonServer:
         ]
 
     def restriction_arguments(self) -> list[str]:
-        rules = []
-        if self.settings.admin_key:
-            rules.append(f"{','.join(RESTRICTED_APIS)}:{ADMIN_KEY_HEADER}={self.settings.admin_key}")
-        if self.settings.inference_key:
-            rules.append(f"{','.join(KEYED_APIS)}:{INFERENCE_KEY_HEADER}={self.settings.inference_key}")
-        return [flag for rule in rules for flag in (f"--grpc-restricted-protocol={rule}", f"--http-restricted-api={rule}")]
+        closed = f"{','.join(RESTRICTED_APIS)}:{CLOSED_HEADER}={secrets.token_hex(16)}\n"
+        forwarded = (f"--grpc-header-forward-pattern={FORWARDED_HEADERS}", f"--http-header-forward-pattern={FORWARDED_HEADERS}")
+        return [f"--grpc-restricted-protocol={closed}", f"--http-restricted-api={closed}",
+                *(forwarded if self.settings.inference_key else ())]  # fmt: skip
 
     def cache_arguments(self, installation: TritonInstallation) -> list[str]:
         if not self.settings.response_cache_bytes:
@@ -302,13 +305,16 @@ class TritonServer:
     def trace_arguments(self) -> list[str]:
         if self.settings.trace_file is None:
             return []
-        settings = (f"triton,file={self.settings.trace_file}", "triton,log-frequency=1", "level=TIMESTAMPS", "rate=1")
+        settings = (f"triton,file={self.settings.trace_file}", "triton,log-frequency=1", "level=TIMESTAMPS", "rate=1",
+                    *([f"count={self.settings.trace_count}"] if self.settings.trace_count else []))  # fmt: skip
         return [argument for setting in settings for argument in ("--trace-config", setting)]
 
     def start(self) -> TritonServer:
         self.settings.run_dir.mkdir(parents=True, exist_ok=True)
         installation = find_installation(self.settings.run_dir)
         environment = {**os.environ, **installation.environment, **self.settings.environment}
+        if self.settings.inference_key:  # for the model: in its environment, which only its user can read
+            environment[BY_KEY["inference_key"].variable] = self.settings.inference_key
         with open(self.log_path, "ab") as log:  # a restart keeps the log of what went wrong
             self._process = subprocess.Popen(
                 self.command(installation), stdout=log, stderr=subprocess.STDOUT, env=environment,

@@ -13,6 +13,8 @@ because it is busy:
   pass ended, and the model's processes used (almost) no CPU. A slow request, however long, is
   progress: its passes end or its process computes.
 A probe that is still waiting is not a failure: the stall rule decides whether the server is stuck.
+The health file says "not ready" from the first sign (a liveness check unanswered, no progress
+for a third of stall_timeout_s) until the server serves again, for the OpenAI front's readiness.
 Every check that talks to the server runs on a thread of its own, so the stub check, and a stop,
 never wait behind one. While tritonserver restarts, its ports are closed: probes see not-ready and
 clients get UNAVAILABLE, which they retry.
@@ -55,7 +57,7 @@ class Timings:
     health_interval_s: float = 5.0
     health_timeout_s: float = 5.0
     health_failures: int = 3
-    stall_timeout_s: float = 300.0
+    stall_timeout_s: float = 45.0
     load_check_s: float = 2.0  # how often the stall rule reads the metrics (each read parses Triton's whole page)
 
 
@@ -111,6 +113,7 @@ class Watch:
         self.next_load = time.monotonic()
         self.failed_liveness = 0
         self.progress_marker: tuple[float, float, float] | None = None  # (when, completions, stubs' CPU s)
+        self.doubt: str | None = None  # why the server may be stuck, before it counts as broken
 
 
 class Supervisor:
@@ -121,11 +124,13 @@ class Supervisor:
     def __init__(
         self, server: TritonServer, probe: Callable[[], None], closed_flag: Path, log: Callable[[str], None],
         timings: Timings = Timings(), is_busy: Callable[[BaseException], bool] = lambda error: False,
+        health_file: Path | None = None,
     ):  # fmt: skip
         self.server, self.probe, self.closed_flag, self.log = server, probe, closed_flag, log
-        self.timings, self.is_busy = timings, is_busy
+        self.timings, self.is_busy, self.health_file = timings, is_busy, health_file
         self.stop = threading.Event()
         self.restarts = 0
+        self._said: str | None = None
         self.pool = ThreadPoolExecutor(3, thread_name_prefix="supervisor-check")
 
     def watch(self) -> Watch:
@@ -139,9 +144,11 @@ class Supervisor:
         failed_restarts = 0
         while not self.stop.wait(self.timings.stub_check_s):
             problem = self.problem(watch)
+            self.say_health(watch.doubt or "ready")
             if problem is None:
                 continue
             self.log(f"{problem}; restarting tritonserver")
+            self.say_health(f"not ready: restarting ({problem})")
             try:
                 self.restart()
             except ServerError as error:
@@ -179,6 +186,7 @@ class Supervisor:
             return None
         live = finished.exception() is None and finished.result()
         watch.failed_liveness = 0 if live else watch.failed_liveness + 1
+        watch.doubt = None if live else "not ready: tritonserver did not answer its liveness check"
         if watch.failed_liveness >= self.timings.health_failures:
             return f"tritonserver did not answer {watch.failed_liveness} liveness checks in a row"
         return None
@@ -198,15 +206,28 @@ class Supervisor:
         now, cpu = time.monotonic(), self._stubs_cpu_s()
         marker = watch.progress_marker
         if marker is None or not waiting or completions != marker[1]:
-            watch.progress_marker = (now, completions, cpu)
+            watch.progress_marker, watch.doubt = (now, completions, cpu), None
             return None
         since, _, cpu_then = marker
+        if cpu - cpu_then >= STALL_MIN_CPU_SHARE * (now - since):  # computing one long pass: progress
+            if now - since >= self.timings.stall_timeout_s:
+                watch.progress_marker = (now, completions, cpu)
+            watch.doubt = None
+            return None
+        if now - since >= self.timings.stall_timeout_s / 3:
+            watch.doubt = f"not ready: no progress for {now - since:.0f} s with {waiting:.0f} request(s) waiting"
         if now - since < self.timings.stall_timeout_s:
             return None
-        if cpu - cpu_then >= STALL_MIN_CPU_SHARE * (now - since):  # computing one long pass: progress
-            watch.progress_marker = (now, completions, cpu)
-            return None
         return f"no progress for {now - since:.0f} s with {waiting:.0f} request(s) waiting"
+
+    def say_health(self, state: str) -> None:
+        """The health file's state, written (atomically) when it changes."""
+        if self.health_file is None or self._said == state:
+            return
+        partial = self.health_file.with_name(self.health_file.name + ".partial")
+        partial.write_text(state + "\n")
+        partial.replace(self.health_file)
+        self._said = state
 
     def _stubs_cpu_s(self) -> float:
         """CPU seconds used so far by the model's stubs."""
@@ -243,6 +264,7 @@ class Supervisor:
         """Serves what was queued, then closes the door (new requests: UNAVAILABLE), waits until
         nothing executes, and ends the processes; `timeout_s` bounds the whole of it."""
         deadline = time.monotonic() + timeout_s
+        self.say_health("not ready: draining (the server is stopping)")
         if self.server.is_running():
             queued = self._wait_until(lambda load: load[PENDING_METRIC] == 0, deadline)
             self.closed_flag.touch()

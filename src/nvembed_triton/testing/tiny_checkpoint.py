@@ -19,7 +19,8 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer, normalizers
 
 from nvembed_triton.engine.checkpoint import WEIGHTS_INDEX
-from nvembed_triton.engine.nvembed_model import BACKBONE_PREFIX, HEAD_PREFIX
+from nvembed_triton.engine.fused_mistral import BACKBONE_PREFIX
+from nvembed_triton.engine.nvembed_model import HEAD_PREFIX
 
 HIDDEN = 64
 LAYERS = 2
@@ -62,10 +63,20 @@ def sized_config(hidden: int, layers: int) -> dict:
     return {**CONFIG, "hidden_size": hidden, "text_config": text, "latent_attention_config": latent}
 
 
+# Keys of `text_config` that describe the file rather than the network.
+_NON_ARCHITECTURE_KEYS = {"model_type", "architectures", "_name_or_path", "torch_dtype", "dtype", "auto_map"}
+
+
+def mistral_config(text_config: dict):
+    """transformers' MistralConfig of a text_config: its MistralModel makes the random weights (its
+    initialisation, and the checkpoint's tensor names); serving reads them with fused_mistral.py."""
+    from transformers import MistralConfig
+
+    return MistralConfig(**{k: v for k, v in text_config.items() if k not in _NON_ARCHITECTURE_KEYS})
+
+
 def random_state_dict(config: dict, seed: int) -> dict[str, torch.Tensor]:
     from transformers import MistralModel
-
-    from nvembed_triton.engine.nvembed_model import mistral_config
 
     torch.manual_seed(seed)
     backbone = MistralModel(mistral_config(config["text_config"]))

@@ -10,6 +10,7 @@ is answered before its next forward pass; either way its texts are left out of t
 # The Python backend imports asyncio when execute() returns (to ask whether it returned a coroutine):
 # ~20 ms on the first request, then never again. Imported here, it is paid at load.
 import asyncio  # noqa: F401
+import hmac
 import json
 import os
 import threading
@@ -30,15 +31,16 @@ from nvembed_triton.engine.encoders import load_encoder  # noqa: E402
 from nvembed_triton.protocol import contract  # noqa: E402
 from nvembed_triton.protocol.errors import InvalidInputError  # noqa: E402
 from nvembed_triton.protocol.lifecycle import CANCELLED_MESSAGE, CLOSED_MESSAGE, TIMEOUT_MESSAGE, is_closed  # noqa: E402
-from nvembed_triton.protocol.reasons import REASONS  # noqa: E402
+from nvembed_triton.protocol.reasons import REASONS, UNAUTHORIZED_MESSAGE  # noqa: E402
 from nvembed_triton.protocol.request_rules import Refusal, combine, configured_instructions, read_request, split  # noqa: E402
-from nvembed_triton.protocol.settings import EncoderSettings, model_settings, triton_parameters  # noqa: E402
+from nvembed_triton.protocol.settings import EncoderSettings, launcher_setting, model_settings, triton_parameters  # noqa: E402
 from nvembed_triton.protocol.validation import RequestLimits  # noqa: E402
 from nvembed_triton.serving.deadlines import Deadlines  # noqa: E402
 from nvembed_triton.serving.held import Held  # noqa: E402
 from nvembed_triton.serving.lanes import LaneLimits, Lanes  # noqa: E402
 from nvembed_triton.serving.memory import cache_this_thread  # noqa: E402
 from nvembed_triton.serving.metrics import ModelMetrics  # noqa: E402
+from nvembed_triton.serving.pass_log import PassLog  # noqa: E402
 
 # How stale a request's "is its client still there" answer may be before a pass: each ask is an IPC
 # call, so a request answered within one short pass, as most are, is never asked.
@@ -64,6 +66,8 @@ class TritonPythonModel:
         configured = {prompt: values[f"{prompt}_instruction"] for prompt in contract.PROMPT_NAMES}  # query_instruction, ...
         self.instruction_for = configured_instructions(configured, self.encoder.default_instruction)
         self.metrics = ModelMetrics(args["model_name"])
+        # serve.sh's inference_key, from the environment: Triton forwards the header that carries it.
+        self.inference_key = launcher_setting("inference_key").encode()
         # execute() waits for a free place: requests beyond them stay in Triton's queue, which is
         # bounded and served in priority order (config.pbtxt), not in this process.
         held_requests = values["max_held_requests"]
@@ -76,6 +80,7 @@ class TritonPythonModel:
             long_limits=LaneLimits(max(1, held_requests // 2), lane_bytes, batch_bytes),  # half the places stay short's
         )  # fmt: skip
         self.deadlines = Deadlines(setup=cache_this_thread)
+        self.pass_log = PassLog(values["pass_log"]) if values["pass_log"] else None
         pb_utils.Logger.log_info(
             f"{args['model_name']}: {self.encoder.architecture.value} from {settings.model_dir} on {settings.device} "
             f"({settings.dtype}, {self.encoder.runs_on}), dimension {self.encoder.dimension}, "
@@ -93,6 +98,8 @@ class TritonPythonModel:
             self._refuse(held, "unavailable", UNLOADING_MESSAGE)
         self.deadlines.close()
         self.metrics.close()
+        if self.pass_log:
+            self.pass_log.close()
 
     def _accept(self, request):
         now = time.monotonic()
@@ -120,9 +127,14 @@ class TritonPythonModel:
             found = pb_utils.get_input_tensor_by_name(request, name)
             return None if found is None else found.as_numpy()
 
+        parameters = json.loads(request.parameters() or "{}")
+        given = str(parameters.pop(contract.INFERENCE_KEY_HEADER, "")).encode()
+        if self.inference_key and not hmac.compare_digest(given, self.inference_key):
+            self._refuse(held, "unauthorized", f"{UNAUTHORIZED_MESSAGE}; send the server's inference key in it")
+            return
         try:
             held.job = read_request(
-                tensor(contract.QUERY_INPUT), tensor(contract.DOCUMENTS_INPUT), request.parameters(), self.limits,
+                tensor(contract.QUERY_INPUT), tensor(contract.DOCUMENTS_INPUT), parameters, self.limits,
                 self.instruction_for, self.encoder.check_instruction,
             )  # fmt: skip
         except InvalidInputError as error:
@@ -146,13 +158,13 @@ class TritonPythonModel:
         elif now - held.checked >= CANCEL_CHECK_INTERVAL_S and held.client_left(now):
             self._refuse(held, "cancelled", CANCELLED_MESSAGE)
 
-    def _run_batch(self, batch):
+    def _run_batch(self, batch, lane):
         """On a lane's thread: compute the held requests together and answer each."""
         batch = [held for held in batch if not held.answered]  # timed out while waiting
         if not batch:
             return
         try:
-            outcomes = self._encode_together(batch)
+            outcomes = self._encode_together(batch, lane)
             for held, outcome in zip(batch, outcomes, strict=True):
                 if isinstance(outcome, Refusal):
                     self._refuse(held, outcome.reason, outcome.message)
@@ -163,7 +175,7 @@ class TritonPythonModel:
             for held in batch:
                 self._refuse(held, "internal", f"answering failed: {error}")
 
-    def _encode_together(self, batch):
+    def _encode_together(self, batch, lane):
         """One encode call over every text of every request (request_rules.combine), so the
         token-budget planner packs across requests; its rows are then split back, in order."""
         jobs = [held.job for held in batch]
@@ -185,6 +197,8 @@ class TritonPythonModel:
             return [Refusal("internal", f"encoding failed: {error}")] * len(jobs)
         self.metrics.add("nvembed_forward_passes_total", result.passes)
         self.metrics.add("nvembed_padded_tokens_total", result.padded_tokens)
+        if self.pass_log:
+            self.pass_log.write(lane.name, len(batch), lane.waiting(), result.records)
         return split(result.embeddings, result.token_counts, result.truncated, jobs, self.encoder.max_length, self.dtype)
 
     def _response(self, answer, held):
