@@ -4,7 +4,6 @@ serve.sh on free ports (CPU). A server's log is printed when a test using it fai
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -121,19 +120,17 @@ def nvembed_server(tmp_path_factory, tiny_checkpoint) -> RunningServer:
     stop_server(server)
 
 
-SMALL_QUEUE = 4  # Triton's queue in small_queue_server
-SMALL_HELD = 8  # the requests its model holds (max_held_requests); its long lane holds half
+SMALL_HELD = 8  # the requests small_capacity_server's model holds (max_held_requests); its long lane holds half
 
 
 @pytest.fixture(scope="session")
-def small_queue_server(tmp_path_factory, tiny_checkpoint) -> RunningServer:
-    """The shipped repository with the model's queue cut to SMALL_QUEUE requests, and SMALL_HELD held."""
-    tmp = tmp_path_factory.mktemp("small-queue")
+def small_capacity_server(tmp_path_factory, tiny_checkpoint) -> RunningServer:
+    """The shipped repository with the model holding SMALL_HELD requests."""
+    tmp = tmp_path_factory.mktemp("small-capacity")
     repository = shutil.copytree(PACKAGED_REPOSITORY, tmp / "repository", ignore=shutil.ignore_patterns("__pycache__"))
     config = repository / PUBLIC_MODEL / "config.pbtxt"
-    text, replaced = re.subn(r"max_queue_size: \d+", f"max_queue_size: {SMALL_QUEUE}", config.read_text())
-    assert replaced == 1
-    config.write_text(text + f'parameters {{ key: "max_held_requests" value {{ string_value: "{SMALL_HELD}" }} }}\n')
+    held = f'parameters {{ key: "max_held_requests" value {{ string_value: "{SMALL_HELD}" }} }}\n'
+    config.write_text(config.read_text() + held)
     env = {"NVEMBED_MODEL_DIR": str(tiny_checkpoint), "NVEMBED_MAX_LENGTH": str(TEST_MAX_LENGTH)}
     server = start_server(tmp, PUBLIC_MODEL, ["--device", "cpu", "--model-repository", str(repository)], env)
     yield server
@@ -152,7 +149,7 @@ def minilm_server(tmp_path_factory) -> RunningServer:
     stop_server(server)
 
 
-SERVER_FIXTURES = {"nvembed_server", "minilm_server", "small_queue_server"}
+SERVER_FIXTURES = {"nvembed_server", "minilm_server", "small_capacity_server"}
 
 
 def pytest_collection_modifyitems(items):

@@ -26,7 +26,7 @@ def test_nvembed_gpus_gives_one_model_instance_per_gpu_and_keeps_the_rest(tiny_c
     group = config.instance_group[0]
     assert group.kind == model_config_pb2.ModelInstanceGroup.KIND_GPU and group.count == 1 and list(group.gpus) == [0, 1, 3]
     del shipped.instance_group[:], config.instance_group[:]
-    assert config == shipped  # inputs, outputs, queue policy and parameters as shipped
+    assert config == shipped  # inputs, outputs and parameters as shipped
     # Triton then starts instance i on gpus[i]; each loads its own copy of the weights there.
     for gpu in (0, 1, 3):
         assert EncoderSettings.from_parameters({"model_dir": "/m"}, "KIND_GPU", str(gpu)).device == f"cuda:{gpu}"

@@ -362,18 +362,18 @@ def test_a_body_that_does_not_arrive_in_time_is_408(api, pace_s):
     assert BODY_TIMEOUT_S <= elapsed < BODY_TIMEOUT_S + 5 and exchange.closed.is_set()
 
 
-def test_over_capacity_is_429_with_retry_after(small_queue_server):
-    """A server with a public queue of 4, through HTTP: a burst gets 429s with Retry-After, never a
+def test_over_capacity_is_429_with_retry_after(small_capacity_server):
+    """A server whose model holds 8 requests, through HTTP: a burst gets 429s with Retry-After, never a
     500, and what is served is right."""
-    wait_for_api(small_queue_server)
+    wait_for_api(small_capacity_server)
     burst = {"model": PUBLIC_MODEL, "input": [f"document {i} " + "bread flour yeast " * 60 for i in range(64)]}
     with ThreadPoolExecutor(64) as pool:
-        outcomes = list(pool.map(lambda _: post(small_queue_server, burst), range(64)))
+        outcomes = list(pool.map(lambda _: post(small_capacity_server, burst), range(64)))
     refused = [(status, headers) for status, _, headers in outcomes if status != 200]
     assert refused and all(status == 429 and headers.get("retry-after") for status, headers in refused)
     served = [body for status, body, _ in outcomes if status == 200]
     assert served, "nothing was served"
-    with small_queue_server.client() as grpc:
+    with small_capacity_server.client() as grpc:
         expected = embed_documents(grpc, PUBLIC_MODEL, burst["input"][:3])
     assert all(np.all(cosine(np.array([d["embedding"] for d in body["data"][:3]]), expected) >= MATCH) for body in served)
 
@@ -597,7 +597,7 @@ def public_requests_served(server) -> float:
 
 
 def test_2048_queries_in_one_http_request_succeed_on_an_idle_server(api, queries_one_by_one):
-    """Once 429 always: each query was its own Triton request, all sent at once into a queue of 256."""
+    """Once 429 always: each query was its own Triton request, all sent at once."""
     before = public_requests_served(api)
     client = OpenAI(base_url=api.openai_url, api_key="not-needed", max_retries=0)
     response = client.embeddings.create(

@@ -92,3 +92,37 @@ def test_concurrent_clients_get_their_own_embeddings_in_order(nvembed_server):
     assert passes - passes_before < requests, "concurrent requests were never computed together"
     # More requests in flight than the model has processes: each instance holds several.
     assert max(held) > instances, (instances, held)
+
+
+def test_concurrent_queries_share_passes_when_each_pass_takes_a_gpus_time(tmp_path, tiny_checkpoint):
+    """The h200 stand-in: each pass waits as long as an H200's, as a GPU pass does. 32 clients,
+    each sending its next query when the last returns, must find each other in the same passes.
+    With Triton's queue policies (priority levels, a bounded queue) its batcher missed the wake-up
+    of an idle instance and handed over a request only when a new one arrived, so passes carried
+    ~3 queries while the rest waited in Triton's queue. Counted from the pass log, not timed."""
+    import json
+
+    import tritonclient.grpc as grpcclient
+    from conftest import start_server, stop_server
+    from grpc_helpers import bytes_input
+
+    from nvembed_triton.protocol.contract import QUERY_INPUT
+
+    pass_log = tmp_path / "passes.jsonl"
+    env = {"NVEMBED_MODEL_DIR": str(tiny_checkpoint), "NVEMBED_STAND_IN": "h200", "NVEMBED_PASS_LOG": str(pass_log)}
+    server = start_server(tmp_path, "plumbing", ["--device", "cpu", "--name", "plumbing"], env)
+    try:
+        deadline = time.monotonic() + 6
+
+        def client_loop(seed):
+            with grpcclient.InferenceServerClient(server.url) as client:
+                while time.monotonic() < deadline:
+                    client.infer("plumbing", [bytes_input(QUERY_INPUT, [f"query {seed} {time.monotonic()}"], [1])])
+
+        with ThreadPoolExecutor(32) as pool:
+            list(pool.map(client_loop, range(32)))
+    finally:
+        stop_server(server)
+    rows = sorted(json.loads(line)["rows"] for line in pass_log.read_text().splitlines())
+    print(f"{len(rows)} passes, queries per pass: median {rows[len(rows) // 2]}, max {rows[-1]}")
+    assert rows[len(rows) // 2] >= 8, rows  # with the stall: 2

@@ -31,7 +31,7 @@ REASONS = {
         Reason("internal", "INTERNAL", False),  # a fault of the server
     )
 }
-# "Exceeds maximum queue size" is Triton's; the model's full lanes say it too.
+# "Exceeds maximum queue size" is Triton's words for a full queue; the model says it too when full.
 FULL_QUEUE = "maximum queue size"
 UNAUTHORIZED_MESSAGE = f"the inference key (header {INFERENCE_KEY_HEADER}) is missing or wrong"
 

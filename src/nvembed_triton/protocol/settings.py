@@ -190,9 +190,9 @@ SETTINGS = (
             "retrieval instruction)", MODEL),
     Setting("document_instruction", "", "the prefix documents get; empty: the model's own (NV-Embed-v2: none)",
             MODEL),
-    Setting("max_held_requests", "128", "how many requests the model holds at once (being computed or waiting in "
-            "its lanes), and so how many concurrent requests can share forward passes; more wait in Triton's "
-            "bounded queue, where serve.sh's health probe goes first", MODEL, positive_int),
+    Setting("max_held_requests", "384", "how many requests the model holds at once (being computed or waiting in "
+            "its lanes; the long lane half of them); one more is refused at once with UNAVAILABLE, which clients "
+            "retry with backoff", MODEL, positive_int),
     Setting("model_repository", "", "the model repository to serve from; empty: the one installed with the "
             "package", LAUNCHER, flag="--model-repository"),
     Setting("host", "127.0.0.1", "the address all ports bind to (the container image sets 0.0.0.0)", LAUNCHER,

@@ -24,6 +24,7 @@ class Held:
     wanted: frozenset[str] = frozenset()  # the outputs it asked for
     job: Any = None  # what to compute (request_rules.Job), once read
     request: Any = None  # kept until answered: its inputs live as long as it does
+    placed: bool = False  # holds one of the model's max_held_requests places
     checked: float = field(init=False)  # when the client was last asked after (or taken on)
     answered: bool = field(default=False, init=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)

@@ -37,9 +37,6 @@ from nvembed_triton.serving.supervisor import Supervisor, Timings
 # Installed with the package (package data), so an installed package serves without a checkout.
 PACKAGED_REPOSITORY = Path(__file__).resolve().parent / "model_repository"
 DEMO_MODEL = "all-minilm-l6-v2"
-# The probe's priority (config.pbtxt priority_levels 2; clients get level 2 by default): it is
-# served before queued client requests, so a full queue does not hold it up.
-PROBE_PRIORITY = 1
 # What a probe may meet that means "busy", never "broken": the reasons the model answers with, and
 # gRPC's statuses for a call that took too long or could not be placed (the liveness check and the
 # stall rule judge those).
@@ -184,8 +181,7 @@ def health_file(run_dir: Path) -> Path:
 
 
 def probe(settings: ServerSettings, model: str, timeout_s: float) -> None:
-    """One real query, ahead of queued client requests; raises unless a
-    finite unit vector comes back (is_busy tells which errors only mean a busy server)."""
+    """One real query; raises unless a finite unit vector comes back (is_busy tells which errors only mean a busy server)."""
     import numpy as np
     import tritonclient.grpc as grpcclient
 
@@ -193,7 +189,7 @@ def probe(settings: ServerSettings, model: str, timeout_s: float) -> None:
         query = grpcclient.InferInput(QUERY_INPUT, [1], "BYTES")
         query.set_data_from_numpy(np.array([b"health probe"], dtype=object))
         headers = {INFERENCE_KEY_HEADER: settings.inference_key} if settings.inference_key else None
-        result = client.infer(model, [query], client_timeout=timeout_s, priority=PROBE_PRIORITY, headers=headers)
+        result = client.infer(model, [query], client_timeout=timeout_s, headers=headers)
     norm = float(np.linalg.norm(result.as_numpy(EMBEDDINGS_OUTPUT)))
     if not abs(norm - 1.0) < 1e-3:
         raise ServerError(f"the probe's embedding has norm {norm}, not 1")

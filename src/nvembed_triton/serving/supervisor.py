@@ -7,7 +7,7 @@ because it is busy:
 - a process died: tritonserver, or any stub (checked every `stub_check_s`);
 - tritonserver stopped answering its gRPC liveness call (`health_failures` checks in a row, one every
   `health_interval_s`);
-- a real query (one every `health_interval_s`, at a priority above clients' requests) came back
+- a real query (one every `health_interval_s`) came back
   wrong: an error other than "busy", or a vector that is not of unit length;
 - work is waiting but nothing progresses for `stall_timeout_s`: no request completed, no forward
   pass ended, and the model's processes used (almost) no CPU. A slow request, however long, is
@@ -19,8 +19,8 @@ Every check that talks to the server runs on a thread of its own, so the stub ch
 never wait behind one. While tritonserver restarts, its ports are closed: probes see not-ready and
 clients get UNAVAILABLE, which they retry.
 
-A stop drains: requests already queued are served, new ones are refused with UNAVAILABLE once the
-queue has emptied, and the processes end when nothing is executing."""
+A stop drains: requests already held are served, new ones are refused with UNAVAILABLE, and the
+processes end when nothing is executing."""
 
 from __future__ import annotations
 

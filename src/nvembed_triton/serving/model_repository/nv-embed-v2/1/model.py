@@ -10,12 +10,14 @@ is answered before its next forward pass; either way its texts are left out of t
 # The Python backend imports asyncio when execute() returns (to ask whether it returned a coroutine):
 # ~20 ms on the first request, then never again. Imported here, it is paid at load.
 import asyncio  # noqa: F401
+import collections
 import hmac
 import json
 import os
 import threading
 import time
 import weakref
+from concurrent.futures import ThreadPoolExecutor
 
 # Before torch loads: idle OpenMP threads sleep instead of spinning. On a CPU host spinning takes
 # cores from tritonserver and the request threads: PASSIVE gave the most queries/s at 1, 16 and 64
@@ -45,10 +47,17 @@ from nvembed_triton.serving.pass_log import PassLog  # noqa: E402
 # How stale a request's "is its client still there" answer may be before a pass: each ask is an IPC
 # call, so a request answered within one short pass, as most are, is never asked.
 CANCEL_CHECK_INTERVAL_S = 0.05
+# Only a request with at least this many characters of text in the coming pass is asked: for a few
+# short queries the asks, one IPC call each, cost more than computing them (bench/RESULTS.md).
+WORTH_ASKING_CHARS = 2048
 # A request with more UTF-8 bytes of text than this many per token of the pass budget goes to the
 # long lane: about one full forward pass of text (English averages ~4 bytes per token).
 LONG_REQUEST_BYTES_PER_BATCH_TOKEN = 4
 LANE_MAX_REQUESTS_OF_TEXT = 4  # bytes of text one lane holds: four of the largest requests
+# Threads that send a pass's answers while its lane computes the next pass: each send waits for
+# tritonserver (an IPC round trip, the GIL released), so sending them one by one on the lane left
+# the device idle between passes (bench/RESULTS.md).
+ANSWER_THREADS = 4
 FINALIZE_WAIT_S = 30.0  # how long an unload waits for the batch being computed
 UNLOADING_MESSAGE = "the model is being unloaded; retry"
 
@@ -68,9 +77,8 @@ class TritonPythonModel:
         self.metrics = ModelMetrics(args["model_name"])
         # serve.sh's inference_key, from the environment: Triton forwards the header that carries it.
         self.inference_key = launcher_setting("inference_key").encode()
-        # execute() waits for a free place: requests beyond them stay in Triton's queue, which is
-        # bounded and served in priority order (config.pbtxt), not in this process.
-        held_requests = values["max_held_requests"]
+        # execute() never waits: a request that finds every place taken is refused at once (config.pbtxt).
+        self.held_requests = held_requests = values["max_held_requests"]
         self.places = threading.BoundedSemaphore(held_requests)
         long_request_bytes = LONG_REQUEST_BYTES_PER_BATCH_TOKEN * settings.max_batch_tokens
         lane_bytes = LANE_MAX_REQUESTS_OF_TEXT * self.limits.max_request_bytes
@@ -79,6 +87,7 @@ class TritonPythonModel:
             self._run_batch, long_request_bytes, LaneLimits(held_requests, lane_bytes, batch_bytes), setup=cache_this_thread,
             long_limits=LaneLimits(max(1, held_requests // 2), lane_bytes, batch_bytes),  # half the places stay short's
         )  # fmt: skip
+        self.answers = ThreadPoolExecutor(ANSWER_THREADS, thread_name_prefix="answer", initializer=cache_this_thread)
         self.deadlines = Deadlines(setup=cache_this_thread)
         self.pass_log = PassLog(values["pass_log"]) if values["pass_log"] else None
         pb_utils.Logger.log_info(
@@ -89,13 +98,13 @@ class TritonPythonModel:
 
     def execute(self, requests):
         for request in requests:
-            self.places.acquire()
             self._accept(request)
         return None  # every response goes through its request's response sender
 
     def finalize(self):
         for held in self.lanes.close(FINALIZE_WAIT_S):
             self._refuse(held, "unavailable", UNLOADING_MESSAGE)
+        self.answers.shutdown(wait=True)  # what the last passes computed is sent
         self.deadlines.close()
         self.metrics.close()
         if self.pass_log:
@@ -111,6 +120,11 @@ class TritonPythonModel:
             wanted=frozenset(request.requested_output_names()), request=request,
         )  # fmt: skip
         self.metrics.hold(1)  # until answered: a drain waits for the gauge to come down
+        if not self.places.acquire(blocking=False):
+            self._refuse(held, "over_capacity", f"the model holds {self.held_requests} requests, its max_held_requests "
+                                                 "(exceeds maximum queue size); retry")
+            return
+        held.placed = True
         try:
             self._take_on(held, request)
         except Exception as error:  # a request must get an answer whatever goes wrong
@@ -148,14 +162,14 @@ class TritonPythonModel:
             reference = weakref.ref(held)
             self.deadlines.at(held.deadline, lambda: self._end_if_waited_for(reference(), time.monotonic()))
 
-    def _end_if_waited_for(self, held, now):
-        """Answers a request nobody waits for any more: its timeout passed, or its client left (asked
-        at most every CANCEL_CHECK_INTERVAL_S). Does nothing to one already answered."""
+    def _end_if_waited_for(self, held, now, ask=True):
+        """Answers a request nobody waits for any more: its timeout passed, or its client left (if
+        `ask`, asked at most every CANCEL_CHECK_INTERVAL_S). Does nothing to one already answered."""
         if held is None or held.answered:
             return
         if held.timed_out(now):
             self._refuse(held, "cancelled", TIMEOUT_MESSAGE)
-        elif now - held.checked >= CANCEL_CHECK_INTERVAL_S and held.client_left(now):
+        elif ask and now - held.checked >= CANCEL_CHECK_INTERVAL_S and held.client_left(now):
             self._refuse(held, "cancelled", CANCELLED_MESSAGE)
 
     def _run_batch(self, batch, lane):
@@ -164,12 +178,10 @@ class TritonPythonModel:
         if not batch:
             return
         try:
-            outcomes = self._encode_together(batch, lane)
-            for held, outcome in zip(batch, outcomes, strict=True):
-                if isinstance(outcome, Refusal):
-                    self._refuse(held, outcome.reason, outcome.message)
-                else:
-                    self._answer(held, lambda outcome=outcome, held=held: self._response(outcome, held))
+            pairs = list(zip(batch, self._encode_together(batch, lane), strict=True))
+            for start in range(ANSWER_THREADS):  # one task per thread: a task per answer cost more than it saved
+                if share := pairs[start::ANSWER_THREADS]:
+                    self.answers.submit(self._deliver, share)
         except Exception as error:  # a lane must outlive any fault; its requests still get an answer
             self._log_error(f"answering {len(batch)} request(s) failed: {error!r}")
             for held in batch:
@@ -184,8 +196,11 @@ class TritonPythonModel:
         def keep(indices):
             """Before each forward pass: the texts of requests somebody still waits for."""
             now = time.monotonic()
-            for position in {call.owners[i] for i in indices}:
-                self._end_if_waited_for(batch[position], now)
+            chars = collections.Counter()
+            for i in indices:
+                chars[call.owners[i]] += len(call.texts[i])
+            for position, count in chars.items():
+                self._end_if_waited_for(batch[position], now, ask=count >= WORTH_ASKING_CHARS)
             return [i for i in indices if not batch[call.owners[i]].answered]
 
         try:
@@ -200,6 +215,14 @@ class TritonPythonModel:
         if self.pass_log:
             self.pass_log.write(lane.name, len(batch), lane.waiting(), result.records)
         return split(result.embeddings, result.token_counts, result.truncated, jobs, self.encoder.max_length, self.dtype)
+
+    def _deliver(self, pairs):
+        """On an answer thread: each request's answer or refusal."""
+        for held, outcome in pairs:
+            if isinstance(outcome, Refusal):
+                self._refuse(held, outcome.reason, outcome.message)
+            else:
+                self._answer(held, lambda outcome=outcome, held=held: self._response(outcome, held))
 
     def _response(self, answer, held):
         """The response, with the outputs its request asked for, and the metrics of the texts it carries."""
@@ -232,7 +255,8 @@ class TritonPythonModel:
             if rejected_reason:
                 self.metrics.rejected(rejected_reason)
             self.metrics.release(1)
-            self.places.release()
+            if held.placed:
+                self.places.release()
 
     def _log_error(self, message):
         with self.metrics.ipc_lock:  # a log line is an IPC call too
