@@ -1,5 +1,5 @@
 # NV-Embed-v2 on Triton: NVIDIA's Triton image with this package installed. Mount the Hugging Face
-# snapshot at /models/NV-Embed-v2 (README "Deploy"):
+# snapshot at /models/NV-Embed-v2 (docs/deployment.md):
 #   docker build -t nvembed-triton .
 #   docker run --gpus all --shm-size=2g -p 8000-8002:8000-8002 -p 8080:8080 -v /path/to/NV-Embed-v2:/models/NV-Embed-v2:ro nvembed-triton
 #
@@ -20,7 +20,7 @@ ARG IMAGE_PYTHON=3.12
 
 WORKDIR /opt/nvembed-triton
 
-# jemalloc, which serve.sh preloads into tritonserver and its stubs (src/nvembed_triton/serving/memory.py): under
+# jemalloc, which serve.sh preloads into tritonserver and its stubs (src/nvembed_triton/launcher/memory.py): under
 # a long mixed load glibc malloc's memory kept growing (bench/RESULTS.md). NVIDIA's image ships it
 # (Triton's build.py installs libjemalloc-dev); this installs it only where a base image lacks it.
 # hadolint ignore=DL3008
@@ -33,7 +33,7 @@ ENV PIP_BREAK_SYSTEM_PACKAGES=1
 
 # Dependencies first, from pyproject.toml and an empty package, so code changes reuse this layer.
 # PyPI's default torch is a CUDA 13 build (NVIDIA driver >= 580); for an older driver install the
-# matching build from PyTorch's index instead (README "Deploy").
+# matching build from PyTorch's index instead (docs/deployment.md).
 COPY pyproject.toml README.md ./
 COPY src/nvembed_triton/__init__.py src/nvembed_triton/__init__.py
 # The serving extra: what the launcher, the model stubs and the OpenAI API need beside the image's own

@@ -4,4 +4,4 @@
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 "$here/setup.sh"
-exec "$here/.venv/bin/python" "$here/tools/demo.py"
+exec "$here/.venv/bin/python" "$here/tools/demo.py" "$@"  # e.g. --grpc-port 9001 where 8001 is taken

@@ -19,4 +19,4 @@ if [[ -z "$python" ]] || ! "$python" -c "import nvembed_triton" 2>/dev/null; the
 fi
 
 
-exec "$python" -m nvembed_triton.serving.serve "$@"
+exec "$python" -m nvembed_triton.launcher.serve "$@"

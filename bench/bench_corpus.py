@@ -32,10 +32,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from shared import log_uniform_lengths, model_dir_or_tiny, run_load, text_of_tokens, token_counts_of, write_json
 
+from nvembed_triton.launcher.serve import parser as serve_parser
+from nvembed_triton.launcher.serve import plan, server_settings
+from nvembed_triton.launcher.server import TritonServer, free_port
 from nvembed_triton.protocol import contract
-from nvembed_triton.serving.serve import parser as serve_parser
-from nvembed_triton.serving.serve import plan, server_settings
-from nvembed_triton.serving.server import TritonServer, free_port
 
 CALLERS = (8, 16, 32)
 DOCS_PER_REQUEST = 32
@@ -56,7 +56,7 @@ def embedder(url: str, corpus: Path, output_dir: Path, tokens: int, documents: i
     shutil.rmtree(output_dir, ignore_errors=True)
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
-    command = [sys.executable, "-m", "nvembed_triton.clients.corpus", str(corpus), str(output_dir), "--url", url,
+    command = [sys.executable, "-m", "nvembed_triton.corpus.cli", str(corpus), str(output_dir), "--url", url,
                "--text-field", "text", "--id-field", "id", "--no-progress", *extra]  # fmt: skip
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
     wall = time.perf_counter() - started

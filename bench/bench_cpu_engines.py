@@ -50,7 +50,7 @@ def load(engine: str, model_dir: Path):
     if engine.startswith("project"):
         from nvembed_triton.engine.encoders import load_encoder
         from nvembed_triton.protocol.options import TextOptions
-        from nvembed_triton.protocol.settings import EncoderSettings
+        from nvembed_triton.settings import EncoderSettings
 
         cpu_engine = "onednn" if engine == "project-onednn" else "openvino"
         parameters = {"model_dir": str(model_dir), "device": "cpu", "cpu_engine": cpu_engine}
@@ -128,7 +128,7 @@ def main() -> int:
         return 0
     import numpy as np
 
-    from nvembed_triton.serving.serve import demo_model_dir
+    from nvembed_triton.launcher.serve import demo_model_dir
 
     model_dir = args.model_dir or demo_model_dir()
     engines = args.engines.split(",")

@@ -61,10 +61,10 @@ from nvembed_triton.engine.encoders import load_encoder
 from nvembed_triton.engine.fused_mistral import BACKBONE_PREFIX
 from nvembed_triton.engine.nvembed_model import HEAD_PREFIX, LatentAttentionPooling
 from nvembed_triton.engine.tokenization import NVEmbedTokenizer
+from nvembed_triton.launcher.server import free_port
 from nvembed_triton.protocol.contract import DOCUMENTS_INPUT, EMBEDDINGS_OUTPUT, QUERY_INPUT
 from nvembed_triton.protocol.options import TextOptions
-from nvembed_triton.protocol.settings import EncoderSettings
-from nvembed_triton.serving.server import free_port
+from nvembed_triton.settings import EncoderSettings
 from nvembed_triton.testing.tiny_checkpoint import CONFIG as TINY_CONFIG
 from nvembed_triton.testing.tiny_checkpoint import SPECIAL_TOKENS_MAP, TOKENIZER_CONFIG, mistral_config
 
@@ -171,8 +171,8 @@ def served(model_dir: Path, run_dir: Path, device: str, source: Path | None, set
 
 def serve(run_dir: Path) -> None:
     """The launcher's side (--serve): the package on PYTHONPATH serves until this process's input ends."""
-    from nvembed_triton.serving.serve import parser, plan, server_settings
-    from nvembed_triton.serving.server import TritonServer
+    from nvembed_triton.launcher.serve import parser, plan, server_settings
+    from nvembed_triton.launcher.server import TritonServer
 
     environ = {**os.environ, "TRITON_GRPC_PORT": str(free_port()), "TRITON_HTTP_PORT": str(free_port()),
                "TRITON_METRICS_PORT": str(free_port())}  # fmt: skip
@@ -323,7 +323,7 @@ def weight_bytes_per_pass(model) -> int:
     return parameters + buffers
 
 
-def bucket_replays(encoder, tokenizer_texts: list[str], repeats: int) -> dict:
+def bucket_replays(encoder, repeats: int) -> dict:
     """Each graph bucket's replay alone, timed by CUDA events: p50 GPU ms."""
     out = {}
     rng = random.Random(0)
@@ -362,7 +362,7 @@ def in_process(model_dir: Path, work: dict, args, record) -> None:
     record("weight_bytes_per_pass", weights)
     query = encoder.tokenizer.encode([work["queries"][0]], [encoder.default_instruction("query")])
     if encoder.graphs is not None:
-        replays = bucket_replays(encoder, work["queries"], args.lone_queries // 4 or 1)
+        replays = bucket_replays(encoder, args.lone_queries // 4 or 1)
         record("graph_replay_device_ms", replays)
         lone = [encoder.embed_tokenized(query)[1] for _ in range(args.lone_queries)]
         replay_ms = statistics.median(r.device_ms for r in lone)

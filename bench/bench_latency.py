@@ -45,12 +45,12 @@ import tritonclient.grpc as grpcclient
 from shared import request_inputs, text_of_tokens, write_json
 
 from nvembed_triton.engine.encoders import load_encoder
+from nvembed_triton.launcher.serve import parser as serve_parser
+from nvembed_triton.launcher.serve import plan, server_settings
+from nvembed_triton.launcher.server import TritonServer, free_port
 from nvembed_triton.protocol.contract import EMBEDDINGS_OUTPUT, QUERY_INPUT
 from nvembed_triton.protocol.options import TextOptions
-from nvembed_triton.protocol.settings import EncoderSettings
-from nvembed_triton.serving.serve import parser as serve_parser
-from nvembed_triton.serving.serve import plan, server_settings
-from nvembed_triton.serving.server import TritonServer, free_port
+from nvembed_triton.settings import EncoderSettings
 
 STAGES = {  # name -> (from, to): timestamps of the request's trace
     "into the model": ("GRPC_WAITREAD_END", "COMPUTE_START"),
@@ -159,7 +159,7 @@ def fresh_process_ms(model_dir: str, warm_up: list[str], texts: list[str]) -> li
         "import json, sys, time\n"
         "from nvembed_triton.engine.encoders import load_encoder\n"
         "from nvembed_triton.protocol.options import TextOptions\n"
-        "from nvembed_triton.protocol.settings import EncoderSettings\n"
+        "from nvembed_triton.settings import EncoderSettings\n"
         "model_dir, warm_up, texts = json.load(sys.stdin)\n"
         "encoder = load_encoder(EncoderSettings.from_parameters({'model_dir': model_dir, 'device': 'cpu'}))\n"
         "for text in warm_up: encoder.encode([text], [TextOptions()])\n"

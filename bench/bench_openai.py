@@ -26,7 +26,7 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 from shared import model_dir_or_tiny
 
-from nvembed_triton.serving.server import free_port
+from nvembed_triton.launcher.server import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "nv-embed-v2"

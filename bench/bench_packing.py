@@ -26,7 +26,7 @@ from shared import log_uniform_lengths
 from nvembed_triton.engine.batching import padded_tokens, plan_batches
 from nvembed_triton.engine.encoders import load_encoder
 from nvembed_triton.engine.packing import plan_packed
-from nvembed_triton.protocol.settings import EncoderSettings
+from nvembed_triton.settings import EncoderSettings
 
 WORDS = "the model learns patterns from examples while markets set prices by supply and demand".split()
 

@@ -63,10 +63,10 @@ from pathlib import Path
 import numpy as np
 from shared import request_inputs, text_of_tokens, write_json
 
+from nvembed_triton.launcher.serve import parser, plan, server_settings
+from nvembed_triton.launcher.server import TritonServer, free_port, own_group_dying_with_parent
 from nvembed_triton.protocol.contract import DOCUMENTS_INPUT, EMBEDDINGS_OUTPUT, QUERY_INPUT
-from nvembed_triton.protocol.settings import EncoderSettings
-from nvembed_triton.serving.serve import parser, plan, server_settings
-from nvembed_triton.serving.server import TritonServer, free_port, own_group_dying_with_parent
+from nvembed_triton.settings import EncoderSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 INFINITY = "infinity-emb[torch,server,optimum]==0.0.78"  # optimum: its ONNX Runtime engine
@@ -160,16 +160,16 @@ def ensure_infinity(venv: Path = INFINITY_VENV) -> dict:
 
 
 @contextmanager
-def project_server(run_dir: Path, cpu_engine: str | None = None, stand_in: Path | None = None):
+def project_server(run_dir: Path, cpu_engine: str | None = None, stand_in: Path | None = None, stand_in_kind: str = "constant"):
     """serve.sh --demo (all-MiniLM-L6-v2 on the CPU) on free loopback ports, with its default CPU
     engine or `cpu_engine`; with `stand_in` (an NV-Embed-v2 checkpoint's folder, for its tokenizer),
-    the constant stand-in served as `plumbing` instead. Yields (url, model, model_dir)."""
+    the stand-in (`stand_in_kind`: constant or h200) served as `plumbing` instead. Yields (url, model, model_dir)."""
     ports = {name: str(free_port()) for name in ("TRITON_GRPC_PORT", "TRITON_HTTP_PORT", "TRITON_METRICS_PORT")}
     environ = {**os.environ, **ports, "TRITON_HOST": "127.0.0.1"}  # never the defaults: other servers may hold them
     environ.pop("NVEMBED_GPUS", None)
     model_settings = {"NVEMBED_CPU_ENGINE": cpu_engine} if cpu_engine else {}
     if stand_in:
-        model_settings["NVEMBED_STAND_IN"] = "constant"
+        model_settings["NVEMBED_STAND_IN"] = stand_in_kind
         arguments = ["--model-dir", str(stand_in), "--device", "cpu", "--name", "plumbing"]
     else:
         arguments = ["--demo"]

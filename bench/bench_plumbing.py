@@ -36,11 +36,11 @@ from pathlib import Path
 
 from shared import model_dir_or_tiny, request_inputs, text_of_tokens
 
+from nvembed_triton.launcher.serve import PACKAGED_REPOSITORY, plan, server_settings
+from nvembed_triton.launcher.serve import parser as serve_parser
+from nvembed_triton.launcher.server import TritonServer, free_port
 from nvembed_triton.protocol.contract import PUBLIC_MODEL, QUERY_INPUT
-from nvembed_triton.protocol.settings import BY_KEY, STAND_IN_CONSTANT, STAND_IN_H200
-from nvembed_triton.serving.serve import PACKAGED_REPOSITORY, plan, server_settings
-from nvembed_triton.serving.serve import parser as serve_parser
-from nvembed_triton.serving.server import TritonServer, free_port
+from nvembed_triton.settings import BY_KEY, STAND_IN_CONSTANT, STAND_IN_H200
 
 MODEL = "plumbing"  # never nv-embed-v2: the stand-in is refused under that name
 CLIENTS = (1, 16, 64)

@@ -45,7 +45,7 @@ from shared import model_dir_or_tiny, write_json
 from tritonclient.grpc import aio
 from tritonclient.utils import InferenceServerException
 
-from nvembed_triton.serving.server import free_port
+from nvembed_triton.launcher.server import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "nv-embed-v2"

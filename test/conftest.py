@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import tritonclient.grpc as grpcclient
 
+from nvembed_triton.launcher.serve import DEMO_MODEL, PACKAGED_REPOSITORY, demo_model_dir
+from nvembed_triton.launcher.server import ServerError, free_port, interrupt, log_tail, wait_until_ready
 from nvembed_triton.protocol.contract import PUBLIC_MODEL
-from nvembed_triton.serving.serve import DEMO_MODEL, PACKAGED_REPOSITORY, demo_model_dir
-from nvembed_triton.serving.server import ServerError, free_port, interrupt, log_tail, wait_until_ready
 from nvembed_triton.testing.tiny_checkpoint import write_tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -8,7 +8,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from nvembed_triton.serving.server import stubs_of
+from nvembed_triton.launcher.server import stubs_of
 
 
 def http(server, method: str, path: str, body: dict | None = None, headers: dict | None = None) -> tuple[int, str]:

@@ -14,21 +14,31 @@ import time
 import urllib.request
 from pathlib import Path
 
-from nvembed_triton.protocol.settings import BY_KEY
-from nvembed_triton.serving.serve import DEMO_MODEL, OpenAIServer, parser, plan, server_settings
-from nvembed_triton.serving.server import ServerError, ServerSettings, TritonServer, free_port
+from nvembed_triton.launcher.serve import DEMO_MODEL, OpenAIServer, check_ports_free, parser, plan, server_settings
+from nvembed_triton.launcher.server import ServerError, ServerSettings, TritonServer, free_port
+from nvembed_triton.settings import BY_KEY
 
 TEST_SCRIPT = Path(__file__).resolve().parents[1] / "test" / "test-nv-embed-v2.py"
 README_SECTION = 'README.md, "From the demo to your own server"'
 OPENAI_PORT = 8080  # what the closing message suggests, as the README does
 
 
-def main() -> int:
-    plan_ = plan(parser().parse_args(["--demo"]))
+def main(argv: list[str]) -> int:
+    try:
+        return demo(argv)
+    except KeyboardInterrupt:  # the server, if one started, was stopped on the way out
+        print("\ndemo: interrupted; nothing is left running", file=sys.stderr)
+        return 130
+
+
+def demo(argv: list[str]) -> int:
+    """serve.sh's port flags (--grpc-port, --http-port, --metrics-port) and variables apply."""
+    plan_ = plan(parser().parse_args(["--demo", *argv]))
     with tempfile.TemporaryDirectory(prefix="nvembed-demo-") as run_dir:
         server = TritonServer(server_settings(plan_, Path(run_dir)))
-        print(f"demo: starting tritonserver with {DEMO_MODEL} ({plan_.model_dir}) on the CPU...", flush=True)
         try:
+            check_ports_free(server.settings)  # in 0.1 s, not after loading the model
+            print(f"demo: starting tritonserver with {DEMO_MODEL} ({plan_.model_dir}) on the CPU...", flush=True)
             with server:
                 url = server.settings.grpc_url
                 print(f"demo: ready on {url}; running {TEST_SCRIPT.name} --model {DEMO_MODEL}", flush=True)
@@ -81,4 +91,4 @@ The Python client, LangChain, the OpenAI SDK, and the tiny NV-Embed-v2 checkpoin
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

@@ -35,8 +35,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from nvembed_triton.launcher.server import free_port  # noqa: E402
 from nvembed_triton.protocol.contract import DOCUMENTS_INPUT, EMBEDDINGS_OUTPUT, PUBLIC_MODEL, QUERY_INPUT  # noqa: E402
-from nvembed_triton.serving.server import free_port  # noqa: E402
 
 DEBIAN_BASE = "localhost/nvembed-debian-base"
 STAND_IN = "localhost/nvembed-triton-stand-in"
@@ -47,7 +47,7 @@ DEBIAN_PACKAGES = "python3,python3-pip,python3-venv,libpython3.11,ca-certificate
 PODMAN_FLAGS = ["--runtime", "runc"]
 LIMITS = ["--ulimit", "nofile=20000:20000", "--ulimit", "nproc=32768:32768"]
 # Headroom over podman's default of 2,048 tasks, past which the server hangs while starting
-# (README "Threads": ~300 as shipped, ~60 more per public instance).
+# (docs/deployment.md, "Threads").
 PIDS_LIMIT = ["--pids-limit", "8192"]
 # This machine's pip configuration (indexes, local wheels, CA bundle), for pip inside the builds.
 PIP_MOUNTS = ["/etc/pip.conf", "/etc/xdg/pip", "/opt/wheels", "/opt/pypi", "/opt/pypi-more", "/etc/ssl/certs/ca-certificates.crt"]
@@ -142,7 +142,7 @@ def check_grpc(grpc_port: int, checkpoint: Path) -> None:
     from nvembed_triton.engine.encoders import load_encoder
     from nvembed_triton.protocol.contract import RETRIEVAL_TASK, nvembed_query_instruction
     from nvembed_triton.protocol.options import TextOptions
-    from nvembed_triton.protocol.settings import EncoderSettings
+    from nvembed_triton.settings import EncoderSettings
 
     query, documents = "how is bread made?", ["Flour, water, salt and yeast.", "Ovens bake the dough."]
     with grpcclient.InferenceServerClient(f"127.0.0.1:{grpc_port}") as client:

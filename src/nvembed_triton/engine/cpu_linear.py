@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from nvembed_triton.protocol.settings import CPU_ENGINE_TORCH, EncoderSettings
+from nvembed_triton.settings import CPU_ENGINE_TORCH, EncoderSettings
 
 # A packed layer is kept only if, on a random probe, its output is this close to nn.Linear's
 # (relative to the output's largest magnitude): fp32 sums in another order differ by ~1e-7.

@@ -7,7 +7,7 @@ import torch
 from nvembed_triton.engine.checkpoint import Architecture, check_model_dir
 from nvembed_triton.engine.compiled import ensure_compile_cache
 from nvembed_triton.engine.text_encoder import TextEncoder
-from nvembed_triton.protocol.settings import EncoderSettings, SettingsError
+from nvembed_triton.settings import EncoderSettings, SettingsError
 
 
 def check_device_available(device: str) -> None:

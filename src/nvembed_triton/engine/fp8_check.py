@@ -15,7 +15,7 @@ import torch
 
 from nvembed_triton.engine.encoders import load_encoder
 from nvembed_triton.protocol.options import TextOptions
-from nvembed_triton.protocol.settings import EncoderSettings
+from nvembed_triton.settings import EncoderSettings
 
 MIN_SAFE_COSINE = 0.99
 

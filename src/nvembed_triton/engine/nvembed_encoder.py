@@ -24,7 +24,7 @@ from nvembed_triton.engine.text_encoder import Encoded, KeepFilter, PassRecord
 from nvembed_triton.engine.tokenization import PAD_ID, NVEmbedTokenizer, TokenizedText
 from nvembed_triton.protocol.contract import DOCUMENT_PROMPT, QUERY_PROMPT, RETRIEVAL_TASK, nvembed_query_instruction
 from nvembed_triton.protocol.options import TextOptions
-from nvembed_triton.protocol.settings import PASSES_AUTO, PASSES_PACKED, EncoderSettings
+from nvembed_triton.settings import PASSES_AUTO, PASSES_PACKED, EncoderSettings
 
 log = logging.getLogger(__name__)
 # The load-time check of packed passes on a GPU: these texts packed and padded must agree this closely.

@@ -16,7 +16,7 @@ from nvembed_triton.engine.tokenization import TextCutter
 from nvembed_triton.protocol.contract import DOCUMENT_PROMPT, QUERY_PROMPT, TRUNCATE_NONE, TRUNCATE_START
 from nvembed_triton.protocol.errors import InvalidInputError
 from nvembed_triton.protocol.options import TextOptions
-from nvembed_triton.protocol.settings import CPU_ENGINE_OPENVINO, EncoderSettings
+from nvembed_triton.settings import CPU_ENGINE_OPENVINO, EncoderSettings
 
 # Names under which sentence-transformers configs store their prompts (config_sentence_transformers.json).
 _PROMPT_ALIASES = {QUERY_PROMPT: ("query",), DOCUMENT_PROMPT: ("document", "passage", "corpus")}

@@ -19,7 +19,7 @@ from nvembed_triton.engine.nvembed_encoder import NVEmbedEncoder
 from nvembed_triton.engine.passes import PassRunner
 from nvembed_triton.engine.text_encoder import PassRecord
 from nvembed_triton.engine.tokenization import NVEmbedTokenizer, TokenizedText
-from nvembed_triton.protocol.settings import STAND_IN_H200, EncoderSettings
+from nvembed_triton.settings import STAND_IN_H200, EncoderSettings
 
 DIMENSION = 4096  # NV-Embed-v2's, so responses are as large as the real ones
 # An H200's pass of full-size NV-Embed-v2 in fp16 (bench/runs/2026-11-29/gpu-server.json): a lone

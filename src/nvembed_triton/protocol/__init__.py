@@ -1,4 +1,4 @@
-"""What every runtime agrees on, with the standard library and numpy only: the wire contract
-(contract), request rules and their limits (request_rules, validation), the error taxonomy
-(reasons, errors), the cancel board and closed flag the two models and the launcher share
-(lifecycle), and every setting, declared once (settings). Imports nothing else of the package."""
+"""The wire protocol every front and the model agree on, with the standard library and numpy only:
+tensor and model names (contract), per-request options (options), input limits (validation), error
+reasons and exceptions (reasons, errors), the closed flag and health file (lifecycle). Imports
+nothing else of the package."""

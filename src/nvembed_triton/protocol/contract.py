@@ -1,4 +1,4 @@
-"""The wire contract: model names, tensor names and instructions shared by the Triton models,
+"""The wire contract: model names, tensor names and instructions shared by the model,
 the client and the tests. Defined once here; nothing else spells these strings."""
 
 PUBLIC_MODEL = "nv-embed-v2"
@@ -12,12 +12,7 @@ EMBEDDINGS_OUTPUT = "embeddings"  # FP32 [1, D] for a query, [N, D] for N docume
 TOKEN_COUNTS_OUTPUT = "token_counts"  # INT32
 TRUNCATED_OUTPUT = "truncated"  # BOOL
 
-# Per-request options, as KServe request parameters (tritonclient: infer(..., parameters={...})).
-INSTRUCTION_PARAMETER = "instruction"  # this request's instruction instead of the default
-# "query" or "document", the prompt whose instruction the request's texts get (default:
-# the input's own), so N queries fit in one `documents` request. An explicit instruction still wins.
-PROMPT_NAME_PARAMETER = "prompt_name"
-TRUNCATE_PARAMETER = "truncate"  # what happens to a text over max_length tokens
+# Per-request options are KServe request parameters, declared in options.py. Truncation's values:
 TRUNCATE_END, TRUNCATE_START, TRUNCATE_NONE = "END", "START", "NONE"  # keep the start (default), the end, or refuse
 TRUNCATIONS = (TRUNCATE_END, TRUNCATE_START, TRUNCATE_NONE)
 
