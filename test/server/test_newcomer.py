@@ -10,6 +10,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -358,6 +359,21 @@ def test_the_demo_names_a_busy_port_before_loading_anything():
         result.stderr
     )
     assert len(result.stderr.splitlines()) <= 4
+
+
+@pytest.mark.server
+def test_ctrl_c_while_the_demo_loads_ends_it_without_a_traceback_or_a_server_left():
+    ports = {f"TRITON_{kind}_PORT": str(free_port()) for kind in ("GRPC", "HTTP", "METRICS")}
+    demo = subprocess.Popen([sys.executable, "tools/demo.py"], cwd=ROOT, env={**os.environ, **ports},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    assert "starting tritonserver" in demo.stdout.readline()
+    time.sleep(2)  # tritonserver is loading the model
+    demo.send_signal(signal.SIGINT)
+    stderr = demo.communicate(timeout=60)[1]
+    assert demo.returncode == 130 and "Traceback" not in stderr, stderr
+    assert "demo: interrupted; nothing is left running" in stderr
+    with socket.socket() as probe, pytest.raises(ConnectionRefusedError):
+        probe.connect(("127.0.0.1", int(ports["TRITON_GRPC_PORT"])))
 
 
 def test_every_port_has_a_flag():
