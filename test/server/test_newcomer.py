@@ -364,8 +364,10 @@ def test_the_demo_names_a_busy_port_before_loading_anything():
 @pytest.mark.server
 def test_ctrl_c_while_the_demo_loads_ends_it_without_a_traceback_or_a_server_left():
     ports = {f"TRITON_{kind}_PORT": str(free_port()) for kind in ("GRPC", "HTTP", "METRICS")}
+    # As a terminal starts it: a runner in the background (CI's, nohup) passes SIGINT on ignored.
     demo = subprocess.Popen([sys.executable, "tools/demo.py"], cwd=ROOT, env={**os.environ, **ports},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
     assert "starting tritonserver" in demo.stdout.readline()
     time.sleep(2)  # tritonserver is loading the model
     demo.send_signal(signal.SIGINT)
