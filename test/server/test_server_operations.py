@@ -65,15 +65,21 @@ def burst(server, texts: list[str], size: int) -> tuple[list, list]:
     return served, refused
 
 
+def measured_burst(server, documents: list[str], size: int = 64):
+    """What the server holds, the expected vectors, and a burst of `size` requests: (held, expected,
+    served, refused, milliseconds to refuse, sorted)."""
+    held = held_requests(server)
+    with server.client() as client:
+        expected = embed_documents(client, PUBLIC_MODEL, documents)
+    served, refused = burst(server, documents, size)
+    return held, expected, served, refused, sorted(seconds * 1e3 for _, seconds in refused)
+
+
 def test_a_burst_of_long_requests_over_the_long_lane_is_refused_fast_and_the_rest_is_served(small_capacity_server):
     """The long lane holds half of what the model holds: the rest of a burst of long requests is
     refused at once (never queued behind them, where short requests would wait too)."""
-    held = held_requests(small_capacity_server)
-    with small_capacity_server.client() as client:
-        expected = embed_documents(client, PUBLIC_MODEL, DOCUMENTS)
     size = 64
-    served, refused = burst(small_capacity_server, DOCUMENTS, size)
-    reject_ms = sorted(seconds * 1e3 for _, seconds in refused)
+    held, expected, served, refused, reject_ms = measured_burst(small_capacity_server, DOCUMENTS, size)
     print(f"burst of {size} long requests (long lane {held // 2}): {len(served)} served, {len(refused)} refused; "
           f"time to refuse p50 {reject_ms[len(reject_ms) // 2]:.0f} ms, max {reject_ms[-1]:.0f} ms")  # fmt: skip
     assert len(refused) >= size - held // 2 - 8, len(refused)  # a few more are served as the first ones finish
@@ -90,12 +96,8 @@ def test_a_burst_of_long_requests_over_the_long_lane_is_refused_fast_and_the_res
 def test_a_burst_over_what_the_model_holds_is_refused_at_once(small_capacity_server):
     """Short requests take every place the model has; the rest are refused at once, and every
     refusal says so."""
-    held = held_requests(small_capacity_server)
-    with small_capacity_server.client() as client:
-        expected = embed_documents(client, PUBLIC_MODEL, SHORT_DOCUMENTS)
     size = 64
-    served, refused = burst(small_capacity_server, SHORT_DOCUMENTS, size)
-    reject_ms = sorted(seconds * 1e3 for _, seconds in refused)
+    held, expected, served, refused, reject_ms = measured_burst(small_capacity_server, SHORT_DOCUMENTS, size)
     print(f"burst of {size} short requests ({held} held): {len(served)} served, {len(refused)} refused, "
           f"p50 {reject_ms[len(reject_ms) // 2]:.0f} ms to refuse")
     assert len(refused) >= size // 2, len(refused)  # arrivals outpace the passes of what is held

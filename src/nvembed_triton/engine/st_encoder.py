@@ -31,7 +31,6 @@ class SentenceTransformerEncoder:
         options = {
             "device": settings.device,
             "local_files_only": True,
-            "trust_remote_code": False,  # the library's default, stated: no code from the model directory runs
             "model_kwargs": {"dtype": torch.float32 if self.openvino else getattr(torch, settings.dtype)},
         }
         self.model = SentenceTransformer(settings.model_dir, **options)
