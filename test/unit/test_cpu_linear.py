@@ -1,5 +1,6 @@
 """Linear layers packed for oneDNN on the CPU (cpu_linear.py): same outputs as nn.Linear, only
-plain fp32 layers are touched, and the encoders use it on a CPU where OpenVINO does not run (NV-Embed-v2,
+plain fp32 layers are touched, oneDNN's kernels see a few row counts only (each is a cached kernel
+holding memory), and the encoders use it on a CPU where OpenVINO does not run (NV-Embed-v2,
 cpu_engine onednn) and not when told not to."""
 
 import numpy as np
@@ -10,7 +11,7 @@ from sentence_transformers import SentenceTransformer
 from texts import DOCUMENTS
 from torch import nn
 
-from nvembed_triton.engine.cpu_linear import OneDnnLinear, pack_linears, prepare_linears
+from nvembed_triton.engine.cpu_linear import OneDnnLinear, pack_linears, prepare_linears, row_bucket
 from nvembed_triton.engine.encoders import load_encoder
 from nvembed_triton.launcher.serve import demo_model_dir
 from nvembed_triton.protocol.options import TextOptions
@@ -32,6 +33,31 @@ def test_a_packed_layer_computes_what_nn_linear_computes(shape, bias):
         packed = OneDnnLinear(dense)(inputs)
     assert packed.shape == (*shape[:-1], 200) and packed.dtype == torch.float32
     assert (packed.double() - expected).abs().max() < 1e-5
+
+
+def test_row_counts_are_rounded_up_to_few_sizes_with_little_padding():
+    buckets = [row_bucket(rows) for rows in range(1, 16385)]
+    assert all(bucket >= rows for rows, bucket in enumerate(buckets, start=1))
+    assert all(bucket - rows < 8 for rows, bucket in enumerate(buckets[:128], start=1))  # a query: a few rows
+    assert all(bucket / rows <= 1 + 1 / 8 for rows, bucket in enumerate(buckets[128:], start=129))
+    assert len(set(buckets[:4096])) <= 56 and len(set(buckets)) <= 72  # CPU's and GPU's max_batch_tokens
+    assert all(row_bucket(bucket) == bucket for bucket in set(buckets))  # a bucket is its own bucket
+
+
+def test_the_kernel_sees_only_bucketed_row_counts_and_the_rows_come_back_exact():
+    """Each distinct row count is a kernel oneDNN builds and caches: counted from torch's profiler."""
+    dense = layer(32, 48)
+    packed = OneDnnLinear(dense)
+    inputs = torch.randn(300, 32)
+    with torch.inference_mode(), torch.profiler.profile(record_shapes=True) as profile:
+        outputs = [packed(inputs[:rows]) for rows in range(1, 301)]
+    kernel_rows = [event.input_shapes[0][0] for event in profile.events() if event.name == "mkldnn::_linear_pointwise"]
+    assert len(kernel_rows) == 300 and set(kernel_rows) == {row_bucket(rows) for rows in range(1, 301)}
+    assert len(set(kernel_rows)) == 16 + 8 + 2  # 8..128 by 8, 144..256 by 16, 288 and 320 by 32
+    with torch.inference_mode():
+        expected = dense(inputs)
+    for rows, output in enumerate(outputs, start=1):
+        assert output.shape == (rows, 48) and torch.allclose(output, expected[:rows], atol=1e-5)
 
 
 def test_a_packed_layer_takes_non_contiguous_inputs():

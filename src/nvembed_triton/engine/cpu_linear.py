@@ -2,7 +2,12 @@
 its kernel reads: the kernels torch.compile's CPU backend (Inductor, with freezing) uses. Eager
 torch runs nn.Linear as MKL sgemm, which on AMD CPUs takes a slower path than on Intel's own, so
 this is faster there with the same vectors (bench/RESULTS.md, "Fourth round: linear layers through
-oneDNN"). The setting `cpu_engine` `torch` turns it off."""
+oneDNN"). The setting `cpu_engine` `torch` turns it off.
+
+oneDNN builds a kernel for each row count it meets and caches up to 1,024 of them twice (torch's
+cache and its own), each holding memory that grows with its rows: with passes of every token count
+the server's memory kept growing (bench/RESULTS.md). So the rows a layer computes are rounded up to
+one of a few sizes (`row_bucket`): the kernels are few, all built within the first minutes of load."""
 
 from __future__ import annotations
 
@@ -15,6 +20,20 @@ from nvembed_triton.settings import CPU_ENGINE_TORCH, EncoderSettings
 # (relative to the output's largest magnitude): fp32 sums in another order differ by ~1e-7.
 PROBE_RELATIVE_TOLERANCE = 1e-4
 PROBE_ROWS = 3
+# Rows up to this many are rounded up to a multiple of EXACT_ROWS_STEP (a query's handful of
+# padding rows costs nothing measurable); above it, to one of BUCKETS_PER_DOUBLING sizes between
+# each power of two, so at most 1/BUCKETS_PER_DOUBLING of a layer's work is padding.
+EXACT_ROWS_UP_TO = 128
+EXACT_ROWS_STEP = 8
+BUCKETS_PER_DOUBLING = 8
+
+
+def row_bucket(rows: int) -> int:
+    """The row count a layer computes `rows` rows with: >= rows, one of a few sizes per doubling."""
+    if rows <= EXACT_ROWS_UP_TO:
+        return -(-rows // EXACT_ROWS_STEP) * EXACT_ROWS_STEP
+    step = (1 << (rows.bit_length() - 1)) // BUCKETS_PER_DOUBLING  # rows lies in [2^k, 2^(k+1))
+    return -(-rows // step) * step
 
 
 def onednn_packing_available() -> bool:
@@ -38,7 +57,13 @@ class OneDnnLinear(nn.Module):
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+        rows = x.reshape(-1, self.in_features)
+        count = rows.shape[0]
+        padded = row_bucket(count)
+        if padded != count:  # rows are independent: the extra ones are computed and dropped
+            rows = torch.nn.functional.pad(rows, (0, 0, 0, padded - count))
+        out = torch.ops.mkldnn._linear_pointwise(rows, self.weight, self.bias, "none", [], "")
+        return out[:count].reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
