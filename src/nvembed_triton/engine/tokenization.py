@@ -131,6 +131,11 @@ class NVEmbedTokenizer:
         self._tokenizer = Tokenizer.from_file(str(tokenizer_json))
         self._tokenizer.no_truncation()
         self._tokenizer.no_padding()
+        # The BPE model caches the merges of every sequence under 256 bytes, up to 10,000 in each
+        # thread that tokenises (tokenizers 0.23). This tokenizer does not split text into words:
+        # its sequences are whole texts, so the caches fill with unique short texts (~8 KB each,
+        # hits rare) and the server grew for its first half hour (bench/RESULTS.md). Off.
+        self._tokenizer.model._resize_cache(0)
         self.max_length = max_length
         self.cutter = TextCutter(self._tokenizer, max_length)
         self.max_text_bytes = self.cutter.max_text_bytes  # longer texts are cut before tokenisation
