@@ -1,5 +1,7 @@
 """What the benchmarks share: texts and document lengths, request tensors, a closed-loop load,
-the tiny checkpoint, result files."""
+the tiny checkpoint, result files; and SIGTERM, which ends a benchmark through its `finally`
+blocks (Python's default would leave the servers it started running, their launchers orphaned
+and still self-healing)."""
 
 from __future__ import annotations
 
@@ -7,6 +9,8 @@ import asyncio
 import json
 import math
 import random
+import signal
+import sys
 import time
 from pathlib import Path
 
@@ -15,6 +19,8 @@ import tritonclient.grpc as grpcclient
 
 from nvembed_triton.protocol import contract
 from nvembed_triton.protocol.contract import PUBLIC_MODEL
+
+signal.signal(signal.SIGTERM, lambda number, frame: sys.exit(128 + number))
 
 # Each common word here is one token in the Mistral vocabulary (plus BOS/EOS added later).
 WORDS = "the model learns patterns from examples while markets set prices by supply and demand".split()
@@ -42,7 +48,9 @@ def model_dir_or_tiny(model_dir: str | None, scratch: Path, **tiny_sizes) -> Pat
 
 
 def text_of_tokens(rng: random.Random, tokens: int) -> str:
-    # Each common word here is one token in the Mistral vocabulary (plus BOS/EOS added later).
+    signal.signal(signal.SIGTERM, lambda number, frame: sys.exit(128 + number))
+
+# Each common word here is one token in the Mistral vocabulary (plus BOS/EOS added later).
     return " ".join(rng.choice(WORDS) for _ in range(tokens))
 
 
