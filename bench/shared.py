@@ -48,9 +48,7 @@ def model_dir_or_tiny(model_dir: str | None, scratch: Path, **tiny_sizes) -> Pat
 
 
 def text_of_tokens(rng: random.Random, tokens: int) -> str:
-    signal.signal(signal.SIGTERM, lambda number, frame: sys.exit(128 + number))
-
-# Each common word here is one token in the Mistral vocabulary (plus BOS/EOS added later).
+    # Each common word here is one token in the Mistral vocabulary (plus BOS/EOS added later).
     return " ".join(rng.choice(WORDS) for _ in range(tokens))
 
 
